@@ -1,0 +1,584 @@
+//! The YAML configuration shared by `mad train` and `mad serve`.
+//!
+//! Values are checked while they are parsed (durations, URLs, names, ranges), so an error always
+//! carries the file, line and field it came from; only the few checks that span several fields run
+//! afterwards and name the field path instead.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use mad_training::TrainOptions;
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub datasource: Datasource,
+    #[serde(default)]
+    pub store: Store,
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub onnxruntime: OnnxRuntime,
+    /// Training defaults for every detector; a detector's own `training:` keys override them.
+    #[serde(default)]
+    pub training: TrainingOverrides,
+    pub detectors: Vec<Detector>,
+}
+
+/// Where metrics are read from: any server speaking the Prometheus HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datasource {
+    pub url: HttpUrl,
+    #[serde(default)]
+    pub bearer_token: Option<Secret>,
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+    /// Extra headers sent with every request (tenant IDs, proxies' auth).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    #[serde(default = "default_timeout")]
+    pub timeout: Duration,
+    /// Attempts after the first for transient failures (connection errors, 429, 5xx).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// The model store. Only the embedded directory store exists so far.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Model versions kept per detector; older ones are pruned after training.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: usize,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            path: default_store_path(),
+            keep_versions: default_keep_versions(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How often the store is checked for new model versions.
+    #[serde(default = "default_reload_interval")]
+    pub reload_interval: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: default_listen(),
+            reload_interval: default_reload_interval(),
+        }
+    }
+}
+
+/// Where the ONNX Runtime shared library is; see `model::runtime` for the search order.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxRuntime {
+    #[serde(default)]
+    pub library: Option<PathBuf>,
+}
+
+/// Training hyperparameters a config may set; unset ones keep the trainer's defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingOverrides {
+    pub hidden: Option<usize>,
+    pub max_epochs: Option<usize>,
+    pub patience: Option<usize>,
+    pub learning_rate: Option<f64>,
+    pub seed: Option<u64>,
+    pub band_quantile: Option<Fraction>,
+    pub band_margin: Option<f64>,
+}
+
+impl TrainingOverrides {
+    fn or(&self, fallback: &TrainingOverrides) -> TrainingOverrides {
+        TrainingOverrides {
+            hidden: self.hidden.or(fallback.hidden),
+            max_epochs: self.max_epochs.or(fallback.max_epochs),
+            patience: self.patience.or(fallback.patience),
+            learning_rate: self.learning_rate.or(fallback.learning_rate),
+            seed: self.seed.or(fallback.seed),
+            band_quantile: self.band_quantile.or(fallback.band_quantile),
+            band_margin: self.band_margin.or(fallback.band_margin),
+        }
+    }
+}
+
+/// One PromQL query whose series are modelled together.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Detector {
+    pub name: DetectorName,
+    pub query: NonEmpty,
+    /// Resolution of the data the model reads and forecasts.
+    pub step: Duration,
+    /// Points the model reads before its forecasts count (warm-up) and its training window.
+    #[serde(default = "default_window")]
+    pub window: Window,
+    #[serde(default = "default_train_range")]
+    pub train_range: Duration,
+    /// How often `mad serve` scores; defaults to `step`.
+    #[serde(default)]
+    pub interval: Option<Duration>,
+    /// A series absent this long disappears from /metrics; defaults to 5 × interval.
+    #[serde(default)]
+    pub staleness: Option<Duration>,
+    #[serde(default)]
+    pub training: TrainingOverrides,
+}
+
+impl Detector {
+    pub fn interval(&self) -> std::time::Duration {
+        self.interval.map_or(self.step.0, |d| d.0)
+    }
+
+    pub fn staleness(&self) -> std::time::Duration {
+        self.staleness.map_or(self.interval() * 5, |d| d.0)
+    }
+
+    /// Trainer options: the detector's overrides, then the config-wide ones, then defaults.
+    pub fn train_options(&self, defaults: &TrainingOverrides) -> TrainOptions {
+        let o = self.training.or(defaults);
+        let base = TrainOptions::default();
+        TrainOptions {
+            window: self.window.0,
+            hidden: o.hidden.unwrap_or(base.hidden),
+            max_epochs: o.max_epochs.unwrap_or(base.max_epochs),
+            patience: o.patience.unwrap_or(base.patience),
+            learning_rate: o.learning_rate.unwrap_or(base.learning_rate),
+            seed: o.seed.unwrap_or(base.seed),
+            band_quantile: o.band_quantile.map_or(base.band_quantile, |f| f.0),
+            band_margin: o.band_margin.unwrap_or(base.band_margin),
+            ..base
+        }
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("models")
+}
+fn default_keep_versions() -> usize {
+    5
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_reload_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
+}
+fn default_window() -> Window {
+    Window(64)
+}
+fn default_train_range() -> Duration {
+    Duration(std::time::Duration::from_secs(14 * 86_400))
+}
+
+/// A humantime duration (`30s`, `1m`, `14d`); zero is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let parsed = humantime::parse_duration(text.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {e} (use e.g. 30s, 1m, 14d)"
+            ))
+        })?;
+        if parsed.is_zero() {
+            return Err(serde::de::Error::custom("duration must be greater than zero"));
+        }
+        Ok(Duration(parsed))
+    }
+}
+
+/// An absolute http(s) URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(pub url::Url);
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let url = url::Url::parse(text.trim())
+            .map_err(|e| serde::de::Error::custom(format!("invalid URL {text:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(serde::de::Error::custom(format!(
+                "invalid URL {text:?}: expected http://host[:port][/path]"
+            )));
+        }
+        Ok(HttpUrl(url))
+    }
+}
+
+/// A detector name: it becomes the `for` label and a directory name, so keep it tame.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DetectorName(pub String);
+
+impl DetectorName {
+    pub fn parse(text: &str) -> Result<DetectorName, String> {
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            && !text.starts_with('.');
+        if valid {
+            Ok(DetectorName(text.to_string()))
+        } else {
+            Err(format!(
+                "invalid detector name {text:?}: use 1-64 characters from [A-Za-z0-9_.-], not starting with '.'"
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DetectorName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        DetectorName::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for DetectorName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A string that must not be blank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonEmpty(pub String);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(NonEmpty(text))
+    }
+}
+
+/// The model window: enough points to warm an LSTM up, few enough to stay cheap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window(pub usize);
+
+impl Window {
+    pub const MIN: usize = 4;
+    pub const MAX: usize = 4096;
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = usize::deserialize(d)?;
+        if !(Window::MIN..=Window::MAX).contains(&n) {
+            return Err(serde::de::Error::custom(format!(
+                "window must be between {} and {} points, got {n}",
+                Window::MIN,
+                Window::MAX
+            )));
+        }
+        Ok(Window(n))
+    }
+}
+
+/// A number in (0, 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fraction(pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let x = f64::deserialize(d)?;
+        if !(x > 0.0 && x < 1.0) {
+            return Err(serde::de::Error::custom(format!(
+                "must be strictly between 0 and 1, got {x}"
+            )));
+        }
+        Ok(Fraction(x))
+    }
+}
+
+/// A credential: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// A configuration that could not be loaded; the message names file, line and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{location}: {field}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        /// ":LINE:COLUMN" when known.
+        location: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let deserializer = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = match e.path().to_string() {
+                p if p == "." => "(top level)".to_string(),
+                p => p,
+            };
+            let inner = e.into_inner();
+            let location = inner
+                .location()
+                .map(|l| {
+                    let line = key_line(text, l.line(), &field).unwrap_or(l.line());
+                    format!(":{line}:{}", l.column())
+                })
+                .unwrap_or_default();
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                location,
+                message: strip_location(&inner.to_string(), &field),
+                field,
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            location: String::new(),
+            field,
+            message,
+        };
+        if self.detectors.is_empty() {
+            return Err(invalid(
+                "detectors".into(),
+                "at least one detector is required".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, d) in self.detectors.iter().enumerate() {
+            if !seen.insert(&d.name) {
+                return Err(invalid(
+                    format!("detectors[{i}].name"),
+                    format!("duplicate detector name {:?}", d.name.0),
+                ));
+            }
+            if d.train_range.0 < d.step.0 * (d.window.0 as u32 * 4) {
+                return Err(invalid(
+                    format!("detectors[{i}].train_range"),
+                    format!(
+                        "train_range {} holds fewer than 4 windows of {} points at step {}",
+                        humantime::format_duration(d.train_range.0),
+                        d.window.0,
+                        humantime::format_duration(d.step.0)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn detector(&self, name: &str) -> Option<&Detector> {
+        self.detectors.iter().find(|d| d.name.0 == name)
+    }
+}
+
+/// serde_yaml puts the path in front and " at line L column C" behind; both are reported
+/// separately.
+fn strip_location(message: &str, field: &str) -> String {
+    let message = match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    match message.split_once(": ") {
+        Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),
+        _ => message.to_string(),
+    }
+}
+
+/// serde_yaml places errors raised while converting a value at the start of the enclosing
+/// mapping; the line of the offending key itself is the first one at or after it that names it.
+fn key_line(text: &str, from_line: usize, field: &str) -> Option<usize> {
+    let key = field.rsplit('.').next()?;
+    let key = key.split('[').next()?;
+    if key.is_empty() {
+        return None;
+    }
+    text.lines()
+        .enumerate()
+        .skip(from_line.saturating_sub(1))
+        .find(|(_, line)| {
+            line.match_indices(key).any(|(i, _)| {
+                let before = line[..i].chars().next_back();
+                let after = line[i + key.len()..].trim_start();
+                matches!(before, None | Some(' ' | '{' | ',' | '-')) && after.starts_with(':')
+            })
+        })
+        .map(|(i, _)| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+datasource: { url: http://127.0.0.1:8428 }
+store: { path: models }
+server: { listen: 127.0.0.1:9464 }
+detectors:
+  - name: cpu
+    query: 'sum by (instance) (rate(node_cpu_seconds_total{mode!="idle"}[5m]))'
+    step: 1m
+    window: 64
+    train_range: 14d
+    interval: 1m
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("mad.yaml"))
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("config should have been rejected"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = parse(GOOD).expect("valid config");
+        let d = &c.detectors[0];
+        assert_eq!(d.name.0, "cpu");
+        assert_eq!(d.step.0, std::time::Duration::from_secs(60));
+        assert_eq!(d.train_range.0, std::time::Duration::from_secs(14 * 86_400));
+        assert_eq!(d.interval(), std::time::Duration::from_secs(60));
+        assert_eq!(d.staleness(), std::time::Duration::from_secs(300));
+        assert_eq!(c.server.listen.port(), 9464);
+        assert_eq!(c.datasource.url.0.as_str(), "http://127.0.0.1:8428/");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_field() {
+        let text = GOOD.replace("    window: 64", "    windw: 64");
+        let e = error(&text);
+        assert!(e.starts_with("mad.yaml:9:"), "{e}");
+        assert!(e.contains("detectors[0].windw"), "{e}");
+        assert!(e.contains("windw"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_line_and_field() {
+        let e = error(&GOOD.replace("step: 1m", "step: 1 fortnight"));
+        assert!(e.starts_with("mad.yaml:8:"), "{e}");
+        assert!(e.contains("detectors[0].step"), "{e}");
+        assert!(e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_names_line_and_field() {
+        let e = error(&GOOD.replace("http://127.0.0.1:8428", "ftp://x"));
+        assert!(e.starts_with("mad.yaml:2:"), "{e}");
+        assert!(e.contains("datasource.url"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_checks_name_the_field() {
+        let dup = GOOD.to_string() + "  - { name: cpu, query: up, step: 1m }\n";
+        let e = error(&dup);
+        assert!(e.contains("detectors[1].name") && e.contains("duplicate"), "{e}");
+        let e = error(&GOOD.replace("train_range: 14d", "train_range: 1h"));
+        assert!(e.contains("detectors[0].train_range"), "{e}");
+    }
+
+    #[test]
+    fn hostile_detector_names_are_refused() {
+        for bad in ["../etc", "a b", "", "x\"y"] {
+            let e = error(&GOOD.replace("name: cpu", &format!("name: {bad:?}")));
+            assert!(e.contains("detectors[0].name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let text = GOOD.replace(
+            "{ url: http://127.0.0.1:8428 }",
+            "{ url: http://127.0.0.1:8428, bearer_token: s3cr3t, basic_auth: { username: u, password: hunter2 } }",
+        );
+        let c = parse(&text).expect("valid");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn training_overrides_layer() {
+        let text = GOOD.replace("detectors:", "training: { hidden: 16, seed: 7 }\ndetectors:")
+            + "    training: { hidden: 8 }\n";
+        let c = parse(&text).expect("valid");
+        let o = c.detectors[0].train_options(&c.training);
+        assert_eq!(o.hidden, 8);
+        assert_eq!(o.seed, 7);
+        assert_eq!(o.window, 64);
+    }
+}

@@ -1,0 +1,10 @@
+//! What `mad serve` shows the world: the `/metrics` exposition (scores and self-monitoring) and
+//! the HTTP server that serves it with health and readiness probes.
+
+mod render;
+mod server;
+mod telemetry;
+
+pub use render::{exposed_labels, Exposition, FAMILIES};
+pub use server::{serve_http, Probes};
+pub use telemetry::Telemetry;

@@ -1,0 +1,191 @@
+//! The score series in Prometheus text format (DESIGN.md, Contract 1).
+//!
+//! Scores change once per cycle but may be scraped many times in between, so each detector's
+//! lines are rendered once after its cycle and a scrape only concatenates them. Label sets are
+//! rendered once per series and cached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+
+use crate::score::{DetectorScorer, Score};
+use crate::source::Labels;
+
+/// The label MAD adds: the detector that produced the score.
+pub const DETECTOR_LABEL: &str = "for";
+/// Prefix given to an input label whose name MAD needs or Prometheus reserves.
+const EXPORTED_PREFIX: &str = "exported_";
+
+/// Metric families in exposition order, with their help text and how to read them from a score.
+pub const FAMILIES: [(&str, &str, fn(&Score) -> f64); 5] = [
+    (
+        "anomaly_score",
+        "0 when the value equals the forecast, 1 at the edge of the expected band, above 1 outside it.",
+        |s| s.score,
+    ),
+    ("yhat", "Forecast of the scored value.", |s| s.yhat),
+    ("yhat_lower", "Lower edge of the expected band.", |s| s.lower),
+    ("yhat_upper", "Upper edge of the expected band.", |s| s.upper),
+    ("y", "The value that was scored.", |s| s.y),
+];
+
+/// Rendered lines of every detector, ready to be served.
+#[derive(Default)]
+pub struct Exposition {
+    /// detector → one block of sample lines per family.
+    blocks: BTreeMap<String, [String; FAMILIES.len()]>,
+    /// detector → input labels → rendered `{...}` label set.
+    label_cache: HashMap<String, HashMap<Labels, String>>,
+}
+
+impl Exposition {
+    /// Re-renders one detector's series from its scorer.
+    pub fn update(&mut self, detector: &str, scorer: &DetectorScorer) {
+        let cache = self.label_cache.entry(detector.to_string()).or_default();
+        let mut block: [String; FAMILIES.len()] = Default::default();
+        let mut live = HashMap::with_capacity(scorer.len());
+        for (labels, _, score) in scorer.latest() {
+            let rendered = match cache.remove(labels) {
+                Some(r) => r,
+                None => render_label_set(&exposed_labels(labels, detector)),
+            };
+            for (out, (name, _, value)) in block.iter_mut().zip(FAMILIES) {
+                let _ = writeln!(out, "{name}{rendered} {}", format_value(value(score)));
+            }
+            live.insert(labels.clone(), rendered);
+        }
+        // Dropping the rest of the cache forgets series that went stale.
+        *cache = live;
+        self.blocks.insert(detector.to_string(), block);
+    }
+
+    /// Removes a detector's series (datasource down, model unloaded).
+    pub fn clear(&mut self, detector: &str) {
+        self.blocks.remove(detector);
+    }
+
+    /// Appends all families, each with one HELP and TYPE header.
+    pub fn write_to(&self, out: &mut String) {
+        for (i, (name, help, _)) in FAMILIES.iter().enumerate() {
+            if self.blocks.values().all(|b| b[i].is_empty()) {
+                continue;
+            }
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for block in self.blocks.values() {
+                out.push_str(&block[i]);
+            }
+        }
+    }
+
+    /// Number of series exposed, for readiness and tests.
+    pub fn series_count(&self) -> usize {
+        self.blocks.values().map(|b| b[0].lines().count()).sum()
+    }
+}
+
+/// The labels a score carries: every input label plus `for="<detector>"`. An input label that
+/// would collide with `for`, or that Prometheus reserves (`__name__` and other `__` names), is
+/// kept under an `exported_` name; names that are not valid Prometheus label names are
+/// sanitised. Nothing is dropped silently.
+pub fn exposed_labels(input: &Labels, detector: &str) -> Vec<(String, String)> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    out.insert(DETECTOR_LABEL.to_string(), detector.to_string());
+    for (name, value) in input {
+        let mut name = sanitize_label_name(name);
+        if name.starts_with("__") {
+            name = format!("{EXPORTED_PREFIX}{}", name.trim_matches('_'));
+        }
+        while out.contains_key(&name) {
+            name = format!("{EXPORTED_PREFIX}{name}");
+        }
+        out.insert(name, value.clone());
+    }
+    out.into_iter().collect()
+}
+
+fn sanitize_label_name(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+fn render_label_set(labels: &[(String, String)]) -> String {
+    let mut out = String::from("{");
+    for (i, (name, value)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+fn format_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn detector_label_is_added_and_collisions_are_kept() {
+        let got = exposed_labels(
+            &labels(&[("__name__", "cpu"), ("for", "5m"), ("exported_for", "x"), ("instance", "a")]),
+            "det",
+        );
+        let got: BTreeMap<_, _> = got.into_iter().collect();
+        assert_eq!(got["for"], "det");
+        assert_eq!(got["exported_name"], "cpu");
+        assert_eq!(got["exported_exported_for"], "5m");
+        assert_eq!(got["exported_for"], "x");
+        assert_eq!(got["instance"], "a");
+        assert_eq!(got.len(), 5, "no label dropped: {got:?}");
+    }
+
+    #[test]
+    fn hostile_values_are_escaped_and_names_sanitised() {
+        let set = render_label_set(&exposed_labels(
+            &labels(&[("job", "a\"b\\c\nd}"), ("bad-name", "x"), ("9lives", "y")]),
+            "d",
+        ));
+        assert_eq!(
+            set,
+            r#"{_9lives="y",bad_name="x",for="d",job="a\"b\\c\nd}"}"#
+        );
+    }
+
+    #[test]
+    fn values_use_prometheus_spelling() {
+        assert_eq!(format_value(f64::NAN), "NaN");
+        assert_eq!(format_value(f64::INFINITY), "+Inf");
+        assert_eq!(format_value(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(format_value(1.5), "1.5");
+    }
+}

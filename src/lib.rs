@@ -1,0 +1,32 @@
+//! MAD — Metrics Anomaly Detection.
+//!
+//! The crate follows the data:
+//!
+//! ```text
+//! source (PromQL query_range) ──> train (mad-training crate: LSTM, calibration, ONNX) ──> store
+//!                                                                                          │
+//! source (newest points) ──> score (ONNX Runtime via model, state carried) <── model <──────┘
+//!                                   │
+//!                                   └──> expose (/metrics: anomaly_score, yhat, bands, mad_*)
+//! ```
+//!
+//! - [`config`]: the YAML file, validated while parsed so errors name file, line and field.
+//! - [`source`]: the Prometheus HTTP API client (chunking, retries, error bodies surfaced).
+//! - [`model`]: ONNX Runtime loading and the model contract checks (docs/model-contract.md).
+//! - [`score`]: per-series state, batched inference, scores against calibrated bands.
+//! - [`expose`]: the text exposition and the HTTP server.
+//! - [`store`]: model versions behind one trait; a directory by default.
+//! - [`train`] and [`serve`]: the two subcommands that wire the pieces together.
+//! - [`synth`] and [`demo`]: synthetic metrics with known incidents, and the end-to-end demo
+//!   against a real VictoriaMetrics that the tests reuse.
+
+pub mod config;
+pub mod demo;
+pub mod expose;
+pub mod model;
+pub mod score;
+pub mod serve;
+pub mod source;
+pub mod store;
+pub mod synth;
+pub mod train;

@@ -1,0 +1,236 @@
+//! One loaded forecaster: an ONNX Runtime session plus the metadata the exporter needs.
+//!
+//! Everything the contract promises is checked here, at load time, including a smoke run, so a
+//! broken model is refused before it replaces a working one instead of failing every cycle.
+
+use std::sync::Mutex;
+
+use mad_training::contract::{
+    ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C, OUTPUT_H,
+    OUTPUT_YHAT,
+};
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use super::runtime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model {version} of {detector:?} rejected: {reason}")]
+    Invalid {
+        detector: String,
+        version: String,
+        reason: String,
+    },
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+}
+
+/// The outputs of one run, laid out as the contract says.
+#[derive(Debug, Default, Clone)]
+pub struct StepOutput {
+    /// `[seq, batch]`, scaled forecasts of the next point.
+    pub yhat: Vec<f32>,
+    /// `[batch, hidden]` each: the state after the last step.
+    pub h: Vec<f32>,
+    pub c: Vec<f32>,
+}
+
+pub struct Forecaster {
+    pub meta: ModelMeta,
+    pub version: String,
+    // `Session::run` needs `&mut`; one detector's cycle runs at a time anyway.
+    session: Mutex<Session>,
+}
+
+impl std::fmt::Debug for Forecaster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forecaster")
+            .field("detector", &self.meta.detector)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Forecaster {
+    /// Loads and checks a model. `expected_detector` guards against a model filed under the
+    /// wrong name.
+    pub fn load(
+        onnx: &[u8],
+        version: &str,
+        expected_detector: &str,
+        library: Option<&std::path::Path>,
+    ) -> Result<Forecaster, ModelError> {
+        let invalid = |reason: String| ModelError::Invalid {
+            detector: expected_detector.to_string(),
+            version: version.to_string(),
+            reason,
+        };
+        let env = runtime::environment(library)?;
+        let session = Session::builder(env)
+            .and_then(|mut b| b.commit_from_memory(onnx))
+            .map_err(|e| invalid(format!("ONNX Runtime cannot load it: {e}")))?;
+        let meta_json = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom(META_KEY))
+            .ok_or_else(|| invalid(format!("metadata key {META_KEY:?} is missing")))?;
+        let meta: ModelMeta = serde_json::from_str(&meta_json)
+            .map_err(|e| invalid(format!("metadata {META_KEY:?} is not valid: {e}")))?;
+        check_meta(&meta, expected_detector).map_err(invalid)?;
+        check_signature(&session, &meta).map_err(invalid)?;
+        let forecaster = Forecaster {
+            meta,
+            version: version.to_string(),
+            session: Mutex::new(session),
+        };
+        forecaster.smoke_test().map_err(invalid)?;
+        Ok(forecaster)
+    }
+
+    pub fn features(&self) -> usize {
+        self.meta.features.len()
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.meta.hidden
+    }
+
+    /// Runs `seq` steps for `batch` series. `x` is `[seq, batch, features]`, `h`/`c` are
+    /// `[batch, hidden]`.
+    pub fn run(
+        &self,
+        x: &[f32],
+        seq: usize,
+        batch: usize,
+        h: &[f32],
+        c: &[f32],
+    ) -> Result<StepOutput, ModelError> {
+        let (f, hd) = (self.features(), self.hidden());
+        if x.len() != seq * batch * f || h.len() != batch * hd || c.len() != batch * hd {
+            return Err(ModelError::Inference(format!(
+                "input sizes x={} h={} c={} do not match seq={seq} batch={batch} features={f} hidden={hd}",
+                x.len(),
+                h.len(),
+                c.len()
+            )));
+        }
+        let fail = |e: ort::Error| ModelError::Inference(e.to_string());
+        let x = TensorRef::from_array_view(([seq, batch, f], x)).map_err(fail)?;
+        let h0 = TensorRef::from_array_view(([1, batch, hd], h)).map_err(fail)?;
+        let c0 = TensorRef::from_array_view(([1, batch, hd], c)).map_err(fail)?;
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| ModelError::Inference("session lock poisoned".into()))?;
+        let outputs = session
+            .run(ort::inputs![INPUT_X => x, INPUT_H => h0, INPUT_C => c0])
+            .map_err(fail)?;
+        let extract = |name: &str, expected: usize| -> Result<Vec<f32>, ModelError> {
+            let (_, data) = outputs[name].try_extract_tensor::<f32>().map_err(fail)?;
+            if data.len() != expected {
+                return Err(ModelError::Inference(format!(
+                    "output {name:?} has {} values, expected {expected}",
+                    data.len()
+                )));
+            }
+            Ok(data.to_vec())
+        };
+        Ok(StepOutput {
+            yhat: extract(OUTPUT_YHAT, seq * batch)?,
+            h: extract(OUTPUT_H, batch * hd)?,
+            c: extract(OUTPUT_C, batch * hd)?,
+        })
+    }
+
+    fn smoke_test(&self) -> Result<(), String> {
+        let (seq, batch) = (2, 2);
+        let x = vec![0.1f32; seq * batch * self.features()];
+        let state = vec![0.0f32; batch * self.hidden()];
+        let out = self
+            .run(&x, seq, batch, &state, &state)
+            .map_err(|e| format!("a test run failed: {e}"))?;
+        if out.yhat.iter().chain(&out.h).chain(&out.c).any(|v| !v.is_finite()) {
+            return Err("a test run produced non-finite outputs".into());
+        }
+        Ok(())
+    }
+}
+
+fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
+    if meta.contract_version != CONTRACT_VERSION {
+        return Err(format!(
+            "contract version {} is not supported (this build reads {CONTRACT_VERSION})",
+            meta.contract_version
+        ));
+    }
+    if meta.detector != expected_detector {
+        return Err(format!(
+            "it was trained for detector {:?}",
+            meta.detector
+        ));
+    }
+    if meta.features.is_empty() || meta.hidden == 0 || meta.step_secs == 0 || meta.window == 0 {
+        return Err("features, hidden, step_secs and window must all be non-zero".into());
+    }
+    let band_ok = |b: f64| b.is_finite() && b > 0.0;
+    if !band_ok(meta.default_band) {
+        return Err(format!("default_band {} is not positive", meta.default_band));
+    }
+    for (key, s) in &meta.series {
+        if !band_ok(s.band) || !band_ok(s.scaler.scale) || !s.scaler.center.is_finite() {
+            return Err(format!("calibration of series {key} is not usable: {s:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks names, element types and the static dimensions the model declares.
+fn check_signature(session: &Session, meta: &ModelMeta) -> Result<(), String> {
+    let (f, hd) = (meta.features.len() as i64, meta.hidden as i64);
+    let expect = |outlets: &[ort::value::Outlet], name: &str, dims: &[Option<i64>], kind: &str| {
+        let outlet = outlets
+            .iter()
+            .find(|o| o.name() == name)
+            .ok_or_else(|| format!("{kind} {name:?} is missing"))?;
+        match outlet.dtype() {
+            ValueType::Tensor { ty, shape, .. } => {
+                if *ty != TensorElementType::Float32 {
+                    return Err(format!("{kind} {name:?} is {ty:?}, expected float32"));
+                }
+                if shape.len() != dims.len() {
+                    return Err(format!(
+                        "{kind} {name:?} has rank {}, expected {}",
+                        shape.len(),
+                        dims.len()
+                    ));
+                }
+                for (i, (actual, wanted)) in shape.iter().zip(dims).enumerate() {
+                    if let Some(w) = wanted {
+                        if *actual >= 0 && actual != w {
+                            return Err(format!(
+                                "{kind} {name:?} dimension {i} is {actual}, expected {w}"
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            other => Err(format!("{kind} {name:?} is {other:?}, expected a tensor")),
+        }
+    };
+    let inputs = session.inputs();
+    expect(inputs, INPUT_X, &[None, None, Some(f)], "input")?;
+    expect(inputs, INPUT_H, &[Some(1), None, Some(hd)], "input")?;
+    expect(inputs, INPUT_C, &[Some(1), None, Some(hd)], "input")?;
+    if inputs.len() != 3 {
+        return Err(format!("expected exactly 3 inputs, found {}", inputs.len()));
+    }
+    let outputs = session.outputs();
+    expect(outputs, OUTPUT_YHAT, &[None, None], "output")?;
+    expect(outputs, OUTPUT_H, &[Some(1), None, Some(hd)], "output")?;
+    expect(outputs, OUTPUT_C, &[Some(1), None, Some(hd)], "output")?;
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Turning fresh samples into scores, one detector at a time.
+//!
+//! The model is a stream model (docs/model-contract.md): each series carries its LSTM state from
+//! one cycle to the next, so a cycle feeds only the points that arrived since the last one, and
+//! all series that need the same number of steps go through ONNX Runtime in one batched `run`.
+//! A point is scored against the forecast made one step earlier:
+//! `anomaly_score = |y - yhat| / band`, where `band` is the series' calibrated half-width.
+
+mod state;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mad_training::contract::{input_row, series_key, Scaler, MAX_INTERPOLATED_GAP};
+
+use crate::model::{Forecaster, ModelError};
+use crate::source::{Labels, Series};
+pub use state::SeriesState;
+
+/// One scored point, in the series' own units.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub ts: i64,
+    pub y: f64,
+    pub yhat: f64,
+    pub lower: f64,
+    pub upper: f64,
+    pub score: f64,
+}
+
+impl Score {
+    fn new(ts: i64, y: f64, yhat_scaled: f32, scaler: &Scaler, band: f64) -> Score {
+        let yhat = scaler.unscale(f64::from(yhat_scaled));
+        let half = band * scaler.scale;
+        Score {
+            ts,
+            y,
+            yhat,
+            lower: yhat - half,
+            upper: yhat + half,
+            score: (y - yhat).abs() / half,
+        }
+    }
+}
+
+/// What one cycle did, for self-monitoring.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CycleStats {
+    pub series_scored: usize,
+    pub points_scored: usize,
+    pub points_fed: usize,
+    pub runs: usize,
+    pub new_series: usize,
+    pub expired_series: usize,
+}
+
+/// A point ready to be fed: its time, raw value (interpolated if it was missing) and whether it
+/// was observed (only observed points are scored).
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    ts: i64,
+    raw: f64,
+    observed: bool,
+}
+
+/// Scores one detector's series with one model, keeping per-series state between cycles.
+pub struct DetectorScorer {
+    model: Arc<Forecaster>,
+    step: i64,
+    staleness: i64,
+    series: HashMap<Labels, SeriesState>,
+}
+
+impl DetectorScorer {
+    pub fn new(model: Arc<Forecaster>, staleness_secs: i64) -> DetectorScorer {
+        DetectorScorer {
+            step: model.meta.step_secs as i64,
+            model,
+            staleness: staleness_secs,
+            series: HashMap::new(),
+        }
+    }
+
+    pub fn model(&self) -> &Arc<Forecaster> {
+        &self.model
+    }
+
+    /// Points of history a brand-new series needs before its first score.
+    pub fn warmup_points(&self) -> usize {
+        self.model.meta.window
+    }
+
+    /// How far back the next fetch must reach so every known series can continue its stream.
+    pub fn lookback_points(&self, end: i64) -> usize {
+        let furthest = self
+            .series
+            .values()
+            .map(|s| (end.saturating_sub(s.last_ts) / self.step).max(1) as usize)
+            .max()
+            .unwrap_or(self.warmup_points() + 1);
+        furthest.clamp(2, self.warmup_points() + 1)
+    }
+
+    /// Whether any of `fetched` is unknown and so needs a full warm-up window of history.
+    pub fn has_unknown(&self, fetched: &[Series]) -> bool {
+        fetched.iter().any(|s| !self.series.contains_key(&s.labels))
+    }
+
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
+    /// The latest score of every series that has one.
+    pub fn latest(&self) -> impl Iterator<Item = (&Labels, &SeriesState, &Score)> {
+        self.series
+            .iter()
+            .filter_map(|(labels, s)| s.latest.as_ref().map(|score| (labels, s, score)))
+    }
+
+    /// Feeds every point newer than each series' last one and scores the observed points.
+    /// `now` (Unix seconds) decides which absent series have gone stale.
+    pub fn score_cycle(
+        &mut self,
+        fetched: &[Series],
+        now: i64,
+    ) -> Result<(CycleStats, Vec<(Labels, Vec<Score>)>), ModelError> {
+        let mut stats = CycleStats::default();
+        // Series grouped by how many steps they need, so each group is one batched run.
+        let mut by_len: HashMap<usize, Vec<(Labels, Vec<Step>)>> = HashMap::new();
+        for series in fetched {
+            let known = self.series.get(&series.labels);
+            let Some((steps, restart)) = self.new_steps(series, known) else {
+                continue;
+            };
+            if restart {
+                let state = self.fresh_state(&series.labels, &steps);
+                if self.series.insert(series.labels.clone(), state).is_none() {
+                    stats.new_series += 1;
+                }
+            }
+            if let Some(state) = self.series.get_mut(&series.labels) {
+                state.last_seen = now;
+            }
+            by_len
+                .entry(steps.len())
+                .or_default()
+                .push((series.labels.clone(), steps));
+        }
+        let mut scored = Vec::new();
+        let mut lens: Vec<usize> = by_len.keys().copied().collect();
+        lens.sort_unstable();
+        for len in lens {
+            let group = by_len.remove(&len).unwrap_or_default();
+            stats.runs += 1;
+            stats.points_fed += len * group.len();
+            for (labels, scores) in self.run_group(len, group)? {
+                if !scores.is_empty() {
+                    stats.series_scored += 1;
+                    stats.points_scored += scores.len();
+                    scored.push((labels, scores));
+                }
+            }
+        }
+        let before = self.series.len();
+        let staleness = self.staleness;
+        self.series.retain(|_, s| now.saturating_sub(s.last_seen) <= staleness);
+        stats.expired_series = before - self.series.len();
+        Ok((stats, scored))
+    }
+
+    /// Forgets every series' scores (not its state): used when the datasource fails, so stale
+    /// values are not served as fresh.
+    pub fn clear_latest(&mut self) {
+        for state in self.series.values_mut() {
+            state.latest = None;
+        }
+    }
+
+    /// The points after the series' last fed one, up to its newest observed point, with short
+    /// interior gaps interpolated. A gap longer than [`MAX_INTERPOLATED_GAP`] restarts the stream
+    /// at the first point after it. Also says whether the stream (re)starts: for an unknown
+    /// series or after such a gap. `None` when there is nothing new.
+    fn new_steps(
+        &self,
+        series: &Series,
+        known: Option<&SeriesState>,
+    ) -> Option<(Vec<Step>, bool)> {
+        let last_observed = series.last_finite()?;
+        let (mut prev_ts, mut prev_raw) = match known {
+            Some(s) => (s.last_ts, s.last_raw),
+            None => (i64::MIN, f64::NAN),
+        };
+        if last_observed <= prev_ts {
+            return None;
+        }
+        let mut steps: Vec<Step> = Vec::new();
+        for &(ts, raw) in &series.points {
+            if ts <= prev_ts || ts > last_observed || !raw.is_finite() || ts % self.step != 0 {
+                continue;
+            }
+            let missing = if prev_ts == i64::MIN {
+                0
+            } else {
+                ((ts - prev_ts) / self.step - 1) as usize
+            };
+            if missing > MAX_INTERPOLATED_GAP {
+                steps.clear();
+            } else {
+                for k in 1..=missing as i64 {
+                    let frac = k as f64 / (missing + 1) as f64;
+                    steps.push(Step {
+                        ts: prev_ts + k * self.step,
+                        raw: prev_raw + (raw - prev_raw) * frac,
+                        observed: false,
+                    });
+                }
+            }
+            steps.push(Step {
+                ts,
+                raw,
+                observed: true,
+            });
+            (prev_ts, prev_raw) = (ts, raw);
+        }
+        let first = steps.first()?.ts;
+        let restart = known.is_none_or(|s| first.saturating_sub(s.last_ts) > self.step);
+        // A fresh stream only needs its warm-up window, not everything the fetch returned.
+        if restart && steps.len() > self.warmup_points() + 1 {
+            steps.drain(..steps.len() - (self.warmup_points() + 1));
+        }
+        Some((steps, restart))
+    }
+
+    fn fresh_state(&self, labels: &Labels, steps: &[Step]) -> SeriesState {
+        let meta = &self.model.meta;
+        let (scaler, band) = match meta.series.get(&series_key(labels)) {
+            Some(cal) => (cal.scaler, cal.band),
+            None => {
+                let observed: Vec<f64> = steps.iter().filter(|p| p.observed).map(|p| p.raw).collect();
+                (Scaler::fit(&observed), meta.default_band)
+            }
+        };
+        SeriesState::new(scaler, band, meta.hidden)
+    }
+
+    fn run_group(
+        &mut self,
+        len: usize,
+        group: Vec<(Labels, Vec<Step>)>,
+    ) -> Result<Vec<(Labels, Vec<Score>)>, ModelError> {
+        let (f, hd, batch) = (self.model.features(), self.model.hidden(), group.len());
+        let features = &self.model.meta.features;
+        let mut x = vec![0f32; len * batch * f];
+        let mut h = vec![0f32; batch * hd];
+        let mut c = vec![0f32; batch * hd];
+        for (b, (labels, steps)) in group.iter().enumerate() {
+            let state = self.series.get(labels).ok_or_else(|| {
+                ModelError::Inference("series state vanished mid-cycle".into())
+            })?;
+            h[b * hd..(b + 1) * hd].copy_from_slice(&state.h);
+            c[b * hd..(b + 1) * hd].copy_from_slice(&state.c);
+            for (t, p) in steps.iter().enumerate() {
+                let at = (t * batch + b) * f;
+                let scaled = state.scaler.scale(p.raw) as f32;
+                input_row(features, p.ts, scaled, &mut x[at..at + f]);
+            }
+        }
+        let out = self.model.run(&x, len, batch, &h, &c)?;
+        let warmup = self.warmup_points();
+        let mut results = Vec::with_capacity(batch);
+        for (b, (labels, steps)) in group.into_iter().enumerate() {
+            let Some(state) = self.series.get_mut(&labels) else {
+                continue;
+            };
+            let mut scores = Vec::new();
+            for (t, p) in steps.iter().enumerate() {
+                let forecast = if t == 0 { state.pending } else { Some(out.yhat[(t - 1) * batch + b]) };
+                if let (true, Some(yhat), true) = (p.observed, forecast, state.fed >= warmup) {
+                    scores.push(Score::new(p.ts, p.raw, yhat, &state.scaler, state.band));
+                }
+                state.fed += 1;
+            }
+            state.pending = Some(out.yhat[(len - 1) * batch + b]);
+            state.h.copy_from_slice(&out.h[b * hd..(b + 1) * hd]);
+            state.c.copy_from_slice(&out.c[b * hd..(b + 1) * hd]);
+            if let Some(last) = steps.last() {
+                state.last_ts = last.ts;
+                state.last_raw = last.raw;
+            }
+            if let Some(latest) = scores.last() {
+                state.latest = Some(*latest);
+            }
+            results.push((labels, scores));
+        }
+        Ok(results)
+    }
+}

@@ -1,0 +1,42 @@
+//! What the exporter remembers about one series between cycles.
+
+use mad_training::contract::Scaler;
+
+use super::Score;
+
+#[derive(Debug, Clone)]
+pub struct SeriesState {
+    pub scaler: Scaler,
+    /// Calibrated half-width of the band, scaled units.
+    pub band: f64,
+    /// LSTM state after the last fed point, `[hidden]` each.
+    pub h: Vec<f32>,
+    pub c: Vec<f32>,
+    /// Scaled forecast for the point after `last_ts`.
+    pub pending: Option<f32>,
+    /// Timestamp and raw value of the last fed point.
+    pub last_ts: i64,
+    pub last_raw: f64,
+    /// Points fed since the stream started; scores count only after the warm-up window.
+    pub fed: usize,
+    /// When the datasource last returned this series (Unix seconds).
+    pub last_seen: i64,
+    pub latest: Option<Score>,
+}
+
+impl SeriesState {
+    pub fn new(scaler: Scaler, band: f64, hidden: usize) -> SeriesState {
+        SeriesState {
+            scaler,
+            band,
+            h: vec![0.0; hidden],
+            c: vec![0.0; hidden],
+            pending: None,
+            last_ts: i64::MIN,
+            last_raw: f64::NAN,
+            fed: 0,
+            last_seen: 0,
+            latest: None,
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The embedded store: `<root>/<detector>/<version>.onnx` plus `<version>.json`.
+//!
+//! The metadata file is written last, after the ONNX file is fully on disk, and both appear by
+//! rename, so a reader that only trusts versions with metadata never sees a half-written model.
+//! The newest complete version is the active one.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use mad_training::contract::ModelMeta;
+use serde::{Deserialize, Serialize};
+
+use super::{ModelStore, StoreError, StoredModel, VersionInfo};
+
+const MODEL_EXT: &str = "onnx";
+const META_EXT: &str = "json";
+
+pub struct DirStore {
+    root: PathBuf,
+}
+
+/// The sidecar file: enough to list versions without opening the models.
+#[derive(Serialize, Deserialize)]
+struct Sidecar {
+    detector: String,
+    version: String,
+    trained_at: i64,
+    size_bytes: u64,
+    meta: ModelMeta,
+}
+
+impl DirStore {
+    pub fn new(root: impl Into<PathBuf>) -> DirStore {
+        DirStore { root: root.into() }
+    }
+
+    fn io(&self, path: &Path, e: std::io::Error) -> StoreError {
+        StoreError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn detector_dir(&self, detector: &str) -> Result<PathBuf, StoreError> {
+        // Names are validated by the config, but the store is a trust boundary of its own.
+        if detector.is_empty()
+            || detector.starts_with('.')
+            || detector.contains(['/', '\\', '\0'])
+        {
+            return Err(StoreError::Corrupt(format!(
+                "invalid detector name {detector:?}"
+            )));
+        }
+        Ok(self.root.join(detector))
+    }
+
+    fn put_blocking(&self, onnx: &[u8], meta: &ModelMeta) -> Result<VersionInfo, StoreError> {
+        let dir = self.detector_dir(&meta.detector)?;
+        std::fs::create_dir_all(&dir).map_err(|e| self.io(&dir, e))?;
+        let mut version = version_name(SystemTime::now());
+        let existing = self.list_blocking(&meta.detector)?;
+        if let Some(last) = existing.last() {
+            // Clock steps or two trainings within a millisecond must still sort after the last.
+            if version <= last.version {
+                version = format!("{}~{}", last.version, existing.len());
+            }
+        }
+        let info = VersionInfo {
+            detector: meta.detector.clone(),
+            version: version.clone(),
+            trained_at: meta.trained_at,
+            size_bytes: onnx.len() as u64,
+        };
+        let sidecar = Sidecar {
+            detector: info.detector.clone(),
+            version: version.clone(),
+            trained_at: info.trained_at,
+            size_bytes: info.size_bytes,
+            meta: meta.clone(),
+        };
+        let sidecar = serde_json::to_vec_pretty(&sidecar)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode metadata: {e}")))?;
+        self.write_atomic(&dir.join(format!("{version}.{MODEL_EXT}")), onnx)?;
+        self.write_atomic(&dir.join(format!("{version}.{META_EXT}")), &sidecar)?;
+        Ok(info)
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let result = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(parent) = path.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        result.map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            self.io(path, e)
+        })
+    }
+
+    fn list_blocking(&self, detector: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        let dir = self.detector_dir(detector)?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(&dir, e)),
+        };
+        let mut versions = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| self.io(&dir, e))?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(META_EXT) {
+                continue;
+            }
+            match self.read_sidecar(&path) {
+                Ok(sidecar) if dir.join(format!("{}.{MODEL_EXT}", sidecar.version)).is_file() => {
+                    versions.push(VersionInfo {
+                        detector: sidecar.detector,
+                        version: sidecar.version,
+                        trained_at: sidecar.trained_at,
+                        size_bytes: sidecar.size_bytes,
+                    })
+                }
+                Ok(_) => tracing::warn!(path = %path.display(), "metadata without model file; ignored"),
+                Err(e) => tracing::warn!(error = %e, "unreadable model metadata; ignored"),
+            }
+        }
+        versions.sort_by(|a, b| a.version.cmp(&b.version));
+        Ok(versions)
+    }
+
+    fn read_sidecar(&self, path: &Path) -> Result<Sidecar, StoreError> {
+        let bytes = std::fs::read(path).map_err(|e| self.io(path, e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))
+    }
+
+    fn load_blocking(&self, detector: &str) -> Result<Option<StoredModel>, StoreError> {
+        let Some(info) = self.list_blocking(detector)?.pop() else {
+            return Ok(None);
+        };
+        let path = self
+            .detector_dir(detector)?
+            .join(format!("{}.{MODEL_EXT}", info.version));
+        let onnx = std::fs::read(&path).map_err(|e| self.io(&path, e))?;
+        if onnx.len() as u64 != info.size_bytes {
+            return Err(StoreError::Corrupt(format!(
+                "{}: {} bytes on disk, metadata says {}",
+                path.display(),
+                onnx.len(),
+                info.size_bytes
+            )));
+        }
+        Ok(Some(StoredModel { info, onnx }))
+    }
+
+    fn prune_blocking(&self, detector: &str, keep: usize) -> Result<usize, StoreError> {
+        let versions = self.list_blocking(detector)?;
+        let dir = self.detector_dir(detector)?;
+        let excess = versions.len().saturating_sub(keep.max(1));
+        for old in &versions[..excess] {
+            // Metadata first: without it the version is invisible even if the model stays.
+            for ext in [META_EXT, MODEL_EXT] {
+                let path = dir.join(format!("{}.{ext}", old.version));
+                std::fs::remove_file(&path).map_err(|e| self.io(&path, e))?;
+            }
+        }
+        Ok(excess)
+    }
+}
+
+/// `20261126T115501.123Z`: UTC, sortable as text.
+fn version_name(now: SystemTime) -> String {
+    let ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+impl DirStore {
+    /// Runs filesystem work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&DirStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = DirStore::new(self.root.clone());
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl ModelStore for DirStore {
+    async fn put(&self, onnx: &[u8], meta: &ModelMeta) -> Result<VersionInfo, StoreError> {
+        let (onnx, meta) = (onnx.to_vec(), meta.clone());
+        self.blocking(move |s| s.put_blocking(&onnx, &meta)).await
+    }
+
+    async fn active_version(&self, detector: &str) -> Result<Option<VersionInfo>, StoreError> {
+        let detector = detector.to_string();
+        self.blocking(move |s| Ok(s.list_blocking(&detector)?.pop()))
+            .await
+    }
+
+    async fn load_active(&self, detector: &str) -> Result<Option<StoredModel>, StoreError> {
+        let detector = detector.to_string();
+        self.blocking(move |s| s.load_blocking(&detector)).await
+    }
+
+    async fn list(&self, detector: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        let detector = detector.to_string();
+        self.blocking(move |s| s.list_blocking(&detector)).await
+    }
+
+    async fn prune(&self, detector: &str, keep: usize) -> Result<usize, StoreError> {
+        let detector = detector.to_string();
+        self.blocking(move |s| s.prune_blocking(&detector, keep))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn meta(detector: &str) -> ModelMeta {
+        ModelMeta {
+            contract_version: 1,
+            detector: detector.into(),
+            features: vec![mad_training::contract::Feature::Value],
+            hidden: 4,
+            step_secs: 60,
+            window: 8,
+            series: BTreeMap::new(),
+            default_band: 1.0,
+            train_start: 0,
+            train_end: 1,
+            trained_at: 2,
+            training: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn version_names_sort_by_time() {
+        let t = |s| UNIX_EPOCH + std::time::Duration::from_millis(s);
+        assert_eq!(version_name(t(0)), "19700101T000000.000Z");
+        assert_eq!(version_name(t(1_795_700_101_123)), "20261126T133501.123Z");
+        assert!(version_name(t(1_000)) < version_name(t(1_001)));
+    }
+
+    #[tokio::test]
+    async fn newest_complete_version_is_active_and_partial_ones_are_ignored() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::new(tmp.path());
+        assert!(store.load_active("cpu").await.expect("empty ok").is_none());
+        let v1 = store.put(b"one", &meta("cpu")).await.expect("put");
+        let v2 = store.put(b"two", &meta("cpu")).await.expect("put");
+        assert!(v2.version > v1.version);
+        // A crash between the two renames leaves a model without metadata: never loaded.
+        std::fs::write(tmp.path().join("cpu/29990101T000000.000Z.onnx"), b"half").expect("write");
+        let active = store.load_active("cpu").await.expect("load").expect("some");
+        assert_eq!(active.onnx, b"two");
+        assert_eq!(active.info.version, v2.version);
+        assert_eq!(store.prune("cpu", 1).await.expect("prune"), 1);
+        assert_eq!(store.list("cpu").await.expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn truncated_model_file_is_reported() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::new(tmp.path());
+        let v = store.put(b"complete", &meta("cpu")).await.expect("put");
+        std::fs::write(tmp.path().join(format!("cpu/{}.onnx", v.version)), b"cut").expect("write");
+        let e = store.load_active("cpu").await.expect_err("must fail");
+        assert!(e.to_string().contains("metadata says"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn hostile_detector_names_are_refused() {
+        let store = DirStore::new("/nonexistent");
+        for bad in ["../x", "", ".hidden", "a/b"] {
+            assert!(store.list(bad).await.is_err(), "{bad}");
+        }
+    }
+}

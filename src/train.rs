@@ -1,0 +1,152 @@
+//! `mad train`: fetch each detector's history, train its model, store it.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use mad_training::{Progress, SeriesHistory};
+
+use crate::config::{Config, Detector};
+use crate::source::{align_down, Client, Series};
+use crate::store::{DirStore, ModelStore, VersionInfo};
+
+/// What one detector's training produced, for the summary line.
+#[derive(Debug)]
+pub struct Trained {
+    pub detector: String,
+    pub version: VersionInfo,
+    pub series: usize,
+    pub points: usize,
+    pub epochs: usize,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for Trained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: trained on {} series ({} points) in {:.1}s, {} epochs; stored version {}",
+            self.detector, self.series, self.points, self.seconds, self.epochs, self.version.version
+        )
+    }
+}
+
+/// Trains the named detectors (all when `only` is empty) on history up to `end` (Unix seconds,
+/// default now) and stores each model as the new active version.
+pub async fn run(config: &Config, only: &[String], end: Option<i64>) -> anyhow::Result<Vec<Trained>> {
+    for name in only {
+        if config.detector(name).is_none() {
+            bail!("no detector named {name:?} in the config");
+        }
+    }
+    let client = Client::new(&config.datasource)?;
+    let store = DirStore::new(&config.store.path);
+    let end = end.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    });
+    let mut trained = Vec::new();
+    for detector in &config.detectors {
+        if !only.is_empty() && !only.contains(&detector.name.0) {
+            continue;
+        }
+        let result = train_detector(config, &client, &store, detector, end)
+            .await
+            .with_context(|| format!("detector {}", detector.name))?;
+        println!("{result}");
+        trained.push(result);
+    }
+    Ok(trained)
+}
+
+async fn train_detector(
+    config: &Config,
+    client: &Client,
+    store: &DirStore,
+    detector: &Detector,
+    end: i64,
+) -> anyhow::Result<Trained> {
+    let started = Instant::now();
+    let step = detector.step.0.as_secs().max(1) as i64;
+    let end = align_down(end, step);
+    let start = end - detector.train_range.0.as_secs() as i64;
+    let fetched = client
+        .query_range(&detector.query.0, start, end, step)
+        .await?;
+    let min_points = detector.window.0 * 4;
+    let history: Vec<SeriesHistory> = fetched
+        .iter()
+        .filter_map(|s| to_history(s, step))
+        .filter(|h| {
+            let finite = h.values.iter().filter(|v| v.is_finite()).count();
+            if finite < min_points {
+                tracing::warn!(labels = ?h.labels, finite, min_points, "series skipped: too little history");
+            }
+            finite >= min_points
+        })
+        .collect();
+    if history.is_empty() {
+        bail!(
+            "the query returned {} series but none has {min_points} points (4 windows) between {} and {}",
+            fetched.len(),
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(start.max(0) as u64)),
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(end.max(0) as u64)),
+        );
+    }
+    let options = detector.train_options(&config.training);
+    let bar = ProgressBar::new(options.max_epochs as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] epoch {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(detector.name.0.clone());
+    let name = detector.name.0.clone();
+    let points = history.iter().map(|h| h.values.len()).sum();
+    let series = history.len();
+    let progress_bar = bar.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        let mut on_epoch = |p: &Progress| {
+            progress_bar.set_position(p.epoch as u64);
+            progress_bar.set_message(format!(
+                "train {:.4} val {:.4} (best epoch {})",
+                p.train_loss, p.val_loss, p.best_epoch
+            ));
+        };
+        mad_training::train(&name, step as u64, &history, &options, &mut on_epoch)
+    })
+    .await
+    .context("training task failed")??;
+    bar.finish_and_clear();
+    let version = store.put(&model.onnx, &model.meta).await?;
+    store
+        .prune(&detector.name.0, config.store.keep_versions)
+        .await?;
+    let epochs = model
+        .meta
+        .training
+        .get("epochs")
+        .and_then(|v| v.as_u64())
+        .unwrap_or_default() as usize;
+    Ok(Trained {
+        detector: detector.name.0.clone(),
+        version,
+        series,
+        points,
+        epochs,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The series on its step grid from its first to its last finite sample.
+fn to_history(series: &Series, step: i64) -> Option<SeriesHistory> {
+    let first = series.points.iter().find(|(_, v)| v.is_finite())?.0;
+    let last = series.last_finite()?;
+    let values = series.on_grid(first, last, step);
+    let timestamps = (0..values.len() as i64).map(|i| first + i * step).collect();
+    Some(SeriesHistory {
+        labels: series.labels.clone(),
+        timestamps,
+        values,
+    })
+}

@@ -1,0 +1,23 @@
+//! Training for MAD's LSTM forecasters, entirely in Rust.
+//!
+//! History comes in as raw series; each series is scaled by its own robust scaler so one shared
+//! model can serve many series. The model is trained as a *stream* model (state carried across
+//! the whole series) because the exporter carries LSTM state between scrape cycles instead of
+//! re-running windows; training, calibration and serving must all see the series the same way.
+//! Residuals on held-out data become a per-series band, so `anomaly_score > 1` means the same
+//! thing for every series. The result is exported as a self-contained ONNX file (standard `LSTM`
+//! operator, metadata inside) so serving needs only ONNX Runtime.
+//!
+//! Pipeline: [`trainer::train`] → [`lstm`] forward/backward + [`adam`] → calibration →
+//! [`onnx::export`].
+
+pub mod adam;
+pub mod contract;
+pub mod lstm;
+pub mod onnx;
+pub mod trainer;
+
+pub use contract::*;
+pub use lstm::{LstmOutput, LstmParams, LstmTape, Real, ShapeError};
+
+pub use trainer::{train, Progress, SeriesHistory, TrainError, TrainOptions, TrainedModel};

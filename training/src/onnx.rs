@@ -1,0 +1,430 @@
+//! ONNX export of a trained LSTM forecaster.
+//!
+//! The protobuf messages are written by hand from the field numbers in the ONNX specification
+//! (`onnx.proto`, proto2) with only the fields we use, so no `protoc` or generated code is needed.
+//! The graph uses the standard `LSTM` operator, which ONNX Runtime runs with a fused kernel, and
+//! exposes its initial and final states so callers can carry state between calls.
+
+use prost::Message;
+
+use crate::contract::{
+    ModelMeta, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C, OUTPUT_H, OUTPUT_YHAT,
+};
+use crate::lstm::LstmParams;
+
+/// ONNX IR version written; ONNX Runtime 1.31 accepts up to 13.
+pub const IR_VERSION: i64 = 8;
+/// Default-domain opset: `Squeeze` takes its axes as an input from 13 on.
+pub const OPSET_VERSION: i64 = 17;
+pub const PRODUCER_NAME: &str = "mad";
+
+/// `TensorProto.DataType` values used here.
+pub const DATA_TYPE_FLOAT: i32 = 1;
+pub const DATA_TYPE_INT64: i32 = 7;
+/// `AttributeProto.AttributeType.INT`.
+pub const ATTRIBUTE_TYPE_INT: i32 = 2;
+
+/// Names of the symbolic dimensions of the graph inputs and outputs.
+pub const DIM_SEQ: &str = "seq";
+pub const DIM_BATCH: &str = "batch";
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ModelProto {
+    #[prost(int64, optional, tag = "1")]
+    pub ir_version: Option<i64>,
+    #[prost(message, repeated, tag = "8")]
+    pub opset_import: Vec<OperatorSetIdProto>,
+    #[prost(string, optional, tag = "2")]
+    pub producer_name: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    pub producer_version: Option<String>,
+    #[prost(string, optional, tag = "6")]
+    pub doc_string: Option<String>,
+    #[prost(message, optional, tag = "7")]
+    pub graph: Option<GraphProto>,
+    #[prost(message, repeated, tag = "14")]
+    pub metadata_props: Vec<StringStringEntryProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct OperatorSetIdProto {
+    #[prost(string, optional, tag = "1")]
+    pub domain: Option<String>,
+    #[prost(int64, optional, tag = "2")]
+    pub version: Option<i64>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct StringStringEntryProto {
+    #[prost(string, optional, tag = "1")]
+    pub key: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub value: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct GraphProto {
+    #[prost(message, repeated, tag = "1")]
+    pub node: Vec<NodeProto>,
+    #[prost(string, optional, tag = "2")]
+    pub name: Option<String>,
+    #[prost(message, repeated, tag = "5")]
+    pub initializer: Vec<TensorProto>,
+    #[prost(string, optional, tag = "10")]
+    pub doc_string: Option<String>,
+    #[prost(message, repeated, tag = "11")]
+    pub input: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "12")]
+    pub output: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "13")]
+    pub value_info: Vec<ValueInfoProto>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct NodeProto {
+    #[prost(string, repeated, tag = "1")]
+    pub input: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    pub output: Vec<String>,
+    #[prost(string, optional, tag = "3")]
+    pub name: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    pub op_type: Option<String>,
+    #[prost(string, optional, tag = "7")]
+    pub domain: Option<String>,
+    #[prost(message, repeated, tag = "5")]
+    pub attribute: Vec<AttributeProto>,
+    #[prost(string, optional, tag = "6")]
+    pub doc_string: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct AttributeProto {
+    #[prost(string, optional, tag = "1")]
+    pub name: Option<String>,
+    #[prost(int32, optional, tag = "20")]
+    pub r#type: Option<i32>,
+    #[prost(float, optional, tag = "2")]
+    pub f: Option<f32>,
+    #[prost(int64, optional, tag = "3")]
+    pub i: Option<i64>,
+    #[prost(bytes = "vec", optional, tag = "4")]
+    pub s: Option<Vec<u8>>,
+    #[prost(message, optional, tag = "5")]
+    pub t: Option<TensorProto>,
+    #[prost(float, repeated, packed = "false", tag = "7")]
+    pub floats: Vec<f32>,
+    #[prost(int64, repeated, packed = "false", tag = "8")]
+    pub ints: Vec<i64>,
+    #[prost(bytes = "vec", repeated, tag = "9")]
+    pub strings: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorProto {
+    #[prost(int64, repeated, packed = "false", tag = "1")]
+    pub dims: Vec<i64>,
+    #[prost(int32, optional, tag = "2")]
+    pub data_type: Option<i32>,
+    #[prost(float, repeated, packed = "true", tag = "4")]
+    pub float_data: Vec<f32>,
+    #[prost(int64, repeated, packed = "true", tag = "7")]
+    pub int64_data: Vec<i64>,
+    #[prost(string, optional, tag = "8")]
+    pub name: Option<String>,
+    #[prost(bytes = "vec", optional, tag = "9")]
+    pub raw_data: Option<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ValueInfoProto {
+    #[prost(string, optional, tag = "1")]
+    pub name: Option<String>,
+    #[prost(message, optional, tag = "2")]
+    pub r#type: Option<TypeProto>,
+    #[prost(string, optional, tag = "3")]
+    pub doc_string: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TypeProto {
+    #[prost(oneof = "type_proto::Value", tags = "1")]
+    pub value: Option<type_proto::Value>,
+    #[prost(string, optional, tag = "6")]
+    pub denotation: Option<String>,
+}
+
+pub mod type_proto {
+    use super::TensorShapeProto;
+
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Value {
+        #[prost(message, tag = "1")]
+        TensorType(Tensor),
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Tensor {
+        #[prost(int32, optional, tag = "1")]
+        pub elem_type: Option<i32>,
+        #[prost(message, optional, tag = "2")]
+        pub shape: Option<TensorShapeProto>,
+    }
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct TensorShapeProto {
+    #[prost(message, repeated, tag = "1")]
+    pub dim: Vec<tensor_shape_proto::Dimension>,
+}
+
+pub mod tensor_shape_proto {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Dimension {
+        #[prost(oneof = "dimension::Value", tags = "1, 2")]
+        pub value: Option<dimension::Value>,
+        #[prost(string, optional, tag = "3")]
+        pub denotation: Option<String>,
+    }
+
+    pub mod dimension {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Value {
+            #[prost(int64, tag = "1")]
+            DimValue(i64),
+            #[prost(string, tag = "2")]
+            DimParam(String),
+        }
+    }
+}
+
+/// A graph input/output dimension.
+enum Dim {
+    Fixed(usize),
+    Named(&'static str),
+}
+
+fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
+    use tensor_shape_proto::{dimension, Dimension};
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Dim::Fixed(n) => dimension::Value::DimValue(*n as i64),
+                Dim::Named(s) => dimension::Value::DimParam((*s).to_owned()),
+            }),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.to_owned()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DATA_TYPE_FLOAT),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        doc_string: None,
+    }
+}
+
+fn float_tensor(name: &str, dims: &[usize], values: impl IntoIterator<Item = f32>) -> TensorProto {
+    let raw: Vec<u8> = values.into_iter().flat_map(f32::to_le_bytes).collect();
+    debug_assert_eq!(raw.len(), dims.iter().product::<usize>() * 4);
+    TensorProto {
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(DATA_TYPE_FLOAT),
+        name: Some(name.to_owned()),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+fn int64_tensor(name: &str, values: &[i64]) -> TensorProto {
+    TensorProto {
+        dims: vec![values.len() as i64],
+        data_type: Some(DATA_TYPE_INT64),
+        name: Some(name.to_owned()),
+        raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn node(op_type: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        output: outputs.iter().map(|s| (*s).to_owned()).collect(),
+        name: Some(name.to_owned()),
+        op_type: Some(op_type.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
+/// `x [seq, batch, F]`, `h0`/`c0 [1, batch, H]`; outputs `yhat [seq, batch]`, `h`/`c [1, batch, H]`.
+pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
+    let (f, h) = (params.features(), params.hidden());
+    let mut bias = params.wb().to_vec();
+    bias.extend_from_slice(params.rb());
+
+    let initializer = vec![
+        float_tensor("lstm_W", &[1, 4 * h, f], params.w().iter().copied()),
+        float_tensor("lstm_R", &[1, 4 * h, h], params.r().iter().copied()),
+        float_tensor("lstm_B", &[1, 8 * h], bias),
+        int64_tensor("squeeze_dirs_axes", &[1]),
+        float_tensor("head_W", &[h, 1], params.head_w().iter().copied()),
+        float_tensor("head_B", &[1], [params.head_b()]),
+        int64_tensor("squeeze_out_axes", &[2]),
+    ];
+    let mut lstm = node(
+        "LSTM",
+        "lstm",
+        &[INPUT_X, "lstm_W", "lstm_R", "lstm_B", "", INPUT_H, INPUT_C],
+        &["lstm_Y", OUTPUT_H, OUTPUT_C],
+    );
+    lstm.attribute.push(AttributeProto {
+        name: Some("hidden_size".to_owned()),
+        r#type: Some(ATTRIBUTE_TYPE_INT),
+        i: Some(h as i64),
+        ..Default::default()
+    });
+    let nodes = vec![
+        lstm,
+        // Y is [seq, num_directions = 1, batch, H].
+        node(
+            "Squeeze",
+            "squeeze_dirs",
+            &["lstm_Y", "squeeze_dirs_axes"],
+            &["hidden_seq"],
+        ),
+        node(
+            "MatMul",
+            "head_matmul",
+            &["hidden_seq", "head_W"],
+            &["head_product"],
+        ),
+        node(
+            "Add",
+            "head_bias",
+            &["head_product", "head_B"],
+            &["head_out"],
+        ),
+        node(
+            "Squeeze",
+            "squeeze_out",
+            &["head_out", "squeeze_out_axes"],
+            &[OUTPUT_YHAT],
+        ),
+    ];
+    let state = [Dim::Fixed(1), Dim::Named(DIM_BATCH), Dim::Fixed(h)];
+    let graph = GraphProto {
+        node: nodes,
+        name: Some("mad_lstm_forecaster".to_owned()),
+        initializer,
+        input: vec![
+            value_info(
+                INPUT_X,
+                &[Dim::Named(DIM_SEQ), Dim::Named(DIM_BATCH), Dim::Fixed(f)],
+            ),
+            value_info(INPUT_H, &state),
+            value_info(INPUT_C, &state),
+        ],
+        output: vec![
+            value_info(OUTPUT_YHAT, &[Dim::Named(DIM_SEQ), Dim::Named(DIM_BATCH)]),
+            value_info(OUTPUT_H, &state),
+            value_info(OUTPUT_C, &state),
+        ],
+        ..Default::default()
+    };
+    // ModelMeta is plain data (strings, numbers, maps with string keys); serialising it cannot fail.
+    let meta_json = serde_json::to_string(meta).unwrap_or_default();
+    let model = ModelProto {
+        ir_version: Some(IR_VERSION),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(OPSET_VERSION),
+        }],
+        producer_name: Some(PRODUCER_NAME.to_owned()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        doc_string: Some("MAD LSTM forecaster; see docs/model-contract.md".to_owned()),
+        graph: Some(graph),
+        metadata_props: vec![StringStringEntryProto {
+            key: Some(META_KEY.to_owned()),
+            value: Some(meta_json),
+        }],
+    };
+    model.encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::contract::{Feature, CONTRACT_VERSION};
+
+    fn meta(hidden: usize) -> ModelMeta {
+        ModelMeta {
+            contract_version: CONTRACT_VERSION,
+            detector: "cpu".into(),
+            features: Feature::DEFAULT.to_vec(),
+            hidden,
+            step_secs: 60,
+            window: 64,
+            series: BTreeMap::new(),
+            default_band: 0.5,
+            train_start: 0,
+            train_end: 1,
+            trained_at: 2,
+            training: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn export_decodes_with_expected_structure() {
+        let (f, h) = (5, 6);
+        let params = LstmParams::<f32>::init(f, h, 1);
+        let bytes = export(&params, &meta(h));
+        let model = ModelProto::decode(bytes.as_slice()).expect("valid protobuf");
+        assert!(model.ir_version.unwrap() <= 13);
+        assert_eq!(model.opset_import[0].version, Some(17));
+        assert_eq!(model.producer_name.as_deref(), Some("mad"));
+        let graph = model.graph.expect("graph");
+        let ops: Vec<_> = graph
+            .node
+            .iter()
+            .filter_map(|n| n.op_type.as_deref())
+            .collect();
+        assert_eq!(ops, ["LSTM", "Squeeze", "MatMul", "Add", "Squeeze"]);
+        assert_eq!(graph.node[0].input[4], "");
+        assert_eq!(graph.node[0].attribute[0].i, Some(h as i64));
+        let shapes: BTreeMap<_, _> = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.clone().unwrap(), t.dims.clone()))
+            .collect();
+        assert_eq!(shapes["lstm_W"], [1, 4 * h as i64, f as i64]);
+        assert_eq!(shapes["lstm_R"], [1, 4 * h as i64, h as i64]);
+        assert_eq!(shapes["lstm_B"], [1, 8 * h as i64]);
+        assert_eq!(shapes["head_W"], [h as i64, 1]);
+        let w = &graph.initializer[0];
+        assert_eq!(w.raw_data.as_ref().unwrap().len(), 4 * 4 * h * f);
+        let names: Vec<_> = graph
+            .input
+            .iter()
+            .filter_map(|v| v.name.as_deref())
+            .collect();
+        assert_eq!(names, ["x", "h0", "c0"]);
+        let outputs: Vec<_> = graph
+            .output
+            .iter()
+            .filter_map(|v| v.name.as_deref())
+            .collect();
+        assert_eq!(outputs, ["yhat", "h", "c"]);
+        let entry = &model.metadata_props[0];
+        assert_eq!(entry.key.as_deref(), Some(META_KEY));
+        let decoded: ModelMeta = serde_json::from_str(entry.value.as_deref().unwrap()).unwrap();
+        assert_eq!(decoded, meta(h));
+    }
+}

@@ -1,0 +1,1025 @@
+//! Trains one LSTM forecaster for all series of a detector, calibrates a band per series and
+//! exports the result as ONNX.
+//!
+//! # Stream semantics (the contract the exporter relies on)
+//! The model is a **stream** model. For a series on its regular grid, the input at step `t` is
+//! [`input_row`]`(features, ts_t, scaled x_t)` and the output at step `t` is the forecast of
+//! scaled `x_{t+1}`. LSTM state is carried across the whole stream; a stream starts from zero
+//! state. Runs of up to [`MAX_INTERPOLATED_GAP`] missing points are filled by linear
+//! interpolation; a longer gap ends the stream and the next point starts a new one from zero.
+//! Scaling is per series ([`Scaler::fit`] on the training part).
+//!
+//! # Training
+//! Each series is split in time into train / validation / calibration parts, in that order.
+//! Training is stateful truncated BPTT: train streams are cut into pieces of at least
+//! `8 × window` points (random offsets each epoch so chunk boundaries move), pieces are batched,
+//! and each batch is walked in chunks of `window` steps carrying state between chunks, with one
+//! Adam step per chunk on the Huber loss. Validation runs every series as one stream from its
+//! start, exactly as serving does, and scores only forecasts of validation points; the best
+//! epoch's parameters are kept (early stopping).
+//!
+//! # Calibration
+//! With the best parameters, forecasts of the calibration part (again from a stream run from the
+//! series start) give residuals; a series' band is a high quantile of them times a margin, so that
+//! `anomaly_score > 1` is rare on normal data for every series alike.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::adam::Adam;
+use crate::contract::{
+    input_row, quantile_sorted, series_key, Feature, ModelMeta, Scaler, SeriesCalibration,
+    CONTRACT_VERSION, MAX_INTERPOLATED_GAP,
+};
+use crate::lstm::{LstmParams, LstmTape};
+use crate::onnx;
+
+/// Smallest band (scaled units): a near-perfect forecast must not make every wiggle anomalous.
+pub const MIN_BAND: f64 = 0.05;
+/// Training pieces span at least this many windows.
+const PIECE_WINDOWS: usize = 8;
+/// Fewest forecasts a validation or calibration part must have for a series to be used.
+const MIN_HELD_OUT_TARGETS: usize = 16;
+const HUBER_DELTA: f64 = 1.0;
+/// Evaluation walks streams in chunks of this many steps and this many streams at a time,
+/// which bounds the tape's memory on long histories and many series.
+const EVAL_CHUNK_STEPS: usize = 256;
+const EVAL_BATCH_STREAMS: usize = 256;
+/// A series whose timestamps would span more grid points than this is rejected.
+const MAX_GRID_POINTS: usize = 50_000_000;
+
+/// Raw history of one series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesHistory {
+    pub labels: BTreeMap<String, String>,
+    /// Unix seconds, increasing, on a regular grid of `step_secs` (absent points are allowed).
+    pub timestamps: Vec<i64>,
+    /// NaN marks a missing point.
+    pub values: Vec<f64>,
+}
+
+/// Hyperparameters of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    pub hidden: usize,
+    pub window: usize,
+    pub max_epochs: usize,
+    /// Epochs without a better validation loss before stopping.
+    pub patience: usize,
+    pub learning_rate: f64,
+    /// Pieces trained side by side in one batch.
+    pub batch_streams: usize,
+    pub seed: u64,
+    pub validation_fraction: f64,
+    pub calibration_fraction: f64,
+    pub band_quantile: f64,
+    pub band_margin: f64,
+    pub features: Vec<Feature>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            hidden: 32,
+            window: 64,
+            max_epochs: 80,
+            patience: 8,
+            learning_rate: 3e-3,
+            batch_streams: 32,
+            seed: 42,
+            validation_fraction: 0.15,
+            calibration_fraction: 0.15,
+            band_quantile: 0.999,
+            band_margin: 1.25,
+            features: Feature::DEFAULT.to_vec(),
+        }
+    }
+}
+
+/// Reported after every epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub epoch: usize,
+    pub max_epochs: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub best_epoch: usize,
+}
+
+/// A trained, calibrated and exported model.
+#[derive(Debug, Clone)]
+pub struct TrainedModel {
+    pub onnx: Vec<u8>,
+    pub meta: ModelMeta,
+    pub params: LstmParams<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("no series to train on")]
+    NoSeries,
+    #[error("invalid training options: {0}")]
+    InvalidOptions(String),
+    #[error("series {key}: {reason}")]
+    InvalidSeries { key: String, reason: String },
+    #[error(
+        "too little data: the longest series has {points} usable points, at least {needed} are \
+         needed (window {window}, validation and calibration fractions {validation_fraction} \
+         and {calibration_fraction})"
+    )]
+    TooLittleData {
+        points: usize,
+        needed: usize,
+        window: usize,
+        validation_fraction: f64,
+        calibration_fraction: f64,
+    },
+    #[error("training loss became non-finite in epoch {epoch}; try a lower learning rate")]
+    NonFiniteLoss { epoch: usize },
+}
+
+/// One series on its regular grid, scaled, with its stream segments and split points.
+struct PreparedSeries {
+    key: String,
+    scaler: Scaler,
+    /// Scaled values; NaN where missing after interpolation.
+    scaled: Vec<f32>,
+    /// Model input rows `[len, features]`.
+    inputs: Vec<f32>,
+    /// Maximal runs without uncovered gaps, each at least two points long.
+    segments: Vec<Range<usize>>,
+    /// Forecast targets with index in `..train_end` are training targets, in
+    /// `train_end..validation_end` validation targets, the rest calibration targets.
+    train_end: usize,
+    validation_end: usize,
+}
+
+impl PreparedSeries {
+    fn len(&self) -> usize {
+        self.scaled.len()
+    }
+
+    /// Number of forecast targets (points with a predecessor in the same segment) in `range`.
+    fn targets_in(&self, range: Range<usize>) -> usize {
+        self.segments
+            .iter()
+            .map(|seg| {
+                let lo = (seg.start + 1).max(range.start);
+                let hi = seg.end.min(range.end);
+                hi.saturating_sub(lo)
+            })
+            .sum()
+    }
+
+    /// Streams (from segment start) whose forecasts include a target in `targets`.
+    fn streams_for(&self, series: usize, targets: &Range<usize>, out: &mut Vec<Piece>) {
+        for seg in &self.segments {
+            let end = seg.end.min(targets.end);
+            if end > targets.start && end > seg.start + 1 {
+                out.push(Piece {
+                    series,
+                    start: seg.start,
+                    end,
+                });
+            }
+        }
+    }
+}
+
+/// Points `start..end` of one series, fed as one stream from zero state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Piece {
+    series: usize,
+    start: usize,
+    end: usize,
+}
+
+impl Piece {
+    /// Forecast steps: every point but the last is an input whose successor is the target.
+    fn steps(&self) -> usize {
+        self.end - self.start - 1
+    }
+}
+
+fn validate_options(opts: &TrainOptions, step_secs: u64) -> Result<(), TrainError> {
+    let fail = |msg: &str| Err(TrainError::InvalidOptions(msg.to_owned()));
+    if step_secs == 0 {
+        return fail("step_secs must be positive");
+    }
+    if opts.hidden == 0 || opts.window == 0 || opts.max_epochs == 0 || opts.batch_streams == 0 {
+        return fail("hidden, window, max_epochs and batch_streams must be positive");
+    }
+    if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
+        return fail("learning_rate must be positive");
+    }
+    let (v, c) = (opts.validation_fraction, opts.calibration_fraction);
+    if !(v > 0.0 && c > 0.0 && v + c < 0.9) {
+        return fail("validation and calibration fractions must be positive and sum below 0.9");
+    }
+    if !(opts.band_quantile > 0.0 && opts.band_quantile <= 1.0) {
+        return fail("band_quantile must be in (0, 1]");
+    }
+    if !(opts.band_margin.is_finite() && opts.band_margin > 0.0) {
+        return fail("band_margin must be positive");
+    }
+    if !opts.features.contains(&Feature::Value) {
+        return fail("features must include `value`");
+    }
+    Ok(())
+}
+
+/// Places the samples on the regular grid starting at the first timestamp (NaN where absent).
+fn regularise(series: &SeriesHistory, step_secs: u64) -> Result<(i64, Vec<f64>), String> {
+    if series.timestamps.len() != series.values.len() {
+        return Err(format!(
+            "{} timestamps but {} values",
+            series.timestamps.len(),
+            series.values.len()
+        ));
+    }
+    let Some(&start) = series.timestamps.first() else {
+        return Ok((0, Vec::new()));
+    };
+    let step = step_secs as i64;
+    let mut grid: Vec<f64> = Vec::with_capacity(series.values.len());
+    let mut previous: Option<usize> = None;
+    for (&ts, &value) in series.timestamps.iter().zip(&series.values) {
+        let offset = ts.checked_sub(start).ok_or("timestamp overflow")?;
+        let index = (offset as f64 / step as f64).round();
+        if !(0.0..MAX_GRID_POINTS as f64).contains(&index) {
+            return Err(format!("timestamps span more than {MAX_GRID_POINTS} steps"));
+        }
+        let index = index as usize;
+        if previous.is_some_and(|p| index <= p) {
+            return Err(format!(
+                "timestamps must increase by at least step_secs ({step_secs} s); see {ts}"
+            ));
+        }
+        previous = Some(index);
+        grid.resize(index, f64::NAN);
+        grid.push(if value.is_finite() { value } else { f64::NAN });
+    }
+    Ok((start, grid))
+}
+
+/// Linearly fills runs of at most [`MAX_INTERPOLATED_GAP`] NaNs that have values on both sides.
+fn interpolate_short_gaps(values: &mut [f64]) {
+    let mut i = 0;
+    while i < values.len() {
+        if !values[i].is_nan() {
+            i += 1;
+            continue;
+        }
+        let gap_start = i;
+        while i < values.len() && values[i].is_nan() {
+            i += 1;
+        }
+        let gap_len = i - gap_start;
+        if gap_start == 0 || i == values.len() || gap_len > MAX_INTERPOLATED_GAP {
+            continue;
+        }
+        let (left, right) = (values[gap_start - 1], values[i]);
+        for k in 0..gap_len {
+            let frac = (k + 1) as f64 / (gap_len + 1) as f64;
+            values[gap_start + k] = left + (right - left) * frac;
+        }
+    }
+}
+
+fn segments_of(values: &[f64]) -> Vec<Range<usize>> {
+    let mut segments = Vec::new();
+    let mut start = None;
+    for (i, v) in values.iter().enumerate() {
+        match (v.is_nan(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                if i - s >= 2 {
+                    segments.push(s..i);
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        if values.len() - s >= 2 {
+            segments.push(s..values.len());
+        }
+    }
+    segments
+}
+
+fn prepare(
+    series: &SeriesHistory,
+    step_secs: u64,
+    opts: &TrainOptions,
+) -> Result<(PreparedSeries, i64), TrainError> {
+    let key = series_key(&series.labels);
+    let (start_ts, mut values) =
+        regularise(series, step_secs).map_err(|reason| TrainError::InvalidSeries {
+            key: key.clone(),
+            reason,
+        })?;
+    interpolate_short_gaps(&mut values);
+    let len = values.len();
+    let calibration = (len as f64 * opts.calibration_fraction).round() as usize;
+    let validation = (len as f64 * opts.validation_fraction).round() as usize;
+    let train_end = len.saturating_sub(calibration + validation);
+    let validation_end = len.saturating_sub(calibration);
+    let scaler = Scaler::fit(&values[..train_end]);
+    let scaled: Vec<f32> = values
+        .iter()
+        .map(|&v| {
+            if v.is_nan() {
+                f32::NAN
+            } else {
+                scaler.scale(v) as f32
+            }
+        })
+        .collect();
+    let features = &opts.features;
+    let mut inputs = vec![0.0f32; len * features.len()];
+    for (t, row) in inputs.chunks_exact_mut(features.len()).enumerate() {
+        let ts = start_ts + t as i64 * step_secs as i64;
+        let value = if scaled[t].is_nan() { 0.0 } else { scaled[t] };
+        input_row(features, ts, value, row);
+    }
+    let segments = segments_of(&values);
+    Ok((
+        PreparedSeries {
+            key,
+            scaler,
+            scaled,
+            inputs,
+            segments,
+            train_end,
+            validation_end,
+        },
+        start_ts,
+    ))
+}
+
+fn huber(residual: f64) -> f64 {
+    let a = residual.abs();
+    if a <= HUBER_DELTA {
+        0.5 * a * a
+    } else {
+        HUBER_DELTA * (a - 0.5 * HUBER_DELTA)
+    }
+}
+
+/// Cuts every training stream into pieces of `piece_len..2*piece_len` points with a random
+/// first boundary, so chunk boundaries land elsewhere each epoch.
+fn training_pieces(
+    series: &[PreparedSeries],
+    piece_len: usize,
+    rng: &mut SmallRng,
+    out: &mut Vec<Piece>,
+) {
+    out.clear();
+    for (index, s) in series.iter().enumerate() {
+        for seg in &s.segments {
+            let end = seg.end.min(s.train_end);
+            if end < seg.start + 2 {
+                continue;
+            }
+            let mut start = seg.start;
+            let mut boundary = start + piece_len + rng.gen_range(0..piece_len);
+            while boundary + piece_len <= end {
+                // Pieces overlap by one point so the boundary point is still a target.
+                out.push(Piece {
+                    series: index,
+                    start,
+                    end: boundary + 1,
+                });
+                start = boundary;
+                boundary += piece_len;
+            }
+            out.push(Piece {
+                series: index,
+                start,
+                end,
+            });
+        }
+    }
+    out.shuffle(rng);
+}
+
+/// Buffers reused across chunks and epochs.
+struct Workspace {
+    features: usize,
+    tape: LstmTape<f32>,
+    grads: LstmParams<f32>,
+    x: Vec<f32>,
+    targets: Vec<f32>,
+    valid: Vec<bool>,
+    dyhat: Vec<f32>,
+    h: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl Workspace {
+    fn new(features: usize, hidden: usize) -> Self {
+        Workspace {
+            features,
+            tape: LstmTape::new(),
+            grads: LstmParams::zeros(features, hidden),
+            x: Vec::new(),
+            targets: Vec::new(),
+            valid: Vec::new(),
+            dyhat: Vec::new(),
+            h: Vec::new(),
+            c: Vec::new(),
+        }
+    }
+
+    fn reset_state(&mut self, len: usize) {
+        self.h.clear();
+        self.h.resize(len, 0.0);
+        self.c.clear();
+        self.c.resize(len, 0.0);
+    }
+
+    /// Fills inputs and targets for steps `first_step..first_step + seq` of `pieces`
+    /// (`[seq, batch]` order); steps past a piece's end are padding.
+    fn fill_chunk(
+        &mut self,
+        series: &[PreparedSeries],
+        pieces: &[Piece],
+        first_step: usize,
+        seq: usize,
+    ) {
+        let batch = pieces.len();
+        let features = self.features;
+        self.x.clear();
+        self.x.resize(seq * batch * features, 0.0);
+        self.targets.clear();
+        self.targets.resize(seq * batch, 0.0);
+        self.valid.clear();
+        self.valid.resize(seq * batch, false);
+        for t in 0..seq {
+            let step = first_step + t;
+            for (j, piece) in pieces.iter().enumerate() {
+                if step >= piece.steps() {
+                    continue;
+                }
+                let s = &series[piece.series];
+                let point = piece.start + step;
+                let slot = t * batch + j;
+                self.x[slot * features..(slot + 1) * features]
+                    .copy_from_slice(&s.inputs[point * features..(point + 1) * features]);
+                self.targets[slot] = s.scaled[point + 1];
+                self.valid[slot] = true;
+            }
+        }
+    }
+}
+
+/// One epoch of stateful truncated BPTT; returns the mean training loss.
+fn train_epoch(
+    params: &mut LstmParams<f32>,
+    adam: &mut Adam,
+    series: &[PreparedSeries],
+    pieces: &[Piece],
+    opts: &TrainOptions,
+    ws: &mut Workspace,
+) -> Result<f64, crate::lstm::ShapeError> {
+    let hidden = params.hidden();
+    let mut loss_sum = 0.0;
+    let mut count_sum = 0usize;
+    for batch_pieces in pieces.chunks(opts.batch_streams) {
+        let batch = batch_pieces.len();
+        let max_steps = batch_pieces.iter().map(Piece::steps).max().unwrap_or(0);
+        ws.reset_state(batch * hidden);
+        let mut first_step = 0;
+        while first_step < max_steps {
+            let seq = opts.window.min(max_steps - first_step);
+            ws.fill_chunk(series, batch_pieces, first_step, seq);
+            ws.tape.forward(params, &ws.x, seq, batch, &ws.h, &ws.c)?;
+            let count = ws.valid.iter().filter(|&&v| v).count();
+            ws.dyhat.clear();
+            ws.dyhat.resize(seq * batch, 0.0);
+            let scale = 1.0 / count.max(1) as f64;
+            for (((dy, &y), &target), &valid) in ws
+                .dyhat
+                .iter_mut()
+                .zip(ws.tape.yhat())
+                .zip(&ws.targets)
+                .zip(&ws.valid)
+            {
+                if valid {
+                    let r = y as f64 - target as f64;
+                    loss_sum += huber(r);
+                    *dy = (r.clamp(-HUBER_DELTA, HUBER_DELTA) * scale) as f32;
+                }
+            }
+            count_sum += count;
+            ws.tape.backward(params, &ws.dyhat, &mut ws.grads)?;
+            adam.step(params.as_mut_slice(), ws.grads.as_slice());
+            ws.h.copy_from_slice(ws.tape.final_h());
+            ws.c.copy_from_slice(ws.tape.final_c());
+            first_step += seq;
+        }
+    }
+    Ok(loss_sum / count_sum.max(1) as f64)
+}
+
+/// Runs `streams` from zero state, calling `on_forecast(series, target_index, yhat, target)` for
+/// every forecast step.
+fn run_streams(
+    params: &LstmParams<f32>,
+    series: &[PreparedSeries],
+    streams: &[Piece],
+    ws: &mut Workspace,
+    mut on_forecast: impl FnMut(usize, usize, f32, f32),
+) -> Result<(), crate::lstm::ShapeError> {
+    let hidden = params.hidden();
+    for group in streams.chunks(EVAL_BATCH_STREAMS) {
+        let batch = group.len();
+        let max_steps = group.iter().map(Piece::steps).max().unwrap_or(0);
+        ws.reset_state(batch * hidden);
+        let mut first_step = 0;
+        while first_step < max_steps {
+            let seq = EVAL_CHUNK_STEPS.min(max_steps - first_step);
+            ws.fill_chunk(series, group, first_step, seq);
+            ws.tape.forward(params, &ws.x, seq, batch, &ws.h, &ws.c)?;
+            for t in 0..seq {
+                for (j, piece) in group.iter().enumerate() {
+                    let slot = t * batch + j;
+                    if ws.valid[slot] {
+                        let target_index = piece.start + first_step + t + 1;
+                        on_forecast(
+                            piece.series,
+                            target_index,
+                            ws.tape.yhat()[slot],
+                            ws.targets[slot],
+                        );
+                    }
+                }
+            }
+            ws.h.copy_from_slice(ws.tape.final_h());
+            ws.c.copy_from_slice(ws.tape.final_c());
+            first_step += seq;
+        }
+    }
+    Ok(())
+}
+
+fn validation_loss(
+    params: &LstmParams<f32>,
+    series: &[PreparedSeries],
+    streams: &[Piece],
+    ws: &mut Workspace,
+) -> Result<f64, crate::lstm::ShapeError> {
+    let mut sum = 0.0;
+    let mut count = 0usize;
+    run_streams(
+        params,
+        series,
+        streams,
+        ws,
+        |s, target_index, yhat, target| {
+            let part = &series[s];
+            if (part.train_end..part.validation_end).contains(&target_index) {
+                sum += huber(yhat as f64 - target as f64);
+                count += 1;
+            }
+        },
+    )?;
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Loss of forecasting each validation point by its predecessor, for comparison.
+fn last_value_baseline(series: &[PreparedSeries]) -> f64 {
+    let mut sum = 0.0;
+    let mut count = 0usize;
+    for s in series {
+        for seg in &s.segments {
+            let lo = (seg.start + 1).max(s.train_end);
+            let hi = seg.end.min(s.validation_end);
+            for t in lo..hi {
+                sum += huber(s.scaled[t] as f64 - s.scaled[t - 1] as f64);
+                count += 1;
+            }
+        }
+    }
+    sum / count.max(1) as f64
+}
+
+fn internal(err: crate::lstm::ShapeError) -> TrainError {
+    // Shapes are built by this module from validated options; a mismatch is a bug here.
+    TrainError::InvalidOptions(format!("internal shape mismatch: {err}"))
+}
+
+/// Trains, calibrates and exports one model for `detector` from the histories of its series.
+/// See the module documentation for the stream semantics the model follows.
+pub fn train(
+    detector: &str,
+    step_secs: u64,
+    series: &[SeriesHistory],
+    opts: &TrainOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainedModel, TrainError> {
+    let started = Instant::now();
+    validate_options(opts, step_secs)?;
+    if series.is_empty() {
+        return Err(TrainError::NoSeries);
+    }
+    let train_fraction = 1.0 - opts.validation_fraction - opts.calibration_fraction;
+    let needed = ((2 * opts.window + 1) as f64 / train_fraction)
+        .max(MIN_HELD_OUT_TARGETS as f64 / opts.validation_fraction)
+        .max(MIN_HELD_OUT_TARGETS as f64 / opts.calibration_fraction)
+        .ceil() as usize;
+
+    let mut prepared = Vec::new();
+    let mut skipped = Vec::new();
+    let mut most_points = 0;
+    let (mut train_start, mut train_end) = (i64::MAX, i64::MIN);
+    for history in series {
+        let (p, _) = prepare(history, step_secs, opts)?;
+        let points = p.scaled.iter().filter(|v| !v.is_nan()).count();
+        most_points = most_points.max(points);
+        let usable = points >= needed
+            && p.targets_in(0..p.train_end) > 2 * opts.window
+            && p.targets_in(p.train_end..p.validation_end) >= MIN_HELD_OUT_TARGETS
+            && p.targets_in(p.validation_end..p.len()) >= MIN_HELD_OUT_TARGETS;
+        if usable {
+            if let (Some(&first), Some(&last)) =
+                (history.timestamps.first(), history.timestamps.last())
+            {
+                train_start = train_start.min(first);
+                train_end = train_end.max(last);
+            }
+            prepared.push(p);
+        } else {
+            skipped.push(p.key);
+        }
+    }
+    if prepared.is_empty() {
+        return Err(TrainError::TooLittleData {
+            points: most_points,
+            needed,
+            window: opts.window,
+            validation_fraction: opts.validation_fraction,
+            calibration_fraction: opts.calibration_fraction,
+        });
+    }
+
+    let features = opts.features.len();
+    let mut params = LstmParams::<f32>::init(features, opts.hidden, opts.seed);
+    let mut adam = Adam::new(opts.learning_rate, params.as_slice().len());
+    let mut rng = SmallRng::seed_from_u64(opts.seed ^ 0x5eed_7a1e);
+    let mut ws = Workspace::new(features, opts.hidden);
+    let mut pieces = Vec::new();
+    let mut validation_streams = Vec::new();
+    for (i, s) in prepared.iter().enumerate() {
+        s.streams_for(i, &(s.train_end..s.validation_end), &mut validation_streams);
+    }
+
+    let mut best = params.clone();
+    let mut best_val = f64::INFINITY;
+    let mut best_epoch = 0;
+    let mut epochs_run = 0;
+    let mut last_train_loss = f64::NAN;
+    for epoch in 1..=opts.max_epochs {
+        training_pieces(
+            &prepared,
+            PIECE_WINDOWS * opts.window,
+            &mut rng,
+            &mut pieces,
+        );
+        let train_loss = train_epoch(&mut params, &mut adam, &prepared, &pieces, opts, &mut ws)
+            .map_err(internal)?;
+        let val_loss =
+            validation_loss(&params, &prepared, &validation_streams, &mut ws).map_err(internal)?;
+        if !train_loss.is_finite() || !val_loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss { epoch });
+        }
+        epochs_run = epoch;
+        last_train_loss = train_loss;
+        if val_loss < best_val {
+            best_val = val_loss;
+            best_epoch = epoch;
+            best.clone_from(&params);
+        }
+        progress(&Progress {
+            epoch,
+            max_epochs: opts.max_epochs,
+            train_loss,
+            val_loss,
+            best_epoch,
+        });
+        if epoch - best_epoch >= opts.patience {
+            break;
+        }
+    }
+
+    let (calibrations, default_band) = calibrate(&best, &prepared, opts, &mut ws)?;
+    let mut training = BTreeMap::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        training.insert(k.to_owned(), v);
+    };
+    put("options", serde_json::to_value(opts).unwrap_or_default());
+    put("epochs_run", epochs_run.into());
+    put("best_epoch", best_epoch.into());
+    put("best_val_loss", best_val.into());
+    put("final_train_loss", last_train_loss.into());
+    put("baseline_val_loss", last_value_baseline(&prepared).into());
+    put("series_trained", prepared.len().into());
+    put("skipped_series", skipped.into());
+    put("train_seconds", started.elapsed().as_secs_f64().into());
+    let trained_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let meta = ModelMeta {
+        contract_version: CONTRACT_VERSION,
+        detector: detector.to_owned(),
+        features: opts.features.clone(),
+        hidden: opts.hidden,
+        step_secs,
+        window: opts.window,
+        series: calibrations,
+        default_band,
+        train_start,
+        train_end,
+        trained_at,
+        training,
+    };
+    let onnx = onnx::export(&best, &meta);
+    Ok(TrainedModel {
+        onnx,
+        meta,
+        params: best,
+    })
+}
+
+/// Per-series bands from calibration residuals, and their median for unseen series.
+fn calibrate(
+    params: &LstmParams<f32>,
+    series: &[PreparedSeries],
+    opts: &TrainOptions,
+    ws: &mut Workspace,
+) -> Result<(BTreeMap<String, SeriesCalibration>, f64), TrainError> {
+    let mut streams = Vec::new();
+    for (i, s) in series.iter().enumerate() {
+        s.streams_for(i, &(s.validation_end..s.len()), &mut streams);
+    }
+    let mut residuals: Vec<Vec<f64>> = vec![Vec::new(); series.len()];
+    run_streams(
+        params,
+        series,
+        &streams,
+        ws,
+        |s, target_index, yhat, target| {
+            if target_index >= series[s].validation_end {
+                residuals[s].push((yhat as f64 - target as f64).abs());
+            }
+        },
+    )
+    .map_err(internal)?;
+    let mut calibrations = BTreeMap::new();
+    let mut bands = Vec::with_capacity(series.len());
+    for (s, mut r) in series.iter().zip(residuals) {
+        r.sort_by(f64::total_cmp);
+        let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin).max(MIN_BAND);
+        bands.push(band);
+        calibrations.insert(
+            s.key.clone(),
+            SeriesCalibration {
+                scaler: s.scaler,
+                band,
+            },
+        );
+    }
+    bands.sort_by(f64::total_cmp);
+    Ok((calibrations, quantile_sorted(&bands, 0.5)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    const DAY: i64 = 86_400;
+
+    fn noisy_sine(start: i64, step: i64, points: usize, noise: f64, seed: u64) -> SeriesHistory {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let timestamps: Vec<i64> = (0..points as i64).map(|i| start + i * step).collect();
+        let values = timestamps
+            .iter()
+            .map(|&ts| {
+                let phase = std::f64::consts::TAU * (ts % DAY) as f64 / DAY as f64;
+                // Sum of uniforms: roughly normal noise without extra dependencies.
+                let n: f64 = (0..4).map(|_| rng.gen_range(-1.0..1.0)).sum::<f64>() * 0.866;
+                50.0 + 10.0 * phase.sin() + noise * n
+            })
+            .collect();
+        SeriesHistory {
+            labels: BTreeMap::from([("instance".to_owned(), "a".to_owned())]),
+            timestamps,
+            values,
+        }
+    }
+
+    fn small_options() -> TrainOptions {
+        TrainOptions {
+            hidden: 16,
+            window: 16,
+            max_epochs: 40,
+            patience: 6,
+            learning_rate: 5e-3,
+            ..TrainOptions::default()
+        }
+    }
+
+    const STEP: i64 = 900;
+    const START: i64 = 1_700_006_400; // a midnight UTC
+
+    #[test]
+    fn learns_daily_sine_and_calibrates_band() {
+        let history = noisy_sine(START, STEP, 14 * 96, 2.0, 1);
+        let opts = small_options();
+        let mut epochs = 0;
+        let model = train(
+            "sine",
+            STEP as u64,
+            std::slice::from_ref(&history),
+            &opts,
+            &mut |p| {
+                epochs = p.epoch;
+            },
+        )
+        .expect("trains");
+        let meta = &model.meta;
+        let val = meta.training["best_val_loss"].as_f64().unwrap();
+        let baseline = meta.training["baseline_val_loss"].as_f64().unwrap();
+        println!("epochs {epochs}, best val loss {val:.5}, last-value baseline {baseline:.5}");
+        assert!(
+            val < 0.75 * baseline,
+            "val {val} vs last-value baseline {baseline}"
+        );
+        assert!(epochs >= 1 && meta.series.len() == 1);
+        assert_eq!(meta.train_start, START);
+        assert!(meta.default_band >= MIN_BAND);
+
+        // Fresh data from the same process, run as a stream after a warm-up of `window` points.
+        let fresh = noisy_sine(
+            history.timestamps[history.timestamps.len() - 1] + STEP,
+            STEP,
+            2000,
+            2.0,
+            99,
+        );
+        let calibration = &meta.series[&series_key(&history.labels)];
+        let f = opts.features.len();
+        let mut x = vec![0.0f32; fresh.values.len() * f];
+        for (i, row) in x.chunks_exact_mut(f).enumerate() {
+            let scaled = calibration.scaler.scale(fresh.values[i]) as f32;
+            input_row(&opts.features, fresh.timestamps[i], scaled, row);
+        }
+        let zeros = vec![0.0f32; opts.hidden];
+        let out = model
+            .params
+            .forward_f32(&x, fresh.values.len(), 1, &zeros, &zeros)
+            .unwrap();
+        let mut exceed = 0;
+        let mut total = 0;
+        for t in opts.window..fresh.values.len() - 1 {
+            let target = calibration.scaler.scale(fresh.values[t + 1]);
+            total += 1;
+            if (out.yhat[t] as f64 - target).abs() > calibration.band {
+                exceed += 1;
+            }
+        }
+        let fraction = exceed as f64 / total as f64;
+        println!(
+            "band {:.3}: {exceed} of {total} fresh residuals outside",
+            calibration.band
+        );
+        assert!(
+            fraction < 0.01,
+            "{exceed} of {total} residuals outside the band"
+        );
+    }
+
+    #[test]
+    fn training_is_deterministic() {
+        let history = noisy_sine(START, STEP, 600, 1.0, 3);
+        let opts = TrainOptions {
+            max_epochs: 3,
+            ..small_options()
+        };
+        let a = train(
+            "d",
+            STEP as u64,
+            std::slice::from_ref(&history),
+            &opts,
+            &mut |_| {},
+        )
+        .unwrap();
+        let b = train("d", STEP as u64, &[history], &opts, &mut |_| {}).unwrap();
+        assert_eq!(a.params, b.params);
+        assert_eq!(a.meta.series, b.meta.series);
+    }
+
+    #[test]
+    fn too_little_data_is_an_error() {
+        let history = noisy_sine(START, STEP, 50, 1.0, 3);
+        let err = train("d", STEP as u64, &[history], &small_options(), &mut |_| {}).unwrap_err();
+        match err {
+            TrainError::TooLittleData { points, needed, .. } => {
+                assert_eq!(points, 50);
+                assert!(needed > 50);
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(matches!(
+            train("d", 60, &[], &small_options(), &mut |_| {}),
+            Err(TrainError::NoSeries)
+        ));
+    }
+
+    #[test]
+    fn bad_series_are_rejected() {
+        let mut history = noisy_sine(START, STEP, 600, 1.0, 3);
+        history.timestamps.swap(10, 11);
+        let err = train("d", STEP as u64, &[history], &small_options(), &mut |_| {}).unwrap_err();
+        assert!(matches!(err, TrainError::InvalidSeries { .. }), "{err}");
+    }
+
+    #[test]
+    fn short_gaps_are_filled_and_long_gaps_cut_streams() {
+        let mut values = vec![1.0, f64::NAN, f64::NAN, 4.0, 5.0];
+        values.extend([f64::NAN; 6]);
+        values.extend([7.0, 8.0, f64::NAN]);
+        interpolate_short_gaps(&mut values);
+        assert_eq!(&values[..5], &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!(values[5..11].iter().all(|v| v.is_nan()));
+        assert_eq!(segments_of(&values), vec![0..5, 11..13]);
+
+        // Absent timestamps become NaN on the grid.
+        let series = SeriesHistory {
+            labels: BTreeMap::new(),
+            timestamps: vec![0, 60, 180],
+            values: vec![1.0, 2.0, 4.0],
+        };
+        let (start, grid) = regularise(&series, 60).unwrap();
+        assert_eq!(start, 0);
+        assert_eq!(grid.len(), 4);
+        assert!(grid[2].is_nan());
+    }
+
+    #[test]
+    fn pieces_cover_training_stream_with_moving_boundaries() {
+        let history = noisy_sine(START, 60, 5000, 1.0, 3);
+        let (prepared, _) = prepare(&history, 60, &TrainOptions::default()).unwrap();
+        let series = [prepared];
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut pieces = Vec::new();
+        training_pieces(&series, 512, &mut rng, &mut pieces);
+        let mut sorted = pieces.clone();
+        sorted.sort_by_key(|p| p.start);
+        assert_eq!(sorted[0].start, 0);
+        assert_eq!(sorted.last().unwrap().end, series[0].train_end);
+        for pair in sorted.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start + 1);
+            assert!(pair[0].end - pair[0].start > 512);
+        }
+        let first_boundary = sorted[0].end;
+        training_pieces(&series, 512, &mut rng, &mut pieces);
+        let moved = pieces.iter().all(|p| p.start != first_boundary - 1);
+        assert!(moved || pieces.len() == 1);
+    }
+
+    /// `cargo test --release -p mad-training -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing; run in release mode"]
+    fn two_weeks_at_one_minute_trains_quickly() {
+        let history = noisy_sine(START, 60, 20_160, 1.0, 5);
+        let opts = TrainOptions::default();
+        let started = Instant::now();
+        let mut last = None;
+        let model = train("perf", 60, &[history], &opts, &mut |p| {
+            last = Some(p.clone())
+        })
+        .unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        let last = last.unwrap();
+        println!(
+            "trained 20160 points in {elapsed:.2} s: {} epochs ({:.3} s/epoch), best epoch {}, \
+             val loss {:.5}, baseline {:.5}",
+            last.epoch,
+            elapsed / last.epoch as f64,
+            last.best_epoch,
+            last.val_loss,
+            model.meta.training["baseline_val_loss"]
+        );
+    }
+}
