@@ -19,5 +19,4 @@ pub mod trainer;
 
 pub use contract::*;
 pub use lstm::{LstmOutput, LstmParams, LstmTape, Real, ShapeError};
-
 pub use trainer::{train, Progress, SeriesHistory, TrainError, TrainOptions, TrainedModel};

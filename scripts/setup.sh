@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what MAD's demo and tests need on a fresh Debian machine, idempotently:
+# VictoriaMetrics (+ vmalert), promtool, and the ONNX Runtime shared library.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+need=()
+command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} (Debian packages)…"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The Debian prometheus package starts a server on :9090; MAD's tests do not need it.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+  systemctl stop prometheus || true
+fi
+"$root/scripts/fetch-onnxruntime.sh"
