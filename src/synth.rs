@@ -98,7 +98,9 @@ impl Synth {
                 if j > 0 {
                     out.push(',');
                 }
-                let _ = write!(out, "{k}=\"{v}\"");
+                let _ = write!(out, "{k}=\"");
+                crate::expose::escape_label_value(v, out);
+                out.push('"');
             }
             let _ = writeln!(out, "}} {} {}", self.value(i, ts), ts * 1000);
         }

@@ -125,7 +125,7 @@ async fn train_detector(
     let epochs = model
         .meta
         .training
-        .get("epochs")
+        .get("epochs_run")
         .and_then(|v| v.as_u64())
         .unwrap_or_default() as usize;
     Ok(Trained {

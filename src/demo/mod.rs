@@ -16,6 +16,11 @@ use crate::config::Config;
 use crate::synth::{demo_profiles, Incident, IncidentKind, Synth};
 pub use victoria::{free_port, scrape_config, VictoriaMetrics};
 
+/// The return to normal after an incident is itself a surprise to a forecaster that has just
+/// seen the incident: scores this many steps after its end count as its recovery.
+const RECOVERY_STEPS: i64 = 4;
+/// A score reaches VictoriaMetrics up to one scoring interval plus one scrape after its point.
+const SCRAPE_SLACK_SECS: i64 = 10;
 /// Points per import request: keeps each request a few MB.
 const IMPORT_BATCH_POINTS: usize = 50_000;
 
@@ -198,11 +203,14 @@ async fn report(
     println!("\n{:<34} {:<42} {:>10}  result", "incident", "series", "max score");
     let mut quiet_max: f64 = 0.0;
     let mut quiet_points = 0;
+    let mut false_alarms = Vec::new();
     for (index, profile) in synth.profiles.iter().enumerate() {
         let series = scores.iter().find(|(labels, _)| {
             profile.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
         });
         let points: &[(i64, f64)] = series.map_or(&[], |(_, p)| p.as_slice());
+        let shown: Vec<String> = profile.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let shown = shown.join(",");
         for incident in synth.incidents[n_past..].iter().filter(|i| i.series == index) {
             // Scores are scraped a few seconds after the point they score.
             let max = points
@@ -211,20 +219,27 @@ async fn report(
                 .map(|p| p.1)
                 .fold(f64::NAN, f64::max);
             let verdict = if max > 1.0 { "DETECTED (score > 1)" } else { "missed" };
-            let shown: Vec<String> = profile.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("{:<34} {:<42} {:>10.2}  {verdict}", incident.description, shown.join(","), max);
+            println!("{:<34} {:<42} {:>10.2}  {verdict}", incident.description, shown, max);
         }
         for &(ts, score) in points {
-            // The step after an incident still carries its echo in the forecast.
-            let near_incident = synth.incidents[n_past..].iter().any(|i| {
-                i.series == index && ts >= i.start && ts <= i.end + 3 * step
-            });
+            let near_incident = synth.incidents[n_past..]
+                .iter()
+                .any(|i| i.series == index && ts >= i.start && ts <= i.end + RECOVERY_STEPS * step + SCRAPE_SLACK_SECS);
             if !near_incident {
                 quiet_max = quiet_max.max(score);
                 quiet_points += 1;
+                if score > 1.0 {
+                    false_alarms.push(format!("{}{{{shown}}} at {ts}: {score:.2}", profile.metric));
+                }
             }
         }
     }
-    println!("\nquiet stretches: {quiet_points} scraped scores, highest {quiet_max:.2} (below 1 means no false alarm)");
+    println!(
+        "\nquiet stretches (excluding {RECOVERY_STEPS} steps of recovery after each incident): \
+         {quiet_points} scraped scores, highest {quiet_max:.2} (below 1 means no false alarm)"
+    );
+    for alarm in &false_alarms {
+        println!("  false alarm: {alarm}");
+    }
     Ok(())
 }

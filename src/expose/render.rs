@@ -122,18 +122,23 @@ fn render_label_set(labels: &[(String, String)]) -> String {
         }
         out.push_str(name);
         out.push_str("=\"");
-        for c in value.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
+        escape_label_value(value, &mut out);
         out.push('"');
     }
     out.push('}');
     out
+}
+
+/// Escapes a label value for the text format: backslash, double quote and newline.
+pub fn escape_label_value(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
 }
 
 fn format_value(v: f64) -> String {

@@ -17,6 +17,9 @@ use crate::model::{Forecaster, ModelError};
 use crate::source::{Labels, Series};
 pub use state::SeriesState;
 
+/// Series per ONNX Runtime run: bounds the tensors of a cold start with many new series.
+pub const MAX_BATCH: usize = 4096;
+
 /// One scored point, in the series' own units.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Score {
@@ -247,55 +250,91 @@ impl DetectorScorer {
         SeriesState::new(scaler, band, meta.hidden)
     }
 
+    /// Feeds a group of series that all need `len` steps, at most [`MAX_BATCH`] series per run,
+    /// one step per run: an observed point that scores above 1 enters the state clipped to its
+    /// band, so one wild point does not derail the forecasts that follow it.
     fn run_group(
         &mut self,
         len: usize,
         group: Vec<(Labels, Vec<Step>)>,
     ) -> Result<Vec<(Labels, Vec<Score>)>, ModelError> {
-        let (f, hd, batch) = (self.model.features(), self.model.hidden(), group.len());
-        let features = &self.model.meta.features;
-        let mut x = vec![0f32; len * batch * f];
-        let mut h = vec![0f32; batch * hd];
-        let mut c = vec![0f32; batch * hd];
-        for (b, (labels, steps)) in group.iter().enumerate() {
-            let state = self.series.get(labels).ok_or_else(|| {
-                ModelError::Inference("series state vanished mid-cycle".into())
-            })?;
-            h[b * hd..(b + 1) * hd].copy_from_slice(&state.h);
-            c[b * hd..(b + 1) * hd].copy_from_slice(&state.c);
-            for (t, p) in steps.iter().enumerate() {
-                let at = (t * batch + b) * f;
-                let scaled = state.scaler.scale(p.raw) as f32;
-                input_row(features, p.ts, scaled, &mut x[at..at + f]);
+        let mut results = Vec::with_capacity(group.len());
+        let mut group = group.into_iter().peekable();
+        while group.peek().is_some() {
+            let chunk: Vec<(Labels, Vec<Step>)> = group.by_ref().take(MAX_BATCH).collect();
+            let mut states = Vec::with_capacity(chunk.len());
+            for (labels, _) in &chunk {
+                states.push(self.series.remove(labels).ok_or_else(|| {
+                    ModelError::Inference("series state vanished mid-cycle".into())
+                })?);
+            }
+            let outcome = self.run_chunk(len, &chunk, &mut states);
+            // States go back whatever happened: a failed run must not forget series.
+            for ((labels, _), state) in chunk.iter().zip(states) {
+                self.series.insert(labels.clone(), state);
+            }
+            for ((labels, _), scores) in chunk.into_iter().zip(outcome?) {
+                results.push((labels, scores));
             }
         }
-        let out = self.model.run(&x, len, batch, &h, &c)?;
+        Ok(results)
+    }
+
+    fn run_chunk(
+        &self,
+        len: usize,
+        chunk: &[(Labels, Vec<Step>)],
+        states: &mut [SeriesState],
+    ) -> Result<Vec<Vec<Score>>, ModelError> {
+        let (f, hd, batch) = (self.model.features(), self.model.hidden(), chunk.len());
+        let features = &self.model.meta.features;
         let warmup = self.warmup_points();
-        let mut results = Vec::with_capacity(batch);
-        for (b, (labels, steps)) in group.into_iter().enumerate() {
-            let Some(state) = self.series.get_mut(&labels) else {
-                continue;
-            };
-            let mut scores = Vec::new();
-            for (t, p) in steps.iter().enumerate() {
-                let forecast = if t == 0 { state.pending } else { Some(out.yhat[(t - 1) * batch + b]) };
-                if let (true, Some(yhat), true) = (p.observed, forecast, state.fed >= warmup) {
-                    scores.push(Score::new(p.ts, p.raw, yhat, &state.scaler, state.band));
+        let mut h = vec![0f32; batch * hd];
+        let mut c = vec![0f32; batch * hd];
+        for (b, state) in states.iter().enumerate() {
+            h[b * hd..(b + 1) * hd].copy_from_slice(&state.h);
+            c[b * hd..(b + 1) * hd].copy_from_slice(&state.c);
+        }
+        // Working copies: the states change only once every run of the chunk has succeeded.
+        let mut pending: Vec<Option<f32>> = states.iter().map(|s| s.pending).collect();
+        let mut fed: Vec<usize> = states.iter().map(|s| s.fed).collect();
+        let mut x = vec![0f32; batch * f];
+        let mut scores: Vec<Vec<Score>> = vec![Vec::new(); batch];
+        for t in 0..len {
+            for (b, ((_, steps), state)) in chunk.iter().zip(states.iter()).enumerate() {
+                let p = steps[t];
+                let mut input = p.raw;
+                if let (true, Some(yhat), true) = (p.observed, pending[b], fed[b] >= warmup) {
+                    let score = Score::new(p.ts, p.raw, yhat, &state.scaler, state.band);
+                    if score.score > 1.0 {
+                        input = p.raw.clamp(score.lower, score.upper);
+                    }
+                    scores[b].push(score);
                 }
-                state.fed += 1;
+                let scaled = state.scaler.scale(input) as f32;
+                input_row(features, p.ts, scaled, &mut x[b * f..(b + 1) * f]);
             }
-            state.pending = Some(out.yhat[(len - 1) * batch + b]);
-            state.h.copy_from_slice(&out.h[b * hd..(b + 1) * hd]);
-            state.c.copy_from_slice(&out.c[b * hd..(b + 1) * hd]);
+            let out = self.model.run(&x, 1, batch, &h, &c)?;
+            h.copy_from_slice(&out.h);
+            c.copy_from_slice(&out.c);
+            for b in 0..batch {
+                pending[b] = Some(out.yhat[b]);
+                fed[b] += 1;
+            }
+        }
+        for (b, ((_, steps), state)) in chunk.iter().zip(states.iter_mut()).enumerate() {
+            state.pending = pending[b];
+            state.fed = fed[b];
+            state.h.copy_from_slice(&h[b * hd..(b + 1) * hd]);
+            state.c.copy_from_slice(&c[b * hd..(b + 1) * hd]);
             if let Some(last) = steps.last() {
                 state.last_ts = last.ts;
                 state.last_raw = last.raw;
             }
-            if let Some(latest) = scores.last() {
+            if let Some(latest) = scores[b].last() {
                 state.latest = Some(*latest);
             }
-            results.push((labels, scores));
         }
-        Ok(results)
+        Ok(scores)
     }
 }

@@ -1,0 +1,220 @@
+//! Training benchmark: one detector, one series of 20,160 points (14 days at 1 minute) with a
+//! daily rhythm, a weekend dip and noise, default `TrainOptions`.
+//!
+//! Baseline measured in the same run: one forward-only pass of the LSTM over the same data
+//! (`LstmParams::forward`, the whole series as one stream, batch 1). Training is reported in
+//! seconds, epochs run, seconds per epoch, and as multiples of that forward pass.
+//! Figures are printed, never asserted.
+//!
+//! Run: `cargo bench --bench training`
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use mad::synth::{Profile, Synth};
+use mad_training::contract::{input_row, Scaler};
+use mad_training::{train, LstmParams, SeriesHistory, TrainOptions};
+
+const STEP: i64 = 60;
+const POINTS: usize = 14 * 24 * 60;
+/// A step-aligned start time (2023-11-14).
+const T0: i64 = 1_699_999_980;
+/// Forward passes: untimed, then timed (median reported).
+const FORWARD_WARMUP: usize = 2;
+const FORWARD_TIMED: usize = 9;
+/// Training runs, all timed (median reported); the seed is fixed, so every run does the same work.
+const TRAIN_RUNS: usize = 5;
+
+/// `struct timespec` on 64-bit Linux.
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+extern "C" {
+    // From the C library std already links; the `libc` crate is not a dependency of `mad`.
+    fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+}
+
+const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+
+/// CPU time of the calling thread (training runs on the calling thread).
+fn thread_cpu() -> f64 {
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable `struct timespec`.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime failed");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    cpu: f64,
+    wall: f64,
+}
+
+fn measure<R>(f: impl FnOnce() -> R) -> (R, Sample) {
+    let (c0, w0) = (thread_cpu(), Instant::now());
+    let out = f();
+    let sample = Sample {
+        cpu: thread_cpu() - c0,
+        wall: w0.elapsed().as_secs_f64(),
+    };
+    (out, sample)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn spread(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+/// A request-rate-like series: daily cycle peaking in the afternoon, weekend dip, slight growth,
+/// 5 % noise.
+fn history() -> SeriesHistory {
+    let mut labels = BTreeMap::new();
+    labels.insert("instance".to_string(), "host-1".to_string());
+    let synth = Synth {
+        profiles: vec![Profile {
+            metric: "bench_metric".to_string(),
+            labels: labels.clone(),
+            base: 250.0,
+            daily: 0.45,
+            weekend_dip: 0.25,
+            fast: 0.0,
+            fast_period_secs: 1.0,
+            trend_per_week: 0.02,
+            noise: 0.05,
+        }],
+        incidents: Vec::new(),
+        seed: 11,
+        origin: T0,
+    };
+    let timestamps: Vec<i64> = (0..POINTS as i64).map(|k| T0 + k * STEP).collect();
+    let values = timestamps.iter().map(|&ts| synth.value(0, ts)).collect();
+    SeriesHistory {
+        labels,
+        timestamps,
+        values,
+    }
+}
+
+fn main() {
+    let started = Instant::now();
+    let history = history();
+    let opts = TrainOptions::default();
+    println!(
+        "MAD training benchmark: 1 series, {POINTS} points at {STEP} s, default TrainOptions \
+         (hidden {}, window {}, batch_streams {}, max_epochs {}, patience {})",
+        opts.hidden, opts.window, opts.batch_streams, opts.max_epochs, opts.patience
+    );
+
+    // Baseline: the same data through the forward pass only, as one stream.
+    let features = &opts.features;
+    let f = features.len();
+    let scaler = Scaler::fit(&history.values);
+    let mut x = vec![0f32; POINTS * f];
+    for ((&ts, &v), row) in history
+        .timestamps
+        .iter()
+        .zip(&history.values)
+        .zip(x.chunks_exact_mut(f))
+    {
+        input_row(features, ts, scaler.scale(v) as f32, row);
+    }
+    let params = LstmParams::<f32>::init(f, opts.hidden, opts.seed);
+    let zeros = vec![0f32; opts.hidden];
+    let mut forward = Vec::new();
+    let mut checksum = 0.0f64;
+    for round in 0..FORWARD_WARMUP + FORWARD_TIMED {
+        let (out, t) = measure(|| {
+            params
+                .forward(&x, POINTS, 1, &zeros, &zeros)
+                .expect("forward pass")
+        });
+        checksum += f64::from(out.yhat[POINTS - 1]);
+        if round >= FORWARD_WARMUP {
+            forward.push(t);
+        }
+    }
+    let forward_cpu: Vec<f64> = forward.iter().map(|s| s.cpu).collect();
+    let (fmin, fmax) = spread(&forward_cpu);
+    let forward_cpu_med = median(forward_cpu);
+    let forward_wall = median(forward.iter().map(|s| s.wall).collect());
+    println!(
+        "forward-only pass over {POINTS} steps (seq {POINTS}, batch 1), median of {FORWARD_TIMED} \
+         after {FORWARD_WARMUP} warm-up: {:.2} ms CPU ({:.2}..{:.2}), {:.2} ms wall \
+         ({:.0} ns/step) (checksum {checksum:.3})",
+        forward_cpu_med * 1e3,
+        fmin * 1e3,
+        fmax * 1e3,
+        forward_wall * 1e3,
+        forward_cpu_med / POINTS as f64 * 1e9,
+    );
+
+    let mut runs = Vec::new();
+    for run in 1..=TRAIN_RUNS {
+        let mut epochs = 0;
+        let (model, t) = measure(|| {
+            train(
+                "bench",
+                STEP as u64,
+                std::slice::from_ref(&history),
+                &opts,
+                &mut |p| epochs = p.epoch,
+            )
+            .expect("training")
+        });
+        let best_epoch = model.meta.training.get("best_epoch").cloned();
+        let best_val = model.meta.training.get("best_val_loss").cloned();
+        let baseline = model.meta.training.get("baseline_val_loss").cloned();
+        println!(
+            "training run {run}: {:.2} s CPU, {:.2} s wall, {epochs} epochs ({:.3} s CPU/epoch), \
+             best epoch {}, best val loss {}, last-value baseline val loss {}, onnx {} bytes",
+            t.cpu,
+            t.wall,
+            t.cpu / epochs as f64,
+            best_epoch.unwrap_or_default(),
+            best_val.unwrap_or_default(),
+            baseline.unwrap_or_default(),
+            model.onnx.len(),
+        );
+        runs.push((t, epochs));
+    }
+    let epochs = runs[0].1;
+    let train_cpu: Vec<f64> = runs.iter().map(|(t, _)| t.cpu).collect();
+    let (tmin, tmax) = spread(&train_cpu);
+    let train_cpu_med = median(train_cpu);
+    let train_wall = median(runs.iter().map(|(t, _)| t.wall).collect());
+    let per_epoch = train_cpu_med / epochs as f64;
+    println!("\nmedian of {TRAIN_RUNS} training runs (thread CPU time):");
+    println!(
+        "  training                 {train_cpu_med:>8.2} s CPU ({tmin:.2}..{tmax:.2}), \
+         {train_wall:.2} s wall, {epochs} epochs, {per_epoch:.3} s/epoch \
+         (incl. validation each epoch; calibration and export amortised)"
+    );
+    println!("  forward-only baseline    {:>8.4} s CPU", forward_cpu_med);
+    println!(
+        "  ratio training / forward pass: {:.0}x; per epoch: {:.1}x",
+        train_cpu_med / forward_cpu_med,
+        per_epoch / forward_cpu_med,
+    );
+    println!(
+        "\ntotal bench time {:.1} s (wall)",
+        started.elapsed().as_secs_f64()
+    );
+}

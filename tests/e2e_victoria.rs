@@ -1,0 +1,239 @@
+//! End to end against a real VictoriaMetrics: import history, train, serve, let VictoriaMetrics
+//! scrape the exporter while live points with an injected spike arrive, then check what a user
+//! would: the scores are in the TSDB, the spike scores above 1, quiet data below 1, the
+//! exposition passes promtool, a new model version is picked up without a restart, and scores
+//! disappear when the datasource does.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mad::config::Config;
+use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::source::Labels;
+use mad::synth::{Incident, IncidentKind, Profile, Synth};
+
+const STEP: i64 = 1;
+const HISTORY_SECS: i64 = 2 * 3600;
+const LIVE_SECS: i64 = 40;
+const SPIKE_AT: i64 = 22;
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn profile(labels: &[(&str, &str)], base: f64, period: f64) -> Profile {
+    Profile {
+        metric: "app_requests_rate".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        base,
+        daily: 0.0,
+        weekend_dip: 0.0,
+        fast: 0.3,
+        fast_period_secs: period,
+        trend_per_week: 0.0,
+        noise: 0.02,
+    }
+}
+
+fn test_config(vm_url: &str, dir: &Path, port: u16, seed: u64) -> Config {
+    let text = format!(
+        r#"
+datasource: {{ url: "{vm_url}", timeout: 2s, retries: 1 }}
+store: {{ path: "{}" }}
+server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
+training: {{ max_epochs: 25, seed: {seed} }}
+detectors:
+  - name: e2e
+    query: app_requests_rate
+    step: 1s
+    window: 32
+    train_range: 2h
+    interval: 1s
+    staleness: 10s
+"#,
+        dir.join("models").display()
+    );
+    Config::parse(&text, Path::new("e2e.yaml")).expect("test config is valid")
+}
+
+async fn get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `timeout`.
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn matches(labels: &Labels, profile: &Profile) -> bool {
+    profile.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port().expect("port");
+    let scrape = tmp.path().join("scrape.yaml");
+    std::fs::write(&scrape, scrape_config(&format!("127.0.0.1:{port}"), Duration::from_secs(1)))
+        .expect("write scrape config");
+    let vm = VictoriaMetrics::start(&tmp.path().join("vm"), Some(&scrape))
+        .await
+        .expect("start victoria-metrics");
+
+    let start = now();
+    let live_start = start + 1;
+    let profiles = vec![
+        profile(&[("instance", "a")], 100.0, 600.0),
+        profile(&[("instance", "b")], 40.0, 420.0),
+        // Hostile label value: quotes, backslash, braces; it must come back byte for byte.
+        profile(&[("instance", "c"), ("path", r#"/api/"x"\{y}"#)], 7.0, 900.0),
+    ];
+    let synth = Synth {
+        profiles,
+        incidents: vec![Incident {
+            series: 0,
+            start: live_start + SPIKE_AT,
+            end: live_start + SPIKE_AT + 1,
+            kind: IncidentKind::Spike { factor: 1.0 },
+            description: "spike".into(),
+        }],
+        seed: 11,
+        origin: start - HISTORY_SECS,
+    };
+    let mut history = String::new();
+    for ts in (start - HISTORY_SECS..=start).step_by(STEP as usize) {
+        synth.exposition_at(ts, &mut history);
+    }
+    vm.import(history).await.expect("import history");
+
+    let config = test_config(&vm.url, tmp.path(), port, 1);
+    let trained = mad::train::run(&config, &[], Some(start))
+        .await
+        .expect("training succeeds");
+    assert_eq!(trained.len(), 1);
+    assert_eq!(trained[0].series, 3);
+    let first_version = trained[0].version.version.clone();
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve_config = config.clone();
+    let server = tokio::spawn(async move {
+        mad::serve::run(serve_config, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let base = format!("http://127.0.0.1:{port}");
+
+    // Live points, one per second, with the spike in the middle.
+    for ts in live_start..=live_start + LIVE_SECS {
+        let wait = ts - now();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+        }
+        let mut line = String::new();
+        synth.exposition_at(ts, &mut line);
+        vm.import(line).await.expect("import live point");
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    vm.flush().await.expect("flush");
+
+    let (status, body) = get(&format!("{base}/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    for family in ["anomaly_score", "yhat", "yhat_lower", "yhat_upper", "y", "mad_build_info", "mad_last_successful_cycle_timestamp_seconds", "mad_inference_duration_seconds_bucket"] {
+        assert!(metrics.contains(&format!("\n{family}{{")), "{family} missing from /metrics:\n{metrics}");
+    }
+    promtool_check(&metrics, tmp.path());
+
+    // What VictoriaMetrics scraped.
+    let scores = vm
+        .query_range("anomaly_score{for=\"e2e\"}", live_start, live_start + LIVE_SECS + 4, 1)
+        .await
+        .expect("query scores");
+    assert_eq!(scores.len(), 3, "one anomaly_score series per input series: {scores:?}");
+    let spike = &synth.incidents[0];
+    for (index, profile) in synth.profiles.iter().enumerate() {
+        let (labels, points) = scores
+            .iter()
+            .find(|(labels, _)| matches(labels, profile))
+            .unwrap_or_else(|| panic!("no scores for {:?} in {scores:?}", profile.labels));
+        assert_eq!(labels.get("for").map(String::as_str), Some("e2e"));
+        assert!(points.len() >= 20, "{:?}: only {} scraped points", profile.labels, points.len());
+        let near_spike = |ts: i64| index == 0 && ts >= spike.start && ts <= spike.end + 6;
+        let quiet_max = points
+            .iter()
+            .filter(|(ts, _)| !near_spike(*ts))
+            .map(|p| p.1)
+            .fold(0.0, f64::max);
+        assert!(quiet_max < 1.0, "{:?}: quiet data scored {quiet_max}: {points:?}", profile.labels);
+        if index == 0 {
+            let spike_max = points.iter().filter(|(ts, _)| near_spike(*ts)).map(|p| p.1).fold(0.0, f64::max);
+            assert!(spike_max > 1.0, "the spike scored only {spike_max}: {points:?}");
+        }
+    }
+    let bands_hold = vm
+        .query("count(yhat_lower{for=\"e2e\"} <= yhat{for=\"e2e\"} <= yhat_upper{for=\"e2e\"})")
+        .await
+        .expect("query bands");
+    assert_eq!(bands_hold.first().map(|r| r.1), Some(3.0), "bands: {bands_hold:?}");
+
+    // A new model version is served without a restart.
+    let retrained = mad::train::run(&test_config(&vm.url, tmp.path(), port, 2), &[], Some(start))
+        .await
+        .expect("retraining succeeds");
+    let new_version = retrained[0].version.version.clone();
+    assert_ne!(new_version, first_version);
+    eventually(Duration::from_secs(10), "the new model version is served", || async {
+        get(&format!("{base}/metrics")).await.1.contains(&format!("version=\"{new_version}\""))
+    })
+    .await;
+
+    // The datasource goes away: scores vanish instead of going stale, errors are counted.
+    vm.stop().await;
+    eventually(Duration::from_secs(15), "scores dropped after the datasource failed", || async {
+        let body = get(&format!("{base}/metrics")).await.1;
+        !body.contains("\nanomaly_score{")
+            && body.contains("mad_errors_total{detector=\"e2e\",kind=\"datasource_unreachable\"}")
+    })
+    .await;
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+
+    let _ = stop_tx.send(());
+    server
+        .await
+        .expect("exporter task")
+        .expect("exporter stops cleanly");
+}
+
+fn promtool_check(exposition: &str, dir: &Path) {
+    let file = dir.join("metrics.txt");
+    std::fs::write(&file, exposition).expect("write exposition");
+    let output = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).expect("open exposition"))
+        .output()
+        .expect("promtool is installed (scripts/setup.sh installs it)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "promtool check metrics failed:\n{stdout}\n{stderr}");
+}
