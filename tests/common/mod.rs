@@ -1,0 +1,45 @@
+//! Helpers shared by the integration tests: small untrained models that honour the contract.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use mad::model::Forecaster;
+use mad_training::contract::{Feature, ModelMeta, CONTRACT_VERSION};
+use mad_training::{onnx, LstmParams};
+
+pub const STEP: i64 = 60;
+pub const WINDOW: usize = 8;
+pub const HIDDEN: usize = 8;
+
+/// Metadata for an untrained model of detector `detector`.
+pub fn meta(detector: &str, default_band: f64) -> ModelMeta {
+    ModelMeta {
+        contract_version: CONTRACT_VERSION,
+        detector: detector.into(),
+        features: Feature::DEFAULT.to_vec(),
+        hidden: HIDDEN,
+        step_secs: STEP as u64,
+        window: WINDOW,
+        series: BTreeMap::new(),
+        default_band,
+        train_start: 0,
+        train_end: 0,
+        trained_at: 0,
+        training: BTreeMap::new(),
+    }
+}
+
+pub fn params() -> LstmParams<f32> {
+    LstmParams::init(Feature::DEFAULT.len(), HIDDEN, 5)
+}
+
+pub fn model_bytes(meta: &ModelMeta) -> Vec<u8> {
+    onnx::export(&params(), meta)
+}
+
+pub fn forecaster(detector: &str, default_band: f64) -> Forecaster {
+    let meta = meta(detector, default_band);
+    Forecaster::load(&model_bytes(&meta), "v1", detector, None)
+        .unwrap_or_else(|e| panic!("test model must load: {e}"))
+}

@@ -1,0 +1,219 @@
+//! The scorer's promises, checked through ONNX Runtime on a real (untrained) model: carried state
+//! equals one run over the same history, batching changes nothing, new series score on their
+//! first cycle, gaps are bridged or restart the stream, stale series disappear.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::{STEP, WINDOW};
+use mad::expose::Exposition;
+use mad::score::{DetectorScorer, Score};
+use mad::source::{Labels, Series};
+use mad_training::contract::{input_row, Feature, Scaler};
+
+const T0: i64 = 1_700_000_040; // a multiple of STEP
+const POINTS: usize = 120;
+
+fn labels(instance: &str) -> Labels {
+    [("instance".to_string(), instance.to_string())].into()
+}
+
+fn value(series: usize, i: usize) -> f64 {
+    let t = i as f64;
+    50.0 + 10.0 * (t / 7.0 + series as f64).sin() + 3.0 * ((t * 1.7).cos() * (series + 1) as f64)
+}
+
+fn series(instance: &str, index: usize, points: std::ops::Range<usize>) -> Series {
+    Series {
+        labels: labels(instance),
+        points: points
+            .map(|i| (T0 + i as i64 * STEP, value(index, i)))
+            .collect(),
+    }
+}
+
+fn now_after(i: usize) -> i64 {
+    T0 + i as i64 * STEP + 1
+}
+
+/// Scores collected over cycles, by (instance, ts).
+fn collect(into: &mut BTreeMap<(String, i64), Score>, scored: Vec<(Labels, Vec<Score>)>) {
+    for (labels, scores) in scored {
+        for s in scores {
+            into.insert((labels["instance"].clone(), s.ts), s);
+        }
+    }
+}
+
+/// Feeds the warm-up window in one cycle, then one new point per cycle, each fetch overlapping
+/// the previous one as a real lookback does.
+fn score_incrementally(scorer: &mut DetectorScorer, instances: &[&str]) -> BTreeMap<(String, i64), Score> {
+    let mut scores = BTreeMap::new();
+    let fetch = |range: std::ops::Range<usize>| -> Vec<Series> {
+        instances
+            .iter()
+            .enumerate()
+            .map(|(k, name)| series(name, k, range.clone()))
+            .collect()
+    };
+    let (_, first) = scorer
+        .score_cycle(&fetch(0..WINDOW + 1), now_after(WINDOW))
+        .expect("first cycle");
+    collect(&mut scores, first);
+    for i in WINDOW + 1..POINTS {
+        let (stats, scored) = scorer
+            .score_cycle(&fetch(i - 2..i + 1), now_after(i))
+            .expect("cycle");
+        assert_eq!(stats.points_fed, instances.len(), "only the new point is fed");
+        collect(&mut scores, scored);
+    }
+    scores
+}
+
+#[test]
+fn carried_state_matches_one_run_over_the_same_history() {
+    // A band so wide nothing is anomalous, so no input is clipped and a plain run is the reference.
+    let model = Arc::new(common::forecaster("d", 1e9));
+    let mut scorer = DetectorScorer::new(model.clone(), 3600);
+    let scores = score_incrementally(&mut scorer, &["a"]);
+    assert_eq!(scores.len(), POINTS - WINDOW, "every point after the warm-up is scored once");
+
+    // The reference: one run from zero state over the whole history, scaler fitted as the scorer
+    // fits it for a series the model has not seen (on its first cycle's points).
+    let first: Vec<f64> = (0..=WINDOW).map(|i| value(0, i)).collect();
+    let scaler = Scaler::fit(&first);
+    let features = Feature::DEFAULT;
+    let mut x = vec![0f32; POINTS * features.len()];
+    for i in 0..POINTS {
+        let row = &mut x[i * features.len()..(i + 1) * features.len()];
+        input_row(&features, T0 + i as i64 * STEP, scaler.scale(value(0, i)) as f32, row);
+    }
+    let zeros = vec![0f32; common::HIDDEN];
+    let out = model.run(&x, POINTS, 1, &zeros, &zeros).expect("reference run");
+    for i in WINDOW..POINTS {
+        let expected = scaler.unscale(f64::from(out.yhat[i - 1]));
+        let got = scores[&("a".to_string(), T0 + i as i64 * STEP)];
+        assert!(
+            (got.yhat - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+            "point {i}: carried state forecast {} vs re-run {expected}",
+            got.yhat
+        );
+    }
+}
+
+#[test]
+fn many_points_in_one_cycle_equal_one_point_per_cycle() {
+    let model = Arc::new(common::forecaster("d", 0.05));
+    let mut stepwise = DetectorScorer::new(model.clone(), 3600);
+    let one_by_one = score_incrementally(&mut stepwise, &["a", "b"]);
+    let mut bulk = DetectorScorer::new(model, 3600);
+    let mut all = BTreeMap::new();
+    let fetch = |range: std::ops::Range<usize>| vec![series("a", 0, range.clone()), series("b", 1, range)];
+    collect(&mut all, bulk.score_cycle(&fetch(0..WINDOW + 1), now_after(WINDOW)).expect("warm-up").1);
+    collect(&mut all, bulk.score_cycle(&fetch(0..POINTS), now_after(POINTS)).expect("bulk").1);
+    assert_eq!(one_by_one.len(), all.len());
+    // A tight band makes some points anomalous, so clipping is exercised on both paths.
+    assert!(all.values().any(|s| s.score > 1.0));
+    for (key, a) in &one_by_one {
+        let b = all[key];
+        assert!((a.score - b.score).abs() < 1e-5 * a.score.max(1.0), "{key:?}: {a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn batching_series_together_changes_no_score() {
+    let model = Arc::new(common::forecaster("d", 0.5));
+    let mut together = DetectorScorer::new(model.clone(), 3600);
+    let joint = score_incrementally(&mut together, &["a", "b", "c"]);
+    for (k, name) in ["a", "b", "c"].iter().enumerate() {
+        let mut alone = DetectorScorer::new(model.clone(), 3600);
+        // Same data as in the joint run: series index k under its own name.
+        let mut scores = BTreeMap::new();
+        collect(&mut scores, alone.score_cycle(&[series(name, k, 0..WINDOW + 1)], now_after(WINDOW)).expect("warm-up").1);
+        for i in WINDOW + 1..POINTS {
+            collect(&mut scores, alone.score_cycle(&[series(name, k, i - 2..i + 1)], now_after(i)).expect("cycle").1);
+        }
+        for (key, s) in scores {
+            let j = joint[&key];
+            assert!((s.yhat - j.yhat).abs() < 1e-4, "{key:?}: alone {s:?} vs batched {j:?}");
+        }
+    }
+}
+
+#[test]
+fn new_series_score_on_their_first_cycle() {
+    let model = Arc::new(common::forecaster("d", 1.0));
+    let mut scorer = DetectorScorer::new(model, 3600);
+    let (stats, scored) = scorer
+        .score_cycle(&[series("a", 0, 0..50)], now_after(49))
+        .expect("cycle");
+    assert_eq!(stats.new_series, 1);
+    assert_eq!(stats.points_fed, WINDOW + 1, "a new series is warmed on one window, not all history");
+    assert_eq!(scored.len(), 1);
+    assert_eq!(scored[0].1.len(), 1);
+    assert_eq!(scored[0].1[0].ts, T0 + 49 * STEP);
+}
+
+#[test]
+fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
+    let model = Arc::new(common::forecaster("d", 1.0));
+    let mut scorer = DetectorScorer::new(model, 3600);
+    scorer.score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW)).expect("warm-up");
+    // Three missing points (NaN and absent), then data again: bridged, only observed points scored.
+    let mut s = series("a", 0, WINDOW + 1..WINDOW + 8);
+    s.points[0].1 = f64::NAN;
+    s.points.remove(1);
+    s.points[1].1 = f64::INFINITY;
+    let (stats, scored) = scorer.score_cycle(&[s], now_after(WINDOW + 7)).expect("gap cycle");
+    assert_eq!(stats.points_fed, 7, "missing points are interpolated and fed");
+    let ts: Vec<i64> = scored[0].1.iter().map(|s| (s.ts - T0) / STEP).collect();
+    assert_eq!(ts, vec![12, 13, 14, 15], "missing points are not scored");
+
+    // A gap longer than MAX_INTERPOLATED_GAP: the stream restarts and must warm up again.
+    let resume = WINDOW + 8 + 20;
+    let (stats, scored) = scorer
+        .score_cycle(&[series("a", 0, resume..resume + 3)], now_after(resume + 2))
+        .expect("after long gap");
+    assert_eq!(stats.points_fed, 3);
+    assert!(scored.is_empty(), "no score before a new warm-up: {scored:?}");
+}
+
+#[test]
+fn stale_series_disappear_from_the_exposition() {
+    let model = Arc::new(common::forecaster("d", 1.0));
+    let staleness = 5 * STEP;
+    let mut scorer = DetectorScorer::new(model, staleness);
+    scorer
+        .score_cycle(&[series("a", 0, 0..WINDOW + 1), series("b", 1, 0..WINDOW + 1)], now_after(WINDOW))
+        .expect("cycle");
+    let mut exposition = Exposition::default();
+    exposition.update("d", &scorer);
+    assert_eq!(exposition.series_count(), 2);
+    // "b" stops reporting; after the staleness period it is gone, "a" stays.
+    for i in WINDOW + 1..WINDOW + 8 {
+        scorer.score_cycle(&[series("a", 0, i - 1..i + 1)], now_after(i)).expect("cycle");
+    }
+    exposition.update("d", &scorer);
+    let mut out = String::new();
+    exposition.write_to(&mut out);
+    assert_eq!(exposition.series_count(), 1, "{out}");
+    assert!(out.contains("instance=\"a\"") && !out.contains("instance=\"b\""), "{out}");
+    assert_eq!(scorer.len(), 1);
+}
+
+#[test]
+fn failed_datasource_cycle_drops_scores_but_keeps_state() {
+    let model = Arc::new(common::forecaster("d", 1.0));
+    let mut scorer = DetectorScorer::new(model, 3600);
+    scorer.score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW)).expect("cycle");
+    scorer.clear_latest();
+    let mut exposition = Exposition::default();
+    exposition.update("d", &scorer);
+    assert_eq!(exposition.series_count(), 0);
+    let (stats, scored) = scorer
+        .score_cycle(&[series("a", 0, WINDOW..WINDOW + 2)], now_after(WINDOW + 1))
+        .expect("recovery");
+    assert_eq!((stats.new_series, scored.len()), (0, 1), "recovers within one cycle, no new warm-up");
+}
