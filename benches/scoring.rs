@@ -52,40 +52,14 @@ const STALENESS_SECS: i64 = 365 * 86_400;
 // ---------------------------------------------------------------------------------------------
 // Clocks
 
-/// `struct timespec` on 64-bit Linux.
-#[repr(C)]
-struct Timespec {
-    tv_sec: i64,
-    tv_nsec: i64,
-}
-
-extern "C" {
-    // From the C library std already links; the `libc` crate is not a dependency of `mad`.
-    fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-}
-
-const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
-const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-
-fn clock_secs(clock: i32) -> f64 {
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable `struct timespec`.
-    let rc = unsafe { clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime({clock}) failed");
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
 /// CPU time of the whole process (ONNX Runtime threads included, if it started any).
 fn process_cpu() -> f64 {
-    clock_secs(CLOCK_PROCESS_CPUTIME_ID)
+    cpu_time::ProcessTime::now().as_duration().as_secs_f64()
 }
 
 /// CPU time of the calling thread.
 fn thread_cpu() -> f64 {
-    clock_secs(CLOCK_THREAD_CPUTIME_ID)
+    cpu_time::ThreadTime::now().as_duration().as_secs_f64()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -151,15 +125,11 @@ fn rss_bytes() -> u64 {
     kb * 1024
 }
 
-extern "C" {
-    // glibc: returns free heap memory to the system, so RSS shows live memory only.
-    fn malloc_trim(pad: usize) -> i32;
-}
-
+/// Returns free heap memory to the system, so RSS shows live memory only.
 fn trim_heap() {
-    // SAFETY: plain glibc call without pointers.
+    // SAFETY: glibc's malloc_trim takes no pointers and only releases free memory.
     unsafe {
-        malloc_trim(0);
+        libc::malloc_trim(0);
     }
 }
 

@@ -25,30 +25,9 @@ const FORWARD_TIMED: usize = 9;
 /// Training runs, all timed (median reported); the seed is fixed, so every run does the same work.
 const TRAIN_RUNS: usize = 5;
 
-/// `struct timespec` on 64-bit Linux.
-#[repr(C)]
-struct Timespec {
-    tv_sec: i64,
-    tv_nsec: i64,
-}
-
-extern "C" {
-    // From the C library std already links; the `libc` crate is not a dependency of `mad`.
-    fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-}
-
-const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-
 /// CPU time of the calling thread (training runs on the calling thread).
 fn thread_cpu() -> f64 {
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable `struct timespec`.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime failed");
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    cpu_time::ThreadTime::now().as_duration().as_secs_f64()
 }
 
 #[derive(Debug, Clone, Copy)]

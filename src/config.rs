@@ -43,7 +43,7 @@ pub struct Datasource {
     pub headers: BTreeMap<String, Secret>,
     #[serde(default = "default_timeout")]
     pub timeout: Duration,
-    /// Attempts after the first for transient failures (connection errors, 429, 5xx).
+    /// Attempts after the first for transient failures (connection errors, timeouts, 429, 5xx).
     #[serde(default = "default_retries")]
     pub retries: u32,
 }
@@ -217,7 +217,9 @@ impl<'de> Deserialize<'de> for Duration {
             ))
         })?;
         if parsed.is_zero() {
-            return Err(serde::de::Error::custom("duration must be greater than zero"));
+            return Err(serde::de::Error::custom(
+                "duration must be greater than zero",
+            ));
         }
         Ok(Duration(parsed))
     }
@@ -507,6 +509,17 @@ detectors:
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = Config::parse(
+            include_str!("../docs/mad.example.yaml"),
+            Path::new("docs/mad.example.yaml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.detectors.len(), 2);
+        assert_eq!(c.detectors[1].train_options(&c.training).hidden, 16);
+    }
+
+    #[test]
     fn parses_the_documented_example() {
         let c = parse(GOOD).expect("valid config");
         let d = &c.detectors[0];
@@ -547,7 +560,10 @@ detectors:
     fn cross_field_checks_name_the_field() {
         let dup = GOOD.to_string() + "  - { name: cpu, query: up, step: 1m }\n";
         let e = error(&dup);
-        assert!(e.contains("detectors[1].name") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("detectors[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
         let e = error(&GOOD.replace("train_range: 14d", "train_range: 1h"));
         assert!(e.contains("detectors[0].train_range"), "{e}");
     }
@@ -568,13 +584,18 @@ detectors:
         );
         let c = parse(&text).expect("valid");
         let shown = format!("{c:?}");
-        assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn training_overrides_layer() {
-        let text = GOOD.replace("detectors:", "training: { hidden: 16, seed: 7 }\ndetectors:")
-            + "    training: { hidden: 8 }\n";
+        let text = GOOD.replace(
+            "detectors:",
+            "training: { hidden: 16, seed: 7 }\ndetectors:",
+        ) + "    training: { hidden: 8 }\n";
         let c = parse(&text).expect("valid");
         let o = c.detectors[0].train_options(&c.training);
         assert_eq!(o.hidden, 8);

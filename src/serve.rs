@@ -46,7 +46,10 @@ impl Probes for Exporter {
     }
 
     fn ready(&self) -> Result<(), String> {
-        let status = self.status.lock().map_err(|_| "status lock poisoned".to_string())?;
+        let status = self
+            .status
+            .lock()
+            .map_err(|_| "status lock poisoned".to_string())?;
         let missing: Vec<String> = self
             .config
             .detectors
@@ -160,7 +163,11 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn detector_loop(exporter: Arc<Exporter>, detector: Detector, mut stop: watch::Receiver<bool>) {
+async fn detector_loop(
+    exporter: Arc<Exporter>,
+    detector: Detector,
+    mut stop: watch::Receiver<bool>,
+) {
     let name = detector.name.0.clone();
     let mut scorer: Option<DetectorScorer> = None;
     let mut rejected: Option<String> = None;
@@ -211,14 +218,21 @@ async fn reload(
             return None;
         }
     };
-    if serving.as_deref() == Some(active.version.as_str()) || rejected.as_deref() == Some(active.version.as_str()) {
+    if serving.as_deref() == Some(active.version.as_str())
+        || rejected.as_deref() == Some(active.version.as_str())
+    {
         return None;
     }
     let loaded = match exporter.store.load_active(detector).await {
         Ok(Some(stored)) => {
             let library = exporter.config.onnxruntime.library.clone();
             tokio::task::block_in_place(|| {
-                Forecaster::load(&stored.onnx, &stored.info.version, detector, library.as_deref())
+                Forecaster::load(
+                    &stored.onnx,
+                    &stored.info.version,
+                    detector,
+                    library.as_deref(),
+                )
             })
             .map_err(|e| e.to_string())
         }
@@ -278,7 +292,9 @@ async fn run_cycle(exporter: &Exporter, detector: &Detector, scorer: &mut Detect
             t.series_scored
                 .with_label_values(&[name])
                 .set(stats.series_scored as i64);
-            t.series_tracked.with_label_values(&[name]).set(scorer.len() as i64);
+            t.series_tracked
+                .with_label_values(&[name])
+                .set(scorer.len() as i64);
             t.points_scored
                 .with_label_values(&[name])
                 .inc_by(stats.points_scored as u64);

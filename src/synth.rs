@@ -207,7 +207,10 @@ mod tests {
         let xs: Vec<f64> = (0..20_000).map(|t| gaussian(1, 2, t)).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
     }
 
     #[test]
@@ -217,7 +220,11 @@ mod tests {
             ..synth()
         };
         let monday = 4 * 86_400; // 1970-01-05 was a Monday
-        let at = |h: i64| (0..60).map(|m| s.value(1, monday + h * 3600 + m * 60)).sum::<f64>();
+        let at = |h: i64| {
+            (0..60)
+                .map(|m| s.value(1, monday + h * 3600 + m * 60))
+                .sum::<f64>()
+        };
         assert!(at(14) > at(2) * 1.5);
     }
 
@@ -226,7 +233,10 @@ mod tests {
         let mut out = String::new();
         synth().exposition_at(1_700_000_000, &mut out);
         let first = out.lines().next().unwrap_or_default();
-        assert!(first.starts_with("http_requests_per_second{job=\"shop\",service=\"checkout\"} "), "{first}");
+        assert!(
+            first.starts_with("http_requests_per_second{job=\"shop\",service=\"checkout\"} "),
+            "{first}"
+        );
         assert!(first.ends_with(" 1700000000000"), "{first}");
         assert_eq!(out.lines().count(), demo_profiles().len());
     }

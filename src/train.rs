@@ -26,14 +26,23 @@ impl std::fmt::Display for Trained {
         write!(
             f,
             "{}: trained on {} series ({} points) in {:.1}s, {} epochs; stored version {}",
-            self.detector, self.series, self.points, self.seconds, self.epochs, self.version.version
+            self.detector,
+            self.series,
+            self.points,
+            self.seconds,
+            self.epochs,
+            self.version.version
         )
     }
 }
 
 /// Trains the named detectors (all when `only` is empty) on history up to `end` (Unix seconds,
 /// default now) and stores each model as the new active version.
-pub async fn run(config: &Config, only: &[String], end: Option<i64>) -> anyhow::Result<Vec<Trained>> {
+pub async fn run(
+    config: &Config,
+    only: &[String],
+    end: Option<i64>,
+) -> anyhow::Result<Vec<Trained>> {
     for name in only {
         if config.detector(name).is_none() {
             bail!("no detector named {name:?} in the config");

@@ -93,8 +93,11 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let port = free_port().expect("port");
     let scrape = tmp.path().join("scrape.yaml");
-    std::fs::write(&scrape, scrape_config(&format!("127.0.0.1:{port}"), Duration::from_secs(1)))
-        .expect("write scrape config");
+    std::fs::write(
+        &scrape,
+        scrape_config(&format!("127.0.0.1:{port}"), Duration::from_secs(1)),
+    )
+    .expect("write scrape config");
     let vm = VictoriaMetrics::start(&tmp.path().join("vm"), Some(&scrape))
         .await
         .expect("start victoria-metrics");
@@ -105,7 +108,11 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
         profile(&[("instance", "a")], 100.0, 600.0),
         profile(&[("instance", "b")], 40.0, 420.0),
         // Hostile label value: quotes, backslash, braces; it must come back byte for byte.
-        profile(&[("instance", "c"), ("path", r#"/api/"x"\{y}"#)], 7.0, 900.0),
+        profile(
+            &[("instance", "c"), ("path", r#"/api/"x"\{y}"#)],
+            7.0,
+            900.0,
+        ),
     ];
     let synth = Synth {
         profiles,
@@ -160,17 +167,38 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     assert_eq!(status, 200, "{body}");
     let (status, metrics) = get(&format!("{base}/metrics")).await;
     assert_eq!(status, 200);
-    for family in ["anomaly_score", "yhat", "yhat_lower", "yhat_upper", "y", "mad_build_info", "mad_last_successful_cycle_timestamp_seconds", "mad_inference_duration_seconds_bucket"] {
-        assert!(metrics.contains(&format!("\n{family}{{")), "{family} missing from /metrics:\n{metrics}");
+    for family in [
+        "anomaly_score",
+        "yhat",
+        "yhat_lower",
+        "yhat_upper",
+        "y",
+        "mad_build_info",
+        "mad_last_successful_cycle_timestamp_seconds",
+        "mad_inference_duration_seconds_bucket",
+    ] {
+        assert!(
+            metrics.contains(&format!("\n{family}{{")),
+            "{family} missing from /metrics:\n{metrics}"
+        );
     }
     promtool_check(&metrics, tmp.path());
 
     // What VictoriaMetrics scraped.
     let scores = vm
-        .query_range("anomaly_score{for=\"e2e\"}", live_start, live_start + LIVE_SECS + 4, 1)
+        .query_range(
+            "anomaly_score{for=\"e2e\"}",
+            live_start,
+            live_start + LIVE_SECS + 4,
+            1,
+        )
         .await
         .expect("query scores");
-    assert_eq!(scores.len(), 3, "one anomaly_score series per input series: {scores:?}");
+    assert_eq!(
+        scores.len(),
+        3,
+        "one anomaly_score series per input series: {scores:?}"
+    );
     let spike = &synth.incidents[0];
     for (index, profile) in synth.profiles.iter().enumerate() {
         let (labels, points) = scores
@@ -178,24 +206,44 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
             .find(|(labels, _)| matches(labels, profile))
             .unwrap_or_else(|| panic!("no scores for {:?} in {scores:?}", profile.labels));
         assert_eq!(labels.get("for").map(String::as_str), Some("e2e"));
-        assert!(points.len() >= 20, "{:?}: only {} scraped points", profile.labels, points.len());
+        assert!(
+            points.len() >= 20,
+            "{:?}: only {} scraped points",
+            profile.labels,
+            points.len()
+        );
         let near_spike = |ts: i64| index == 0 && ts >= spike.start && ts <= spike.end + 6;
         let quiet_max = points
             .iter()
             .filter(|(ts, _)| !near_spike(*ts))
             .map(|p| p.1)
             .fold(0.0, f64::max);
-        assert!(quiet_max < 1.0, "{:?}: quiet data scored {quiet_max}: {points:?}", profile.labels);
+        assert!(
+            quiet_max < 1.0,
+            "{:?}: quiet data scored {quiet_max}: {points:?}",
+            profile.labels
+        );
         if index == 0 {
-            let spike_max = points.iter().filter(|(ts, _)| near_spike(*ts)).map(|p| p.1).fold(0.0, f64::max);
-            assert!(spike_max > 1.0, "the spike scored only {spike_max}: {points:?}");
+            let spike_max = points
+                .iter()
+                .filter(|(ts, _)| near_spike(*ts))
+                .map(|p| p.1)
+                .fold(0.0, f64::max);
+            assert!(
+                spike_max > 1.0,
+                "the spike scored only {spike_max}: {points:?}"
+            );
         }
     }
     let bands_hold = vm
         .query("count(yhat_lower{for=\"e2e\"} <= yhat{for=\"e2e\"} <= yhat_upper{for=\"e2e\"})")
         .await
         .expect("query bands");
-    assert_eq!(bands_hold.first().map(|r| r.1), Some(3.0), "bands: {bands_hold:?}");
+    assert_eq!(
+        bands_hold.first().map(|r| r.1),
+        Some(3.0),
+        "bands: {bands_hold:?}"
+    );
 
     // A new model version is served without a restart.
     let retrained = mad::train::run(&test_config(&vm.url, tmp.path(), port, 2), &[], Some(start))
@@ -203,18 +251,30 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
         .expect("retraining succeeds");
     let new_version = retrained[0].version.version.clone();
     assert_ne!(new_version, first_version);
-    eventually(Duration::from_secs(10), "the new model version is served", || async {
-        get(&format!("{base}/metrics")).await.1.contains(&format!("version=\"{new_version}\""))
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the new model version is served",
+        || async {
+            get(&format!("{base}/metrics"))
+                .await
+                .1
+                .contains(&format!("version=\"{new_version}\""))
+        },
+    )
     .await;
 
     // The datasource goes away: scores vanish instead of going stale, errors are counted.
     vm.stop().await;
-    eventually(Duration::from_secs(15), "scores dropped after the datasource failed", || async {
-        let body = get(&format!("{base}/metrics")).await.1;
-        !body.contains("\nanomaly_score{")
-            && body.contains("mad_errors_total{detector=\"e2e\",kind=\"datasource_unreachable\"}")
-    })
+    eventually(
+        Duration::from_secs(15),
+        "scores dropped after the datasource failed",
+        || async {
+            let body = get(&format!("{base}/metrics")).await.1;
+            !body.contains("\nanomaly_score{")
+                && body
+                    .contains("mad_errors_total{detector=\"e2e\",kind=\"datasource_unreachable\"}")
+        },
+    )
     .await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
 
@@ -235,5 +295,8 @@ fn promtool_check(exposition: &str, dir: &Path) {
         .expect("promtool is installed (scripts/setup.sh installs it)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "promtool check metrics failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{stdout}\n{stderr}"
+    );
 }

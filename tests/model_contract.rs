@@ -19,7 +19,7 @@ fn a_valid_model_loads_and_runs() {
     assert_eq!(model.hidden(), common::HIDDEN);
     let state = vec![0.0; 2 * common::HIDDEN];
     let out = model
-        .run(&vec![0.5; 3 * 2 * 5], 3, 2, &state, &state)
+        .run(&[0.5; 3 * 2 * 5], 3, 2, &state, &state)
         .expect("runs");
     assert_eq!(out.yhat.len(), 6);
 }
@@ -27,7 +27,10 @@ fn a_valid_model_loads_and_runs() {
 #[test]
 fn garbage_and_truncated_files_are_rejected() {
     let e = rejection(b"definitely not onnx", "cpu");
-    assert!(e.contains("ONNX Runtime cannot load it") && e.contains("v9"), "{e}");
+    assert!(
+        e.contains("ONNX Runtime cannot load it") && e.contains("v9"),
+        "{e}"
+    );
     let bytes = common::model_bytes(&common::meta("cpu", 1.0));
     let e = rejection(&bytes[..bytes.len() / 2], "cpu");
     assert!(e.contains("rejected"), "{e}");

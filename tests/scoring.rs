@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{STEP, WINDOW};
 use mad::expose::Exposition;
-use mad::score::{DetectorScorer, Score};
+use mad::score::{CycleStats, DetectorScorer, Score};
 use mad::source::{Labels, Series};
 use mad_training::contract::{input_row, Feature, Scaler};
 
@@ -38,18 +38,28 @@ fn now_after(i: usize) -> i64 {
     T0 + i as i64 * STEP + 1
 }
 
-/// Scores collected over cycles, by (instance, ts).
-fn collect(into: &mut BTreeMap<(String, i64), Score>, scored: Vec<(Labels, Vec<Score>)>) {
-    for (labels, scores) in scored {
+/// Runs one cycle and adds its scores, by (instance, ts).
+fn cycle(
+    scorer: &mut DetectorScorer,
+    fetched: &[Series],
+    now: i64,
+    into: &mut BTreeMap<(String, i64), Score>,
+) -> CycleStats {
+    let (stats, scored) = scorer.score_cycle(fetched, now).expect("cycle");
+    for (index, scores) in scored {
         for s in scores {
-            into.insert((labels["instance"].clone(), s.ts), s);
+            into.insert((fetched[index].labels["instance"].clone(), s.ts), s);
         }
     }
+    stats
 }
 
 /// Feeds the warm-up window in one cycle, then one new point per cycle, each fetch overlapping
 /// the previous one as a real lookback does.
-fn score_incrementally(scorer: &mut DetectorScorer, instances: &[&str]) -> BTreeMap<(String, i64), Score> {
+fn score_incrementally(
+    scorer: &mut DetectorScorer,
+    instances: &[&str],
+) -> BTreeMap<(String, i64), Score> {
     let mut scores = BTreeMap::new();
     let fetch = |range: std::ops::Range<usize>| -> Vec<Series> {
         instances
@@ -58,16 +68,19 @@ fn score_incrementally(scorer: &mut DetectorScorer, instances: &[&str]) -> BTree
             .map(|(k, name)| series(name, k, range.clone()))
             .collect()
     };
-    let (_, first) = scorer
-        .score_cycle(&fetch(0..WINDOW + 1), now_after(WINDOW))
-        .expect("first cycle");
-    collect(&mut scores, first);
+    cycle(
+        scorer,
+        &fetch(0..WINDOW + 1),
+        now_after(WINDOW),
+        &mut scores,
+    );
     for i in WINDOW + 1..POINTS {
-        let (stats, scored) = scorer
-            .score_cycle(&fetch(i - 2..i + 1), now_after(i))
-            .expect("cycle");
-        assert_eq!(stats.points_fed, instances.len(), "only the new point is fed");
-        collect(&mut scores, scored);
+        let stats = cycle(scorer, &fetch(i - 2..i + 1), now_after(i), &mut scores);
+        assert_eq!(
+            stats.points_fed,
+            instances.len(),
+            "only the new point is fed"
+        );
     }
     scores
 }
@@ -78,7 +91,11 @@ fn carried_state_matches_one_run_over_the_same_history() {
     let model = Arc::new(common::forecaster("d", 1e9));
     let mut scorer = DetectorScorer::new(model.clone(), 3600);
     let scores = score_incrementally(&mut scorer, &["a"]);
-    assert_eq!(scores.len(), POINTS - WINDOW, "every point after the warm-up is scored once");
+    assert_eq!(
+        scores.len(),
+        POINTS - WINDOW,
+        "every point after the warm-up is scored once"
+    );
 
     // The reference: one run from zero state over the whole history, scaler fitted as the scorer
     // fits it for a series the model has not seen (on its first cycle's points).
@@ -88,10 +105,17 @@ fn carried_state_matches_one_run_over_the_same_history() {
     let mut x = vec![0f32; POINTS * features.len()];
     for i in 0..POINTS {
         let row = &mut x[i * features.len()..(i + 1) * features.len()];
-        input_row(&features, T0 + i as i64 * STEP, scaler.scale(value(0, i)) as f32, row);
+        input_row(
+            &features,
+            T0 + i as i64 * STEP,
+            scaler.scale(value(0, i)) as f32,
+            row,
+        );
     }
     let zeros = vec![0f32; common::HIDDEN];
-    let out = model.run(&x, POINTS, 1, &zeros, &zeros).expect("reference run");
+    let out = model
+        .run(&x, POINTS, 1, &zeros, &zeros)
+        .expect("reference run");
     for i in WINDOW..POINTS {
         let expected = scaler.unscale(f64::from(out.yhat[i - 1]));
         let got = scores[&("a".to_string(), T0 + i as i64 * STEP)];
@@ -110,15 +134,24 @@ fn many_points_in_one_cycle_equal_one_point_per_cycle() {
     let one_by_one = score_incrementally(&mut stepwise, &["a", "b"]);
     let mut bulk = DetectorScorer::new(model, 3600);
     let mut all = BTreeMap::new();
-    let fetch = |range: std::ops::Range<usize>| vec![series("a", 0, range.clone()), series("b", 1, range)];
-    collect(&mut all, bulk.score_cycle(&fetch(0..WINDOW + 1), now_after(WINDOW)).expect("warm-up").1);
-    collect(&mut all, bulk.score_cycle(&fetch(0..POINTS), now_after(POINTS)).expect("bulk").1);
+    let fetch =
+        |range: std::ops::Range<usize>| vec![series("a", 0, range.clone()), series("b", 1, range)];
+    cycle(
+        &mut bulk,
+        &fetch(0..WINDOW + 1),
+        now_after(WINDOW),
+        &mut all,
+    );
+    cycle(&mut bulk, &fetch(0..POINTS), now_after(POINTS), &mut all);
     assert_eq!(one_by_one.len(), all.len());
     // A tight band makes some points anomalous, so clipping is exercised on both paths.
     assert!(all.values().any(|s| s.score > 1.0));
     for (key, a) in &one_by_one {
         let b = all[key];
-        assert!((a.score - b.score).abs() < 1e-5 * a.score.max(1.0), "{key:?}: {a:?} vs {b:?}");
+        assert!(
+            (a.score - b.score).abs() < 1e-5 * a.score.max(1.0),
+            "{key:?}: {a:?} vs {b:?}"
+        );
     }
 }
 
@@ -131,13 +164,26 @@ fn batching_series_together_changes_no_score() {
         let mut alone = DetectorScorer::new(model.clone(), 3600);
         // Same data as in the joint run: series index k under its own name.
         let mut scores = BTreeMap::new();
-        collect(&mut scores, alone.score_cycle(&[series(name, k, 0..WINDOW + 1)], now_after(WINDOW)).expect("warm-up").1);
+        cycle(
+            &mut alone,
+            &[series(name, k, 0..WINDOW + 1)],
+            now_after(WINDOW),
+            &mut scores,
+        );
         for i in WINDOW + 1..POINTS {
-            collect(&mut scores, alone.score_cycle(&[series(name, k, i - 2..i + 1)], now_after(i)).expect("cycle").1);
+            cycle(
+                &mut alone,
+                &[series(name, k, i - 2..i + 1)],
+                now_after(i),
+                &mut scores,
+            );
         }
         for (key, s) in scores {
             let j = joint[&key];
-            assert!((s.yhat - j.yhat).abs() < 1e-4, "{key:?}: alone {s:?} vs batched {j:?}");
+            assert!(
+                (s.yhat - j.yhat).abs() < 1e-4,
+                "{key:?}: alone {s:?} vs batched {j:?}"
+            );
         }
     }
 }
@@ -150,7 +196,11 @@ fn new_series_score_on_their_first_cycle() {
         .score_cycle(&[series("a", 0, 0..50)], now_after(49))
         .expect("cycle");
     assert_eq!(stats.new_series, 1);
-    assert_eq!(stats.points_fed, WINDOW + 1, "a new series is warmed on one window, not all history");
+    assert_eq!(
+        stats.points_fed,
+        WINDOW + 1,
+        "a new series is warmed on one window, not all history"
+    );
     assert_eq!(scored.len(), 1);
     assert_eq!(scored[0].1.len(), 1);
     assert_eq!(scored[0].1[0].ts, T0 + 49 * STEP);
@@ -160,14 +210,21 @@ fn new_series_score_on_their_first_cycle() {
 fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
     let model = Arc::new(common::forecaster("d", 1.0));
     let mut scorer = DetectorScorer::new(model, 3600);
-    scorer.score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW)).expect("warm-up");
+    scorer
+        .score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW))
+        .expect("warm-up");
     // Three missing points (NaN and absent), then data again: bridged, only observed points scored.
     let mut s = series("a", 0, WINDOW + 1..WINDOW + 8);
     s.points[0].1 = f64::NAN;
     s.points.remove(1);
     s.points[1].1 = f64::INFINITY;
-    let (stats, scored) = scorer.score_cycle(&[s], now_after(WINDOW + 7)).expect("gap cycle");
-    assert_eq!(stats.points_fed, 7, "missing points are interpolated and fed");
+    let (stats, scored) = scorer
+        .score_cycle(&[s], now_after(WINDOW + 7))
+        .expect("gap cycle");
+    assert_eq!(
+        stats.points_fed, 7,
+        "missing points are interpolated and fed"
+    );
     let ts: Vec<i64> = scored[0].1.iter().map(|s| (s.ts - T0) / STEP).collect();
     assert_eq!(ts, vec![12, 13, 14, 15], "missing points are not scored");
 
@@ -177,7 +234,10 @@ fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
         .score_cycle(&[series("a", 0, resume..resume + 3)], now_after(resume + 2))
         .expect("after long gap");
     assert_eq!(stats.points_fed, 3);
-    assert!(scored.is_empty(), "no score before a new warm-up: {scored:?}");
+    assert!(
+        scored.is_empty(),
+        "no score before a new warm-up: {scored:?}"
+    );
 }
 
 #[test]
@@ -186,20 +246,28 @@ fn stale_series_disappear_from_the_exposition() {
     let staleness = 5 * STEP;
     let mut scorer = DetectorScorer::new(model, staleness);
     scorer
-        .score_cycle(&[series("a", 0, 0..WINDOW + 1), series("b", 1, 0..WINDOW + 1)], now_after(WINDOW))
+        .score_cycle(
+            &[series("a", 0, 0..WINDOW + 1), series("b", 1, 0..WINDOW + 1)],
+            now_after(WINDOW),
+        )
         .expect("cycle");
     let mut exposition = Exposition::default();
     exposition.update("d", &scorer);
     assert_eq!(exposition.series_count(), 2);
     // "b" stops reporting; after the staleness period it is gone, "a" stays.
     for i in WINDOW + 1..WINDOW + 8 {
-        scorer.score_cycle(&[series("a", 0, i - 1..i + 1)], now_after(i)).expect("cycle");
+        scorer
+            .score_cycle(&[series("a", 0, i - 1..i + 1)], now_after(i))
+            .expect("cycle");
     }
     exposition.update("d", &scorer);
     let mut out = String::new();
     exposition.write_to(&mut out);
     assert_eq!(exposition.series_count(), 1, "{out}");
-    assert!(out.contains("instance=\"a\"") && !out.contains("instance=\"b\""), "{out}");
+    assert!(
+        out.contains("instance=\"a\"") && !out.contains("instance=\"b\""),
+        "{out}"
+    );
     assert_eq!(scorer.len(), 1);
 }
 
@@ -207,7 +275,9 @@ fn stale_series_disappear_from_the_exposition() {
 fn failed_datasource_cycle_drops_scores_but_keeps_state() {
     let model = Arc::new(common::forecaster("d", 1.0));
     let mut scorer = DetectorScorer::new(model, 3600);
-    scorer.score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW)).expect("cycle");
+    scorer
+        .score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW))
+        .expect("cycle");
     scorer.clear_latest();
     let mut exposition = Exposition::default();
     exposition.update("d", &scorer);
@@ -215,5 +285,9 @@ fn failed_datasource_cycle_drops_scores_but_keeps_state() {
     let (stats, scored) = scorer
         .score_cycle(&[series("a", 0, WINDOW..WINDOW + 2)], now_after(WINDOW + 1))
         .expect("recovery");
-    assert_eq!((stats.new_series, scored.len()), (0, 1), "recovers within one cycle, no new warm-up");
+    assert_eq!(
+        (stats.new_series, scored.len()),
+        (0, 1),
+        "recovers within one cycle, no new warm-up"
+    );
 }

@@ -77,13 +77,43 @@ fn incidents(history_start: i64, live_start: i64, step: i64) -> (Vec<Incident>, 
         description: description.into(),
     };
     let past = vec![
-        incident(0, history_start + 2 * day, history_start + 2 * day + 600, IncidentKind::Drop { factor: 0.7 }, "past checkout outage"),
-        incident(3, history_start + 4 * day, history_start + 4 * day + 900, IncidentKind::Spike { factor: 0.8 }, "past CPU storm"),
+        incident(
+            0,
+            history_start + 2 * day,
+            history_start + 2 * day + 600,
+            IncidentKind::Drop { factor: 0.7 },
+            "past checkout outage",
+        ),
+        incident(
+            3,
+            history_start + 4 * day,
+            history_start + 4 * day + 900,
+            IncidentKind::Spike { factor: 0.8 },
+            "past CPU storm",
+        ),
     ];
     let live = vec![
-        incident(0, at(6), at(7), IncidentKind::Spike { factor: 1.5 }, "checkout traffic spike (2.5x)"),
-        incident(1, at(11), at(14), IncidentKind::Drop { factor: 0.6 }, "search traffic drop (-60%)"),
-        incident(4, at(15), at(16), IncidentKind::Spike { factor: 1.2 }, "node-2 CPU storm (2.2x)"),
+        incident(
+            0,
+            at(6),
+            at(7),
+            IncidentKind::Spike { factor: 1.5 },
+            "checkout traffic spike (2.5x)",
+        ),
+        incident(
+            1,
+            at(11),
+            at(14),
+            IncidentKind::Drop { factor: 0.6 },
+            "search traffic drop (-60%)",
+        ),
+        incident(
+            4,
+            at(15),
+            at(16),
+            IncidentKind::Spike { factor: 1.2 },
+            "node-2 CPU storm (2.2x)",
+        ),
     ];
     let n_past = past.len();
     (past.into_iter().chain(live).collect(), n_past)
@@ -102,7 +132,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let scrape_file = dir.join("scrape.yaml");
     std::fs::write(
         &scrape_file,
-        scrape_config(&format!("127.0.0.1:{exporter_port}"), Duration::from_secs(5)),
+        scrape_config(
+            &format!("127.0.0.1:{exporter_port}"),
+            Duration::from_secs(5),
+        ),
     )?;
     println!("starting VictoriaMetrics…");
     let vm = VictoriaMetrics::start(&data_dir, Some(&scrape_file)).await?;
@@ -174,7 +207,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs((step + 6) as u64)).await;
     vm.flush().await?;
 
-    report(&vm, &synth, n_past, live_start, live_end, step, exporter_port).await?;
+    report(
+        &vm,
+        &synth,
+        n_past,
+        live_start,
+        live_end,
+        step,
+        exporter_port,
+    )
+    .await?;
     if options.keep {
         println!("\nrunning until Ctrl-C…");
         crate::serve::shutdown_signal().await;
@@ -198,33 +240,55 @@ async fn report(
         .query_range("anomaly_score", live_start, live_end + step, 5)
         .await?;
     println!("\nWhere to look:");
-    println!("  VictoriaMetrics UI: {}/vmui  (try: anomaly_score > 1, or yhat_lower / y / yhat_upper)", vm.url);
+    println!(
+        "  VictoriaMetrics UI: {}/vmui  (try: anomaly_score > 1, or yhat_lower / y / yhat_upper)",
+        vm.url
+    );
     println!("  Exporter:           http://127.0.0.1:{exporter_port}/metrics");
-    println!("\n{:<34} {:<42} {:>10}  result", "incident", "series", "max score");
+    println!(
+        "\n{:<34} {:<42} {:>10}  result",
+        "incident", "series", "max score"
+    );
     let mut quiet_max: f64 = 0.0;
     let mut quiet_points = 0;
     let mut false_alarms = Vec::new();
     for (index, profile) in synth.profiles.iter().enumerate() {
-        let series = scores.iter().find(|(labels, _)| {
-            profile.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-        });
+        let series = scores
+            .iter()
+            .find(|(labels, _)| profile.labels.iter().all(|(k, v)| labels.get(k) == Some(v)));
         let points: &[(i64, f64)] = series.map_or(&[], |(_, p)| p.as_slice());
-        let shown: Vec<String> = profile.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let shown: Vec<String> = profile
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let shown = shown.join(",");
-        for incident in synth.incidents[n_past..].iter().filter(|i| i.series == index) {
+        for incident in synth.incidents[n_past..]
+            .iter()
+            .filter(|i| i.series == index)
+        {
             // Scores are scraped a few seconds after the point they score.
             let max = points
                 .iter()
                 .filter(|(ts, _)| *ts >= incident.start && *ts <= incident.end + 2 * step)
                 .map(|p| p.1)
                 .fold(f64::NAN, f64::max);
-            let verdict = if max > 1.0 { "DETECTED (score > 1)" } else { "missed" };
-            println!("{:<34} {:<42} {:>10.2}  {verdict}", incident.description, shown, max);
+            let verdict = if max > 1.0 {
+                "DETECTED (score > 1)"
+            } else {
+                "missed"
+            };
+            println!(
+                "{:<34} {:<42} {:>10.2}  {verdict}",
+                incident.description, shown, max
+            );
         }
         for &(ts, score) in points {
-            let near_incident = synth.incidents[n_past..]
-                .iter()
-                .any(|i| i.series == index && ts >= i.start && ts <= i.end + RECOVERY_STEPS * step + SCRAPE_SLACK_SECS);
+            let near_incident = synth.incidents[n_past..].iter().any(|i| {
+                i.series == index
+                    && ts >= i.start
+                    && ts <= i.end + RECOVERY_STEPS * step + SCRAPE_SLACK_SECS
+            });
             if !near_incident {
                 quiet_max = quiet_max.max(score);
                 quiet_points += 1;

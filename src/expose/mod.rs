@@ -5,6 +5,6 @@ mod render;
 mod server;
 mod telemetry;
 
-pub use render::{escape_label_value, exposed_labels, Exposition, FAMILIES};
+pub use render::{escape_label_value, exposed_labels, Exposition, Family, FAMILIES};
 pub use server::{serve_http, Probes};
 pub use telemetry::Telemetry;

@@ -15,17 +15,40 @@ pub const DETECTOR_LABEL: &str = "for";
 /// Prefix given to an input label whose name MAD needs or Prometheus reserves.
 const EXPORTED_PREFIX: &str = "exported_";
 
-/// Metric families in exposition order, with their help text and how to read them from a score.
-pub const FAMILIES: [(&str, &str, fn(&Score) -> f64); 5] = [
-    (
-        "anomaly_score",
-        "0 when the value equals the forecast, 1 at the edge of the expected band, above 1 outside it.",
-        |s| s.score,
-    ),
-    ("yhat", "Forecast of the scored value.", |s| s.yhat),
-    ("yhat_lower", "Lower edge of the expected band.", |s| s.lower),
-    ("yhat_upper", "Upper edge of the expected band.", |s| s.upper),
-    ("y", "The value that was scored.", |s| s.y),
+/// One exposed metric family: its name, help text and how to read it from a score.
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: fn(&Score) -> f64,
+}
+
+/// The families in exposition order (DESIGN.md, Contract 1).
+pub const FAMILIES: [Family; 5] = [
+    Family {
+        name: "anomaly_score",
+        help: "0 when the value equals the forecast, 1 at the edge of the expected band, above 1 outside it.",
+        value: |s| s.score,
+    },
+    Family {
+        name: "yhat",
+        help: "Forecast of the scored value.",
+        value: |s| s.yhat,
+    },
+    Family {
+        name: "yhat_lower",
+        help: "Lower edge of the expected band.",
+        value: |s| s.lower,
+    },
+    Family {
+        name: "yhat_upper",
+        help: "Upper edge of the expected band.",
+        value: |s| s.upper,
+    },
+    Family {
+        name: "y",
+        help: "The value that was scored.",
+        value: |s| s.y,
+    },
 ];
 
 /// Rendered lines of every detector, ready to be served.
@@ -41,20 +64,23 @@ impl Exposition {
     /// Re-renders one detector's series from its scorer.
     pub fn update(&mut self, detector: &str, scorer: &DetectorScorer) {
         let cache = self.label_cache.entry(detector.to_string()).or_default();
+        // Series the scorer dropped (stale) leave the cache too.
+        cache.retain(|labels, _| scorer.tracks(labels));
         let mut block: [String; FAMILIES.len()] = Default::default();
-        let mut live = HashMap::with_capacity(scorer.len());
         for (labels, _, score) in scorer.latest() {
-            let rendered = match cache.remove(labels) {
-                Some(r) => r,
-                None => render_label_set(&exposed_labels(labels, detector)),
-            };
-            for (out, (name, _, value)) in block.iter_mut().zip(FAMILIES) {
-                let _ = writeln!(out, "{name}{rendered} {}", format_value(value(score)));
+            if !cache.contains_key(labels) {
+                let rendered = render_label_set(&exposed_labels(labels, detector));
+                cache.insert(labels.clone(), rendered);
             }
-            live.insert(labels.clone(), rendered);
+            let rendered = &cache[labels];
+            for (out, family) in block.iter_mut().zip(&FAMILIES) {
+                out.push_str(family.name);
+                out.push_str(rendered);
+                out.push(' ');
+                write_value((family.value)(score), out);
+                out.push('\n');
+            }
         }
-        // Dropping the rest of the cache forgets series that went stale.
-        *cache = live;
         self.blocks.insert(detector.to_string(), block);
     }
 
@@ -65,12 +91,12 @@ impl Exposition {
 
     /// Appends all families, each with one HELP and TYPE header.
     pub fn write_to(&self, out: &mut String) {
-        for (i, (name, help, _)) in FAMILIES.iter().enumerate() {
+        for (i, family) in FAMILIES.iter().enumerate() {
             if self.blocks.values().all(|b| b[i].is_empty()) {
                 continue;
             }
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
+            let _ = writeln!(out, "# TYPE {} gauge", family.name);
             for block in self.blocks.values() {
                 out.push_str(&block[i]);
             }
@@ -106,7 +132,13 @@ pub fn exposed_labels(input: &Labels, detector: &str) -> Vec<(String, String)> {
 fn sanitize_label_name(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
@@ -141,13 +173,13 @@ pub fn escape_label_value(value: &str, out: &mut String) {
     }
 }
 
-fn format_value(v: f64) -> String {
+fn write_value(v: f64, out: &mut String) {
     if v.is_nan() {
-        "NaN".into()
+        out.push_str("NaN");
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
     } else {
-        format!("{v}")
+        let _ = write!(out, "{v}");
     }
 }
 
@@ -156,13 +188,21 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn detector_label_is_added_and_collisions_are_kept() {
         let got = exposed_labels(
-            &labels(&[("__name__", "cpu"), ("for", "5m"), ("exported_for", "x"), ("instance", "a")]),
+            &labels(&[
+                ("__name__", "cpu"),
+                ("for", "5m"),
+                ("exported_for", "x"),
+                ("instance", "a"),
+            ]),
             "det",
         );
         let got: BTreeMap<_, _> = got.into_iter().collect();
@@ -188,9 +228,14 @@ mod tests {
 
     #[test]
     fn values_use_prometheus_spelling() {
-        assert_eq!(format_value(f64::NAN), "NaN");
-        assert_eq!(format_value(f64::INFINITY), "+Inf");
-        assert_eq!(format_value(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(format_value(1.5), "1.5");
+        let shown = |v: f64| {
+            let mut out = String::new();
+            write_value(v, &mut out);
+            out
+        };
+        assert_eq!(shown(f64::NAN), "NaN");
+        assert_eq!(shown(f64::INFINITY), "+Inf");
+        assert_eq!(shown(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(shown(1.5), "1.5");
     }
 }

@@ -64,14 +64,20 @@ pub async fn serve_http<P: Probes>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("open connections did not finish within the grace period");
     }
 }
 
 fn route<P: Probes>(probes: &P, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported\n".into(),
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -84,7 +90,10 @@ fn route<P: Probes>(probes: &P, req: &Request<Incoming>) -> Response<Full<Bytes>
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match probes.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         "/" => text(
             StatusCode::OK,

@@ -54,11 +54,17 @@ impl Telemetry {
                 &["detector", "kind"],
             )?,
             series_scored: IntGaugeVec::new(
-                Opts::new("mad_series_scored", "Series that got a fresh score in the last cycle."),
+                Opts::new(
+                    "mad_series_scored",
+                    "Series that got a fresh score in the last cycle.",
+                ),
                 &["detector"],
             )?,
             series_tracked: IntGaugeVec::new(
-                Opts::new("mad_series_tracked", "Series whose model state the exporter keeps."),
+                Opts::new(
+                    "mad_series_tracked",
+                    "Series whose model state the exporter keeps.",
+                ),
                 &["detector"],
             )?,
             points_scored: IntCounterVec::new(
@@ -67,11 +73,17 @@ impl Telemetry {
             )?,
             models_loaded: IntGauge::new("mad_models_loaded", "Detectors with a model loaded.")?,
             model_info: IntGaugeVec::new(
-                Opts::new("mad_model_info", "The model version each detector serves (value 1)."),
+                Opts::new(
+                    "mad_model_info",
+                    "The model version each detector serves (value 1).",
+                ),
                 &["detector", "version"],
             )?,
             model_reloads: IntCounterVec::new(
-                Opts::new("mad_model_reloads_total", "Model loads by result (ok, rejected)."),
+                Opts::new(
+                    "mad_model_reloads_total",
+                    "Model loads by result (ok, rejected).",
+                ),
                 &["detector", "result"],
             )?,
             last_success: GaugeVec::new(

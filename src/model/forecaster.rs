@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 
 use mad_training::contract::{
-    ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C, OUTPUT_H,
+    Feature, ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C, OUTPUT_H,
     OUTPUT_YHAT,
 };
 use ort::session::Session;
@@ -152,7 +152,13 @@ impl Forecaster {
         let out = self
             .run(&x, seq, batch, &state, &state)
             .map_err(|e| format!("a test run failed: {e}"))?;
-        if out.yhat.iter().chain(&out.h).chain(&out.c).any(|v| !v.is_finite()) {
+        if out
+            .yhat
+            .iter()
+            .chain(&out.h)
+            .chain(&out.c)
+            .any(|v| !v.is_finite())
+        {
             return Err("a test run produced non-finite outputs".into());
         }
         Ok(())
@@ -167,17 +173,20 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
         ));
     }
     if meta.detector != expected_detector {
-        return Err(format!(
-            "it was trained for detector {:?}",
-            meta.detector
-        ));
+        return Err(format!("it was trained for detector {:?}", meta.detector));
     }
     if meta.features.is_empty() || meta.hidden == 0 || meta.step_secs == 0 || meta.window == 0 {
         return Err("features, hidden, step_secs and window must all be non-zero".into());
     }
+    if !meta.features.contains(&Feature::Value) {
+        return Err("features must include \"value\"".into());
+    }
     let band_ok = |b: f64| b.is_finite() && b > 0.0;
     if !band_ok(meta.default_band) {
-        return Err(format!("default_band {} is not positive", meta.default_band));
+        return Err(format!(
+            "default_band {} is not positive",
+            meta.default_band
+        ));
     }
     for (key, s) in &meta.series {
         if !band_ok(s.band) || !band_ok(s.scaler.scale) || !s.scaler.center.is_finite() {

@@ -73,7 +73,10 @@ fn locate(configured: Option<&Path>) -> Result<PathBuf, RuntimeError> {
             })
         };
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_owned)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+    {
         candidates.push(dir.join(LIBRARY_NAME));
         // target/{debug,release}/mad and target/{debug,release}/deps/test-binary
         for up in [2, 3] {
@@ -85,7 +88,11 @@ fn locate(configured: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     if let Ok(cwd) = std::env::current_dir() {
         candidates.push(cwd.join(".ort").join(LIBRARY_NAME));
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ort").join(LIBRARY_NAME));
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(".ort")
+            .join(LIBRARY_NAME),
+    );
     candidates
         .iter()
         .find(|p| p.is_file())

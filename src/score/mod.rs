@@ -11,7 +11,7 @@ mod state;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mad_training::contract::{input_row, series_key, Scaler, MAX_INTERPOLATED_GAP};
+use mad_training::contract::{input_row, series_key, Feature, Scaler, MAX_INTERPOLATED_GAP};
 
 use crate::model::{Forecaster, ModelError};
 use crate::source::{Labels, Series};
@@ -46,12 +46,16 @@ impl Score {
     }
 }
 
+/// The points one series got scored in a cycle, with the series' index in the fetched slice.
+pub type SeriesScores = (usize, Vec<Score>);
+
 /// What one cycle did, for self-monitoring.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct CycleStats {
     pub series_scored: usize,
     pub points_scored: usize,
     pub points_fed: usize,
+    /// ONNX Runtime calls.
     pub runs: usize,
     pub new_series: usize,
     pub expired_series: usize,
@@ -109,6 +113,11 @@ impl DetectorScorer {
         fetched.iter().any(|s| !self.series.contains_key(&s.labels))
     }
 
+    /// Whether the scorer keeps state for this series.
+    pub fn tracks(&self, labels: &Labels) -> bool {
+        self.series.contains_key(labels)
+    }
+
     pub fn len(&self) -> usize {
         self.series.len()
     }
@@ -130,47 +139,46 @@ impl DetectorScorer {
         &mut self,
         fetched: &[Series],
         now: i64,
-    ) -> Result<(CycleStats, Vec<(Labels, Vec<Score>)>), ModelError> {
+    ) -> Result<(CycleStats, Vec<SeriesScores>), ModelError> {
         let mut stats = CycleStats::default();
-        // Series grouped by how many steps they need, so each group is one batched run.
-        let mut by_len: HashMap<usize, Vec<(Labels, Vec<Step>)>> = HashMap::new();
-        for series in fetched {
+        // Series (as indices into `fetched`) grouped by how many steps they need, so each
+        // group is fed in batched runs.
+        let mut by_len: HashMap<usize, Vec<(usize, Vec<Step>)>> = HashMap::new();
+        for (index, series) in fetched.iter().enumerate() {
             let known = self.series.get(&series.labels);
             let Some((steps, restart)) = self.new_steps(series, known) else {
                 continue;
             };
             if restart {
-                let state = self.fresh_state(&series.labels, &steps);
+                let mut state = self.fresh_state(&series.labels, &steps);
+                state.last_seen = now;
                 if self.series.insert(series.labels.clone(), state).is_none() {
                     stats.new_series += 1;
                 }
-            }
-            if let Some(state) = self.series.get_mut(&series.labels) {
+            } else if let Some(state) = self.series.get_mut(&series.labels) {
                 state.last_seen = now;
             }
-            by_len
-                .entry(steps.len())
-                .or_default()
-                .push((series.labels.clone(), steps));
+            by_len.entry(steps.len()).or_default().push((index, steps));
         }
         let mut scored = Vec::new();
         let mut lens: Vec<usize> = by_len.keys().copied().collect();
         lens.sort_unstable();
         for len in lens {
             let group = by_len.remove(&len).unwrap_or_default();
-            stats.runs += 1;
+            stats.runs += len * group.len().div_ceil(MAX_BATCH);
             stats.points_fed += len * group.len();
-            for (labels, scores) in self.run_group(len, group)? {
+            for (index, scores) in self.run_group(len, group, fetched)? {
                 if !scores.is_empty() {
                     stats.series_scored += 1;
                     stats.points_scored += scores.len();
-                    scored.push((labels, scores));
+                    scored.push((index, scores));
                 }
             }
         }
         let before = self.series.len();
         let staleness = self.staleness;
-        self.series.retain(|_, s| now.saturating_sub(s.last_seen) <= staleness);
+        self.series
+            .retain(|_, s| now.saturating_sub(s.last_seen) <= staleness);
         stats.expired_series = before - self.series.len();
         Ok((stats, scored))
     }
@@ -187,11 +195,7 @@ impl DetectorScorer {
     /// interior gaps interpolated. A gap longer than [`MAX_INTERPOLATED_GAP`] restarts the stream
     /// at the first point after it. Also says whether the stream (re)starts: for an unknown
     /// series or after such a gap. `None` when there is nothing new.
-    fn new_steps(
-        &self,
-        series: &Series,
-        known: Option<&SeriesState>,
-    ) -> Option<(Vec<Step>, bool)> {
+    fn new_steps(&self, series: &Series, known: Option<&SeriesState>) -> Option<(Vec<Step>, bool)> {
         let last_observed = series.last_finite()?;
         let (mut prev_ts, mut prev_raw) = match known {
             Some(s) => (s.last_ts, s.last_raw),
@@ -243,7 +247,8 @@ impl DetectorScorer {
         let (scaler, band) = match meta.series.get(&series_key(labels)) {
             Some(cal) => (cal.scaler, cal.band),
             None => {
-                let observed: Vec<f64> = steps.iter().filter(|p| p.observed).map(|p| p.raw).collect();
+                let observed: Vec<f64> =
+                    steps.iter().filter(|p| p.observed).map(|p| p.raw).collect();
                 (Scaler::fit(&observed), meta.default_band)
             }
         };
@@ -256,25 +261,31 @@ impl DetectorScorer {
     fn run_group(
         &mut self,
         len: usize,
-        group: Vec<(Labels, Vec<Step>)>,
-    ) -> Result<Vec<(Labels, Vec<Score>)>, ModelError> {
+        group: Vec<(usize, Vec<Step>)>,
+        fetched: &[Series],
+    ) -> Result<Vec<SeriesScores>, ModelError> {
         let mut results = Vec::with_capacity(group.len());
         let mut group = group.into_iter().peekable();
         while group.peek().is_some() {
-            let chunk: Vec<(Labels, Vec<Step>)> = group.by_ref().take(MAX_BATCH).collect();
+            let chunk: Vec<(usize, Vec<Step>)> = group.by_ref().take(MAX_BATCH).collect();
+            // Taken out of the map (key and all) for the run, so nothing is cloned.
+            let mut keys = Vec::with_capacity(chunk.len());
             let mut states = Vec::with_capacity(chunk.len());
-            for (labels, _) in &chunk {
-                states.push(self.series.remove(labels).ok_or_else(|| {
-                    ModelError::Inference("series state vanished mid-cycle".into())
-                })?);
+            for (index, _) in &chunk {
+                let (key, state) = self
+                    .series
+                    .remove_entry(&fetched[*index].labels)
+                    .ok_or_else(|| {
+                        ModelError::Inference("series state vanished mid-cycle".into())
+                    })?;
+                keys.push(key);
+                states.push(state);
             }
             let outcome = self.run_chunk(len, &chunk, &mut states);
             // States go back whatever happened: a failed run must not forget series.
-            for ((labels, _), state) in chunk.iter().zip(states) {
-                self.series.insert(labels.clone(), state);
-            }
-            for ((labels, _), scores) in chunk.into_iter().zip(outcome?) {
-                results.push((labels, scores));
+            self.series.extend(keys.into_iter().zip(states));
+            for ((index, _), scores) in chunk.into_iter().zip(outcome?) {
+                results.push((index, scores));
             }
         }
         Ok(results)
@@ -283,7 +294,7 @@ impl DetectorScorer {
     fn run_chunk(
         &self,
         len: usize,
-        chunk: &[(Labels, Vec<Step>)],
+        chunk: &[(usize, Vec<Step>)],
         states: &mut [SeriesState],
     ) -> Result<Vec<Vec<Score>>, ModelError> {
         let (f, hd, batch) = (self.model.features(), self.model.hidden(), chunk.len());
@@ -300,6 +311,8 @@ impl DetectorScorer {
         let mut fed: Vec<usize> = states.iter().map(|s| s.fed).collect();
         let mut x = vec![0f32; batch * f];
         let mut scores: Vec<Vec<Score>> = vec![Vec::new(); batch];
+        let value_columns: Vec<usize> = (0..f).filter(|&i| features[i] == Feature::Value).collect();
+        let mut time_row: Option<(i64, Vec<f32>)> = None;
         for t in 0..len {
             for (b, ((_, steps), state)) in chunk.iter().zip(states.iter()).enumerate() {
                 let p = steps[t];
@@ -311,8 +324,19 @@ impl DetectorScorer {
                     }
                     scores[b].push(score);
                 }
+                let row = &mut x[b * f..(b + 1) * f];
+                // Series of a detector share their timestamps: time features once per timestamp.
+                match &time_row {
+                    Some((ts, cached)) if *ts == p.ts => row.copy_from_slice(cached),
+                    _ => {
+                        input_row(features, p.ts, 0.0, row);
+                        time_row = Some((p.ts, row.to_vec()));
+                    }
+                }
                 let scaled = state.scaler.scale(input) as f32;
-                input_row(features, p.ts, scaled, &mut x[b * f..(b + 1) * f]);
+                for &col in &value_columns {
+                    row[col] = scaled;
+                }
             }
             let out = self.model.run(&x, 1, batch, &h, &c)?;
             h.copy_from_slice(&out.h);

@@ -56,9 +56,7 @@ impl SourceError {
     fn is_transient(&self) -> bool {
         match self {
             SourceError::Transport { .. } => true,
-            SourceError::Http { status, .. } => {
-                *status == 429 || *status == 502 || *status == 503 || *status == 504
-            }
+            SourceError::Http { status, .. } => *status == 429 || *status >= 500,
             _ => false,
         }
     }
@@ -168,8 +166,14 @@ impl Client {
             let mut chunk_start = start;
             while chunk_start <= end {
                 let chunk_end = (chunk_start + (MAX_POINTS_PER_REQUEST - 1) * step).min(end);
-                for series in self.fetch_chunk(&query, chunk_start, chunk_end, step).await? {
-                    merged.entry(series.labels).or_default().extend(series.points);
+                for series in self
+                    .fetch_chunk(&query, chunk_start, chunk_end, step)
+                    .await?
+                {
+                    merged
+                        .entry(series.labels)
+                        .or_default()
+                        .extend(series.points);
                 }
                 chunk_start = chunk_end + step;
             }
@@ -201,7 +205,8 @@ impl Client {
         loop {
             match self.fetch_once(body.clone()).await {
                 Err(e) if e.is_transient() && attempt < self.retries => {
-                    let delay = (RETRY_BASE_DELAY * 2u32.saturating_pow(attempt)).min(RETRY_MAX_DELAY);
+                    let delay =
+                        (RETRY_BASE_DELAY * 2u32.saturating_pow(attempt)).min(RETRY_MAX_DELAY);
                     tracing::warn!(error = %e, attempt = attempt + 1, ?delay, "retrying datasource request");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
@@ -279,22 +284,22 @@ enum Failure {
 /// on recorded and malformed bodies.
 fn parse_response(status: StatusCode, body: &[u8]) -> Result<Vec<Series>, Failure> {
     let envelope: Option<Envelope> = serde_json::from_slice(body).ok();
-    if let Some(Envelope {
-        status: s,
-        error_type,
-        error,
-        ..
-    }) = &envelope
-    {
-        if s == "error" {
-            return Err(Failure::Query {
-                kind: error_type.clone().unwrap_or_else(|| "unknown".into()),
-                message: error.clone().unwrap_or_else(|| "(no message)".into()),
-            });
+    let api_error = envelope.as_ref().filter(|e| e.status == "error").map(|e| {
+        (
+            e.error_type.clone().unwrap_or_else(|| "unknown".into()),
+            e.error.clone().unwrap_or_else(|| "(no message)".into()),
+        )
+    });
+    // Overload and server trouble (VictoriaMetrics' "too many concurrent requests" is a 503 with
+    // an error body) stay HTTP errors, which are retried; other API errors are the query's fault.
+    let server_side = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+    match api_error {
+        Some((kind, message)) if server_side => {
+            return Err(Failure::Http(format!("{kind}: {message}")))
         }
-    }
-    if !status.is_success() {
-        return Err(Failure::Http(quote(body)));
+        Some((kind, message)) => return Err(Failure::Query { kind, message }),
+        None if !status.is_success() => return Err(Failure::Http(quote(body))),
+        None => {}
     }
     let envelope = match envelope {
         Some(e) => e,
@@ -303,7 +308,10 @@ fn parse_response(status: StatusCode, body: &[u8]) -> Result<Vec<Series>, Failur
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            return Err(Failure::Malformed(format!("{reason}; body: {}", quote(body))));
+            return Err(Failure::Malformed(format!(
+                "{reason}; body: {}",
+                quote(body)
+            )));
         }
     };
     if envelope.status != "success" {
@@ -384,6 +392,16 @@ mod tests {
                 assert_eq!(kind, "422");
                 assert!(message.contains("unexpected end of input"), "{message}");
             }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn overload_with_an_error_body_stays_a_retryable_http_error() {
+        let body =
+            br#"{"status":"error","errorType":"503","error":"too many concurrent requests"}"#;
+        match parse_response(StatusCode::SERVICE_UNAVAILABLE, body) {
+            Err(Failure::Http(m)) => assert!(m.contains("too many concurrent requests"), "{m}"),
             other => panic!("unexpected {other:?}"),
         }
     }

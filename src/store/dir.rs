@@ -44,9 +44,7 @@ impl DirStore {
 
     fn detector_dir(&self, detector: &str) -> Result<PathBuf, StoreError> {
         // Names are validated by the config, but the store is a trust boundary of its own.
-        if detector.is_empty()
-            || detector.starts_with('.')
-            || detector.contains(['/', '\\', '\0'])
+        if detector.is_empty() || detector.starts_with('.') || detector.contains(['/', '\\', '\0'])
         {
             return Err(StoreError::Corrupt(format!(
                 "invalid detector name {detector:?}"
@@ -119,7 +117,11 @@ impl DirStore {
                 continue;
             }
             match self.read_sidecar(&path) {
-                Ok(sidecar) if dir.join(format!("{}.{MODEL_EXT}", sidecar.version)).is_file() => {
+                Ok(sidecar)
+                    if dir
+                        .join(format!("{}.{MODEL_EXT}", sidecar.version))
+                        .is_file() =>
+                {
                     versions.push(VersionInfo {
                         detector: sidecar.detector,
                         version: sidecar.version,
@@ -127,7 +129,9 @@ impl DirStore {
                         size_bytes: sidecar.size_bytes,
                     })
                 }
-                Ok(_) => tracing::warn!(path = %path.display(), "metadata without model file; ignored"),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "metadata without model file; ignored")
+                }
                 Err(e) => tracing::warn!(error = %e, "unreadable model metadata; ignored"),
             }
         }
@@ -177,7 +181,9 @@ impl DirStore {
 
 /// `20261126T115501.123Z`: UTC, sortable as text.
 fn version_name(now: SystemTime) -> String {
-    let ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let ms = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
