@@ -20,8 +20,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+mod common;
+
 use std::time::Instant;
 
+use common::{measure, process_cpu, summarise, thread_cpu, Summary};
 use mad::expose::Exposition;
 use mad::model::Forecaster;
 use mad::score::DetectorScorer;
@@ -48,67 +52,6 @@ const TIMED_ROUNDS: usize = 7;
 const STEADY_100K_CYCLES: usize = 3;
 /// Staleness far beyond the bench's time span: no series expires.
 const STALENESS_SECS: i64 = 365 * 86_400;
-
-// ---------------------------------------------------------------------------------------------
-// Clocks
-
-/// CPU time of the whole process (ONNX Runtime threads included, if it started any).
-fn process_cpu() -> f64 {
-    cpu_time::ProcessTime::now().as_duration().as_secs_f64()
-}
-
-/// CPU time of the calling thread.
-fn thread_cpu() -> f64 {
-    cpu_time::ThreadTime::now().as_duration().as_secs_f64()
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    cpu: f64,
-    wall: f64,
-}
-
-/// Runs `f` once and returns what it returned with its CPU time (from `cpu`) and wall time.
-fn measure<R>(cpu: fn() -> f64, f: impl FnOnce() -> R) -> (R, Sample) {
-    let (c0, w0) = (cpu(), Instant::now());
-    let out = f();
-    let sample = Sample {
-        cpu: cpu() - c0,
-        wall: w0.elapsed().as_secs_f64(),
-    };
-    (out, sample)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Summary {
-    cpu: f64,
-    wall: f64,
-    cpu_min: f64,
-    cpu_max: f64,
-}
-
-fn summarise(samples: &[Sample]) -> Summary {
-    let mut cpu: Vec<f64> = samples.iter().map(|s| s.cpu).collect();
-    let mut wall: Vec<f64> = samples.iter().map(|s| s.wall).collect();
-    let cpu_min = cpu.iter().copied().fold(f64::INFINITY, f64::min);
-    let cpu_max = cpu.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    Summary {
-        cpu: median(&mut cpu),
-        wall: median(&mut wall),
-        cpu_min,
-        cpu_max,
-    }
-}
 
 /// VmRSS of this process in bytes.
 fn rss_bytes() -> u64 {

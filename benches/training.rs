@@ -9,8 +9,12 @@
 //! Run: `cargo bench --bench training`
 
 use std::collections::BTreeMap;
+
+mod common;
+
 use std::time::Instant;
 
+use common::{measure, median, thread_cpu};
 use mad::synth::{Profile, Synth};
 use mad_training::contract::{input_row, Scaler};
 use mad_training::{train, LstmParams, SeriesHistory, TrainOptions};
@@ -24,43 +28,6 @@ const FORWARD_WARMUP: usize = 2;
 const FORWARD_TIMED: usize = 9;
 /// Training runs, all timed (median reported); the seed is fixed, so every run does the same work.
 const TRAIN_RUNS: usize = 5;
-
-/// CPU time of the calling thread (training runs on the calling thread).
-fn thread_cpu() -> f64 {
-    cpu_time::ThreadTime::now().as_duration().as_secs_f64()
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    cpu: f64,
-    wall: f64,
-}
-
-fn measure<R>(f: impl FnOnce() -> R) -> (R, Sample) {
-    let (c0, w0) = (thread_cpu(), Instant::now());
-    let out = f();
-    let sample = Sample {
-        cpu: thread_cpu() - c0,
-        wall: w0.elapsed().as_secs_f64(),
-    };
-    (out, sample)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-fn spread(values: &[f64]) -> (f64, f64) {
-    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (min, max)
-}
 
 /// A request-rate-like series: daily cycle peaking in the afternoon, weekend dip, slight growth,
 /// 5 % noise.
@@ -120,7 +87,7 @@ fn main() {
     let mut forward = Vec::new();
     let mut checksum = 0.0f64;
     for round in 0..FORWARD_WARMUP + FORWARD_TIMED {
-        let (out, t) = measure(|| {
+        let (out, t) = measure(thread_cpu, || {
             params
                 .forward(&x, POINTS, 1, &zeros, &zeros)
                 .expect("forward pass")
@@ -130,10 +97,10 @@ fn main() {
             forward.push(t);
         }
     }
-    let forward_cpu: Vec<f64> = forward.iter().map(|s| s.cpu).collect();
-    let (fmin, fmax) = spread(&forward_cpu);
-    let forward_cpu_med = median(forward_cpu);
-    let forward_wall = median(forward.iter().map(|s| s.wall).collect());
+    let mut forward_cpu: Vec<f64> = forward.iter().map(|s| s.cpu).collect();
+    let (fmin, fmax) = common::spread(&forward_cpu);
+    let forward_cpu_med = median(&mut forward_cpu);
+    let forward_wall = median(&mut forward.iter().map(|s| s.wall).collect::<Vec<_>>());
     println!(
         "forward-only pass over {POINTS} steps (seq {POINTS}, batch 1), median of {FORWARD_TIMED} \
          after {FORWARD_WARMUP} warm-up: {:.2} ms CPU ({:.2}..{:.2}), {:.2} ms wall \
@@ -148,7 +115,7 @@ fn main() {
     let mut runs = Vec::new();
     for run in 1..=TRAIN_RUNS {
         let mut epochs = 0;
-        let (model, t) = measure(|| {
+        let (model, t) = measure(thread_cpu, || {
             train(
                 "bench",
                 STEP as u64,
@@ -175,10 +142,10 @@ fn main() {
         runs.push((t, epochs));
     }
     let epochs = runs[0].1;
-    let train_cpu: Vec<f64> = runs.iter().map(|(t, _)| t.cpu).collect();
-    let (tmin, tmax) = spread(&train_cpu);
-    let train_cpu_med = median(train_cpu);
-    let train_wall = median(runs.iter().map(|(t, _)| t.wall).collect());
+    let mut train_cpu: Vec<f64> = runs.iter().map(|(t, _)| t.cpu).collect();
+    let (tmin, tmax) = common::spread(&train_cpu);
+    let train_cpu_med = median(&mut train_cpu);
+    let train_wall = median(&mut runs.iter().map(|(t, _)| t.wall).collect::<Vec<_>>());
     let per_epoch = train_cpu_med / epochs as f64;
     println!("\nmedian of {TRAIN_RUNS} training runs (thread CPU time):");
     println!(

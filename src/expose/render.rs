@@ -179,7 +179,9 @@ fn write_value(v: f64, out: &mut String) {
     } else if v.is_infinite() {
         out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
     } else {
-        let _ = write!(out, "{v}");
+        // ryu: the shortest text that parses back to the same f64, several times faster than
+        // `Display`, and this runs five times per series per cycle.
+        out.push_str(ryu::Buffer::new().format_finite(v));
     }
 }
 
