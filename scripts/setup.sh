@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what MAD's demo and tests need on a fresh Debian machine, idempotently:
-# VictoriaMetrics (+ vmalert), promtool, and the ONNX Runtime shared library.
+# VictoriaMetrics (+ vmalert), promtool, the ONNX Runtime shared library, and a running
+# PostgreSQL for the registry tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
@@ -16,5 +17,11 @@ fi
 # The Debian prometheus package starts a server on :9090; MAD's tests do not need it.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
   systemctl stop prometheus || true
+fi
+# The registry tests use the PostgreSQL server on 127.0.0.1:5432; start it if it is down.
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  for version in $(ls /etc/postgresql 2>/dev/null); do
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  done
 fi
 "$root/scripts/fetch-onnxruntime.sh"

@@ -55,12 +55,19 @@ pub struct BasicAuth {
     pub password: Secret,
 }
 
-/// The model store. Only the embedded directory store exists so far.
+/// The model store: a directory (embedded default) or, with `postgres` set, the PostgreSQL
+/// registry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Store {
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
+    /// `postgres://user:password@host:port/db`; the password never reaches a log line.
+    #[serde(default)]
+    pub postgres: Option<Secret>,
+    /// Apply pending schema migrations on start (PostgreSQL only).
+    #[serde(default = "default_true")]
+    pub migrate: bool,
     /// Model versions kept per detector; older ones are pruned after training.
     #[serde(default = "default_keep_versions")]
     pub keep_versions: usize,
@@ -70,6 +77,8 @@ impl Default for Store {
     fn default() -> Self {
         Store {
             path: default_store_path(),
+            postgres: None,
+            migrate: true,
             keep_versions: default_keep_versions(),
         }
     }
@@ -184,6 +193,9 @@ fn default_timeout() -> Duration {
 }
 fn default_retries() -> u32 {
     3
+}
+fn default_true() -> bool {
+    true
 }
 fn default_store_path() -> PathBuf {
     PathBuf::from("models")

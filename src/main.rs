@@ -51,6 +51,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Apply the PostgreSQL schema migrations (`store.postgres`); a no-op when up to date.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List, activate or roll back model versions in the configured store.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
     /// Check a config file and print what it defines.
     Check {
         #[arg(long, short)]
@@ -77,6 +87,33 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Versions of every detector in the config (or one), oldest first; `*` marks the active one.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        detector: Option<String>,
+    },
+    /// Make a stored version the active one; running exporters switch to it.
+    Activate {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        detector: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// Re-activate the version before the active one.
+    Rollback {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        detector: String,
+    },
+}
+
 fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(secs) = text.parse::<i64>() {
         return Ok(secs);
@@ -88,6 +125,51 @@ fn parse_time(text: &str) -> Result<i64, String> {
                 .map(|d| d.as_secs() as i64)
                 .map_err(|_| "time before 1970".to_string())
         })
+}
+
+async fn models(action: ModelsAction) -> anyhow::Result<()> {
+    let show = |v: &mad::store::VersionInfo| {
+        let trained =
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(v.trained_at.max(0) as u64);
+        format!(
+            "{} {:<24} {:<24} trained {} ({} bytes)",
+            if v.active { "*" } else { " " },
+            v.detector,
+            v.version,
+            humantime::format_rfc3339_seconds(trained),
+            v.size_bytes
+        )
+    };
+    match action {
+        ModelsAction::List { config, detector } => {
+            let config = Config::load(&config)?;
+            let store = mad::store::open(&config.store).await?;
+            let names: Vec<String> = match detector {
+                Some(d) => vec![d],
+                None => config.detectors.iter().map(|d| d.name.0.clone()).collect(),
+            };
+            for name in names {
+                for v in store.list(&name).await? {
+                    println!("{}", show(&v));
+                }
+            }
+        }
+        ModelsAction::Activate {
+            config,
+            detector,
+            version,
+        } => {
+            let config = Config::load(&config)?;
+            let store = mad::store::open(&config.store).await?;
+            println!("{}", show(&store.activate(&detector, &version).await?));
+        }
+        ModelsAction::Rollback { config, detector } => {
+            let config = Config::load(&config)?;
+            let store = mad::store::open(&config.store).await?;
+            println!("{}", show(&store.rollback(&detector).await?));
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
@@ -138,6 +220,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             mad::serve::run(config, mad::serve::shutdown_signal()).await?;
         }
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            let Some(url) = &config.store.postgres else {
+                anyhow::bail!("store.postgres is not set: the directory store needs no migrations");
+            };
+            let applied = mad::store::PgStore::connect(url).await?.migrate().await?;
+            println!("schema up to date ({applied} migrations applied)");
+        }
+        Command::Models { action } => models(action).await?,
         Command::Check { config } => {
             let config = Config::load(&config)?;
             println!("config OK: datasource {}", config.datasource.url.0);

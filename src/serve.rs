@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, Detector};
 use crate::expose::{serve_http, Exposition, Probes, Telemetry};
 use crate::model::Forecaster;
 use crate::score::DetectorScorer;
 use crate::source::{align_down, Client, Series, SourceError};
-use crate::store::{DirStore, ModelStore};
+use crate::store::ModelStore;
 
 /// Everything the detector loops and the HTTP server share.
 pub struct Exporter {
@@ -72,9 +72,9 @@ impl Probes for Exporter {
 }
 
 impl Exporter {
-    pub fn new(config: Config) -> anyhow::Result<Exporter> {
+    pub async fn new(config: Config) -> anyhow::Result<Exporter> {
         let client = Client::new(&config.datasource)?;
-        let store: Arc<dyn ModelStore> = Arc::new(DirStore::new(&config.store.path));
+        let store = crate::store::open(&config.store).await?;
         Ok(Exporter {
             client,
             store,
@@ -110,7 +110,7 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let exporter = Arc::new(Exporter::new(config)?);
+    let exporter = Arc::new(Exporter::new(config).await?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
     for detector in exporter.config.detectors.clone() {
@@ -175,9 +175,19 @@ async fn detector_loop(
     let reload_every = exporter.config.server.reload_interval.0;
     let mut ticker = tokio::time::interval(detector.interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changes = exporter.store.changes();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            changed = next_change(&mut changes) => {
+                // "" means "anything may have changed" (missed notices after a reconnect).
+                if changed.is_empty() || changed == name {
+                    if let Some(model) = reload(&exporter, &name, scorer.as_ref(), &mut rejected).await {
+                        scorer = Some(DetectorScorer::new(model, detector.staleness().as_secs() as i64));
+                    }
+                }
+                continue;
+            }
             _ = stop.changed() => break,
         }
         if Instant::now() >= next_reload {
@@ -191,6 +201,22 @@ async fn detector_loop(
         }
         if let Some(scorer) = scorer.as_mut() {
             run_cycle(&exporter, &detector, scorer).await;
+        }
+    }
+}
+
+/// The next detector whose active version changed, as the store pushes it; never completes for
+/// stores that cannot push.
+async fn next_change(changes: &mut Option<broadcast::Receiver<String>>) -> String {
+    let Some(receiver) = changes.as_mut() else {
+        return std::future::pending().await;
+    };
+    match receiver.recv().await {
+        Ok(detector) => detector,
+        Err(broadcast::error::RecvError::Lagged(_)) => String::new(),
+        Err(broadcast::error::RecvError::Closed) => {
+            *changes = None;
+            std::future::pending().await
         }
     }
 }

@@ -8,7 +8,7 @@ use mad_training::{Progress, SeriesHistory};
 
 use crate::config::{Config, Detector};
 use crate::source::{align_down, Client, Series};
-use crate::store::{DirStore, ModelStore, VersionInfo};
+use crate::store::{ModelStore, VersionInfo};
 
 /// What one detector's training produced, for the summary line.
 #[derive(Debug)]
@@ -49,7 +49,7 @@ pub async fn run(
         }
     }
     let client = Client::new(&config.datasource)?;
-    let store = DirStore::new(&config.store.path);
+    let store = crate::store::open(&config.store).await?;
     let end = end.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -60,7 +60,7 @@ pub async fn run(
         if !only.is_empty() && !only.contains(&detector.name.0) {
             continue;
         }
-        let result = train_detector(config, &client, &store, detector, end)
+        let result = train_detector(config, &client, store.as_ref(), detector, end)
             .await
             .with_context(|| format!("detector {}", detector.name))?;
         println!("{result}");
@@ -72,7 +72,7 @@ pub async fn run(
 async fn train_detector(
     config: &Config,
     client: &Client,
-    store: &DirStore,
+    store: &dyn ModelStore,
     detector: &Detector,
     end: i64,
 ) -> anyhow::Result<Trained> {

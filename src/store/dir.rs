@@ -2,19 +2,21 @@
 //!
 //! The metadata file is written last, after the ONNX file is fully on disk, and both appear by
 //! rename, so a reader that only trusts versions with metadata never sees a half-written model.
-//! The newest complete version is the active one.
+//! `<detector>/ACTIVE` names the active version (written by rename too); without it, or when it
+//! names a version that is gone, the newest complete version is active.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use mad_training::contract::ModelMeta;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelStore, StoreError, StoredModel, VersionInfo};
+use super::{version_name, ModelStore, StoreError, StoredModel, VersionInfo};
 
 const MODEL_EXT: &str = "onnx";
 const META_EXT: &str = "json";
+const ACTIVE_FILE: &str = "ACTIVE";
 
 pub struct DirStore {
     root: PathBuf,
@@ -69,6 +71,7 @@ impl DirStore {
             version: version.clone(),
             trained_at: meta.trained_at,
             size_bytes: onnx.len() as u64,
+            active: false,
         };
         let sidecar = Sidecar {
             detector: info.detector.clone(),
@@ -81,7 +84,11 @@ impl DirStore {
             .map_err(|e| StoreError::Corrupt(format!("cannot encode metadata: {e}")))?;
         self.write_atomic(&dir.join(format!("{version}.{MODEL_EXT}")), onnx)?;
         self.write_atomic(&dir.join(format!("{version}.{META_EXT}")), &sidecar)?;
-        Ok(info)
+        self.write_atomic(&dir.join(ACTIVE_FILE), version.as_bytes())?;
+        Ok(VersionInfo {
+            active: true,
+            ..info
+        })
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -127,6 +134,7 @@ impl DirStore {
                         version: sidecar.version,
                         trained_at: sidecar.trained_at,
                         size_bytes: sidecar.size_bytes,
+                        active: false,
                     })
                 }
                 Ok(_) => {
@@ -136,7 +144,35 @@ impl DirStore {
             }
         }
         versions.sort_by(|a, b| a.version.cmp(&b.version));
+        let named = std::fs::read_to_string(dir.join(ACTIVE_FILE)).unwrap_or_default();
+        let active = versions
+            .iter()
+            .position(|v| v.version == named.trim())
+            .or(versions.len().checked_sub(1));
+        if let Some(i) = active {
+            versions[i].active = true;
+        }
         Ok(versions)
+    }
+
+    fn active_blocking(&self, detector: &str) -> Result<Option<VersionInfo>, StoreError> {
+        Ok(self.list_blocking(detector)?.into_iter().find(|v| v.active))
+    }
+
+    fn activate_blocking(&self, detector: &str, version: &str) -> Result<VersionInfo, StoreError> {
+        let found = self
+            .list_blocking(detector)?
+            .into_iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("{detector:?} has no version {version:?}"))
+            })?;
+        let dir = self.detector_dir(detector)?;
+        self.write_atomic(&dir.join(ACTIVE_FILE), found.version.as_bytes())?;
+        Ok(VersionInfo {
+            active: true,
+            ..found
+        })
     }
 
     fn read_sidecar(&self, path: &Path) -> Result<Sidecar, StoreError> {
@@ -146,7 +182,7 @@ impl DirStore {
     }
 
     fn load_blocking(&self, detector: &str) -> Result<Option<StoredModel>, StoreError> {
-        let Some(info) = self.list_blocking(detector)?.pop() else {
+        let Some(info) = self.active_blocking(detector)? else {
             return Ok(None);
         };
         let path = self
@@ -168,45 +204,15 @@ impl DirStore {
         let versions = self.list_blocking(detector)?;
         let dir = self.detector_dir(detector)?;
         let excess = versions.len().saturating_sub(keep.max(1));
-        for old in &versions[..excess] {
+        for old in versions[..excess].iter().filter(|v| !v.active) {
             // Metadata first: without it the version is invisible even if the model stays.
             for ext in [META_EXT, MODEL_EXT] {
                 let path = dir.join(format!("{}.{ext}", old.version));
                 std::fs::remove_file(&path).map_err(|e| self.io(&path, e))?;
             }
         }
-        Ok(excess)
+        Ok(versions[..excess].iter().filter(|v| !v.active).count())
     }
-}
-
-/// `20261126T115501.123Z`: UTC, sortable as text.
-fn version_name(now: SystemTime) -> String {
-    let ms = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms.rem_euclid(1000)
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 impl DirStore {
@@ -231,8 +237,7 @@ impl ModelStore for DirStore {
 
     async fn active_version(&self, detector: &str) -> Result<Option<VersionInfo>, StoreError> {
         let detector = detector.to_string();
-        self.blocking(move |s| Ok(s.list_blocking(&detector)?.pop()))
-            .await
+        self.blocking(move |s| s.active_blocking(&detector)).await
     }
 
     async fn load_active(&self, detector: &str) -> Result<Option<StoredModel>, StoreError> {
@@ -243,6 +248,12 @@ impl ModelStore for DirStore {
     async fn list(&self, detector: &str) -> Result<Vec<VersionInfo>, StoreError> {
         let detector = detector.to_string();
         self.blocking(move |s| s.list_blocking(&detector)).await
+    }
+
+    async fn activate(&self, detector: &str, version: &str) -> Result<VersionInfo, StoreError> {
+        let (detector, version) = (detector.to_string(), version.to_string());
+        self.blocking(move |s| s.activate_blocking(&detector, &version))
+            .await
     }
 
     async fn prune(&self, detector: &str, keep: usize) -> Result<usize, StoreError> {
@@ -256,6 +267,7 @@ impl ModelStore for DirStore {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::time::UNIX_EPOCH;
 
     fn meta(detector: &str) -> ModelMeta {
         ModelMeta {
@@ -297,6 +309,53 @@ mod tests {
         assert_eq!(active.info.version, v2.version);
         assert_eq!(store.prune("cpu", 1).await.expect("prune"), 1);
         assert_eq!(store.list("cpu").await.expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn activation_and_rollback_pick_the_served_version() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::new(tmp.path());
+        let v1 = store.put(b"one", &meta("cpu")).await.expect("put");
+        let v2 = store.put(b"two", &meta("cpu")).await.expect("put");
+        let back = store.rollback("cpu").await.expect("rollback");
+        assert_eq!(back.version, v1.version);
+        assert_eq!(
+            store
+                .load_active("cpu")
+                .await
+                .expect("load")
+                .expect("some")
+                .onnx,
+            b"one"
+        );
+        assert!(
+            store.rollback("cpu").await.is_err(),
+            "nothing older than v1"
+        );
+        store.activate("cpu", &v2.version).await.expect("activate");
+        assert_eq!(
+            store
+                .load_active("cpu")
+                .await
+                .expect("load")
+                .expect("some")
+                .onnx,
+            b"two"
+        );
+        assert!(store.activate("cpu", "nope").await.is_err());
+        // Pruning never removes the active version, even when it is the oldest.
+        store.activate("cpu", &v1.version).await.expect("activate");
+        store.put(b"three", &meta("cpu")).await.expect("put");
+        store.activate("cpu", &v1.version).await.expect("activate");
+        assert_eq!(store.prune("cpu", 1).await.expect("prune"), 1);
+        let left: Vec<bool> = store
+            .list("cpu")
+            .await
+            .expect("list")
+            .iter()
+            .map(|v| v.active)
+            .collect();
+        assert_eq!(left, vec![true, false]);
     }
 
     #[tokio::test]

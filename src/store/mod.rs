@@ -1,14 +1,21 @@
 //! Where trained models live. `mad train` puts versions in, `mad serve` loads the active one.
 //!
-//! The exporter only sees [`ModelStore`]; the embedded directory store is the default and the
-//! PostgreSQL registry implements the same trait.
+//! The exporter only sees [`ModelStore`]: the embedded directory store is the default, the
+//! PostgreSQL registry implements the same trait for team-wide deployments.
 
 mod dir;
+mod postgres;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use mad_training::contract::ModelMeta;
+use tokio::sync::broadcast;
 
+use crate::config;
 pub use dir::DirStore;
+pub use postgres::PgStore;
 
 /// One stored model version, without its bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +25,7 @@ pub struct VersionInfo {
     pub version: String,
     pub trained_at: i64,
     pub size_bytes: u64,
+    pub active: bool,
 }
 
 /// A model version with its ONNX bytes.
@@ -33,11 +41,15 @@ pub enum StoreError {
     Io { path: String, message: String },
     #[error("model store: {0}")]
     Corrupt(String),
+    #[error("model store: {0}")]
+    NotFound(String),
+    #[error("model registry {target}: {message}")]
+    Database { target: String, message: String },
 }
 
 #[async_trait]
 pub trait ModelStore: Send + Sync {
-    /// Stores a new version atomically and makes it the active one; returns its version.
+    /// Stores a new version atomically and makes it the active one.
     async fn put(&self, onnx: &[u8], meta: &ModelMeta) -> Result<VersionInfo, StoreError>;
     /// The active version's info, cheap enough to poll.
     async fn active_version(&self, detector: &str) -> Result<Option<VersionInfo>, StoreError>;
@@ -45,6 +57,74 @@ pub trait ModelStore: Send + Sync {
     async fn load_active(&self, detector: &str) -> Result<Option<StoredModel>, StoreError>;
     /// All complete versions of a detector, oldest first.
     async fn list(&self, detector: &str) -> Result<Vec<VersionInfo>, StoreError>;
-    /// Deletes all but the newest `keep` versions.
+    /// Makes an existing version the active one.
+    async fn activate(&self, detector: &str, version: &str) -> Result<VersionInfo, StoreError>;
+    /// Deletes all but the newest `keep` versions; the active version is always kept.
     async fn prune(&self, detector: &str, keep: usize) -> Result<usize, StoreError>;
+    /// Detectors whose active version changed, pushed as it happens, for stores that can tell
+    /// (PostgreSQL's LISTEN/NOTIFY). `None`: the exporter relies on polling alone.
+    fn changes(&self) -> Option<broadcast::Receiver<String>> {
+        None
+    }
+
+    /// Re-activates the newest version older than the active one.
+    async fn rollback(&self, detector: &str) -> Result<VersionInfo, StoreError> {
+        let versions = self.list(detector).await?;
+        let active = versions
+            .iter()
+            .position(|v| v.active)
+            .ok_or_else(|| StoreError::NotFound(format!("{detector:?} has no active version")))?;
+        let previous = active.checked_sub(1).map(|i| &versions[i]).ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "{detector:?}: no version older than the active {}",
+                versions[active].version
+            ))
+        })?;
+        self.activate(detector, &previous.version).await
+    }
+}
+
+/// `20261126T115501.123Z`: UTC, sortable as text.
+pub(crate) fn version_name(now: SystemTime) -> String {
+    let ms = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Opens the store the config names: PostgreSQL when `store.postgres` is set (migrating it unless
+/// `store.migrate` is off), else the directory.
+pub async fn open(config: &config::Store) -> Result<Arc<dyn ModelStore>, StoreError> {
+    match &config.postgres {
+        Some(url) => {
+            let store = PgStore::connect(url).await?;
+            if config.migrate {
+                store.migrate().await?;
+            }
+            Ok(Arc::new(store))
+        }
+        None => Ok(Arc::new(DirStore::new(&config.path))),
+    }
 }

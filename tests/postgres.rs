@@ -1,0 +1,259 @@
+//! The PostgreSQL model registry against the real server on 127.0.0.1:5432, each test in a
+//! database of its own: migrations, byte-for-byte round trips, activation and rollback, and a
+//! running `mad serve` that follows activations through LISTEN/NOTIFY.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mad::config::{Config, Secret};
+use mad::store::{ModelStore, PgStore};
+
+const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
+
+/// A throw-away database, dropped at the end of the test.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!("mad_test_{}_{nanos}", std::process::id());
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            name,
+        }
+    }
+
+    async fn store(&self) -> PgStore {
+        PgStore::connect(&Secret::new(self.url.clone()))
+            .await
+            .expect("connect")
+    }
+
+    async fn drop(self) {
+        let _ = admin()
+            .await
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(ADMIN, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (.ci/run starts it)");
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_apply_once_and_a_newer_schema_is_refused() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    assert_eq!(store.migrate().await.expect("first migration"), 1);
+    assert_eq!(
+        store.migrate().await.expect("re-run"),
+        0,
+        "re-running is a no-op"
+    );
+
+    // A newer mad migrated this database further.
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+             VALUES (999, 'from_the_future', '2030-01-01T00:00:00Z', '0')",
+        )
+        .await
+        .expect("fake a newer migration");
+    let e = store.migrate().await.expect_err("must refuse");
+    assert!(e.to_string().contains("newer than this mad"), "{e}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_round_trip_byte_for_byte_with_activation_and_rollback() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    store.migrate().await.expect("migrate");
+    let meta = common::meta("cpu", 1.0);
+    let first_bytes = common::model_bytes(&meta);
+    let v1 = store.put(&first_bytes, &meta).await.expect("put v1");
+    let mut second_meta = meta.clone();
+    second_meta.default_band = 2.0;
+    let second_bytes = common::model_bytes(&second_meta);
+    let v2 = store
+        .put(&second_bytes, &second_meta)
+        .await
+        .expect("put v2");
+    assert!(v2.version > v1.version && v2.active);
+
+    let active = store.load_active("cpu").await.expect("load").expect("some");
+    assert_eq!(active.onnx, second_bytes, "bytes come back unchanged");
+    assert_eq!(active.info.version, v2.version);
+    let listed = store.list("cpu").await.expect("list");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|v| (v.version.clone(), v.active))
+            .collect::<Vec<_>>(),
+        vec![(v1.version.clone(), false), (v2.version.clone(), true)]
+    );
+
+    let back = store.rollback("cpu").await.expect("rollback");
+    assert_eq!(back.version, v1.version);
+    assert_eq!(
+        store
+            .load_active("cpu")
+            .await
+            .expect("load")
+            .expect("some")
+            .onnx,
+        first_bytes
+    );
+    assert!(
+        store.rollback("cpu").await.is_err(),
+        "nothing older than v1"
+    );
+    assert!(store.activate("cpu", "no-such-version").await.is_err());
+    assert_eq!(
+        store
+            .active_version("cpu")
+            .await
+            .expect("active")
+            .map(|v| v.version),
+        Some(v1.version.clone()),
+        "a failed activation changes nothing"
+    );
+
+    // Pruning keeps the newest versions and, always, the active one.
+    store.put(&first_bytes, &meta).await.expect("put v3");
+    store
+        .activate("cpu", &v1.version)
+        .await
+        .expect("activate v1");
+    assert_eq!(store.prune("cpu", 1).await.expect("prune"), 1);
+    let left: Vec<String> = store
+        .list("cpu")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(left.len(), 2);
+    assert!(
+        left.contains(&v1.version) && !left.contains(&v2.version),
+        "{left:?}"
+    );
+    assert!(store.load_active("other").await.expect("load").is_none());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_exporter_follows_activations_through_notify() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    store.migrate().await.expect("migrate");
+    let meta = common::meta("cpu", 1.0);
+    let v1 = store
+        .put(&common::model_bytes(&meta), &meta)
+        .await
+        .expect("put v1");
+
+    let port = mad::demo::free_port().expect("port");
+    let closed = mad::demo::free_port().expect("port");
+    // Polling once an hour: only a notification can make the exporter switch in time.
+    let text = format!(
+        r#"
+datasource: {{ url: "http://127.0.0.1:{closed}", retries: 0, timeout: 1s }}
+store: {{ postgres: "{}" }}
+server: {{ listen: "127.0.0.1:{port}", reload_interval: 1h }}
+detectors:
+  - {{ name: cpu, query: up, step: 1m, window: 8, train_range: 1d }}
+"#,
+        db.url
+    );
+    let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        mad::serve::run(config, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let serves = |version: String| {
+        let metrics = metrics.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(r) = reqwest::get(&metrics).await {
+                    let body = r.text().await.unwrap_or_default();
+                    if body.contains(&format!(
+                        "mad_model_info{{detector=\"cpu\",version=\"{version}\"}} 1"
+                    )) {
+                        return Instant::now();
+                    }
+                }
+                assert!(Instant::now() < deadline, "exporter never served {version}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    serves(v1.version.clone()).await;
+
+    let mut newer = meta.clone();
+    newer.default_band = 3.0;
+    let v2 = store
+        .put(&common::model_bytes(&newer), &newer)
+        .await
+        .expect("put v2");
+    let trained = Instant::now();
+    let seen = serves(v2.version.clone()).await;
+    println!(
+        "new version served {:?} after it was stored",
+        seen - trained
+    );
+
+    // A rollback from another process (here: another connection) reaches it the same way.
+    let other = db.store().await;
+    other.rollback("cpu").await.expect("rollback");
+    serves(v1.version.clone()).await;
+
+    let _ = stop_tx.send(());
+    server.await.expect("task").expect("exporter stops cleanly");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_never_show_the_password() {
+    let closed = mad::demo::free_port().expect("port");
+    let url = format!("postgres://mad:s3cretpassw0rd@127.0.0.1:{closed}/registry");
+    let e = match PgStore::connect(&Secret::new(url)).await {
+        Ok(_) => panic!("nothing listens there"),
+        Err(e) => e,
+    };
+    let shown = format!("{e} {e:?}");
+    assert!(!shown.contains("s3cretpassw0rd"), "{shown}");
+    assert!(
+        shown.contains(&format!("mad@127.0.0.1:{closed}/registry")),
+        "{shown}"
+    );
+}
