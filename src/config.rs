@@ -159,9 +159,31 @@ pub struct Detector {
     pub staleness: Option<Duration>,
     #[serde(default)]
     pub training: TrainingOverrides,
+    /// When scores above 1 become a recorded anomaly episode (PostgreSQL store only).
+    #[serde(default)]
+    pub episode: EpisodeRules,
+}
+
+/// An episode opens when a series stays above 1 for `for` (default: one interval, so two points
+/// in a row) and closes after `quiet` without a point above 1 (default: five intervals).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpisodeRules {
+    #[serde(default, rename = "for")]
+    pub hold_for: Option<ZeroOrDuration>,
+    #[serde(default)]
+    pub quiet: Option<Duration>,
 }
 
 impl Detector {
+    pub fn episode_for(&self) -> std::time::Duration {
+        self.episode.hold_for.map_or(self.interval(), |d| d.0)
+    }
+
+    pub fn episode_quiet(&self) -> std::time::Duration {
+        self.episode.quiet.map_or(self.interval() * 5, |d| d.0)
+    }
+
     pub fn interval(&self) -> std::time::Duration {
         self.interval.map_or(self.step.0, |d| d.0)
     }
@@ -234,6 +256,19 @@ impl<'de> Deserialize<'de> for Duration {
             ));
         }
         Ok(Duration(parsed))
+    }
+}
+
+/// A humantime duration where zero makes sense (`for: 0s`: open on the first point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroOrDuration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for ZeroOrDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(ZeroOrDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
     }
 }
 
@@ -600,6 +635,17 @@ detectors:
             !shown.contains("s3cr3t") && !shown.contains("hunter2"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn episode_rules_default_to_the_interval() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.detectors[0].episode_for().as_secs(), 60);
+        assert_eq!(c.detectors[0].episode_quiet().as_secs(), 300);
+        let text = GOOD.to_string() + "    episode: { for: 0s, quiet: 10m }\n";
+        let c = parse(&text).expect("valid");
+        assert_eq!(c.detectors[0].episode_for().as_secs(), 0);
+        assert_eq!(c.detectors[0].episode_quiet().as_secs(), 600);
     }
 
     #[test]

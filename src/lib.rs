@@ -23,6 +23,7 @@
 pub mod config;
 pub mod demo;
 pub mod expose;
+pub mod history;
 pub mod model;
 pub mod score;
 pub mod serve;

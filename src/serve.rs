@@ -13,10 +13,11 @@ use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, Detector};
 use crate::expose::{serve_http, Exposition, Probes, Telemetry};
+use crate::history::{EpisodeTracker, Recorder};
 use crate::model::Forecaster;
 use crate::score::DetectorScorer;
 use crate::source::{align_down, Client, Series, SourceError};
-use crate::store::ModelStore;
+use crate::store::{ModelStore, PgStore};
 
 /// Everything the detector loops and the HTTP server share.
 pub struct Exporter {
@@ -26,6 +27,8 @@ pub struct Exporter {
     telemetry: Telemetry,
     exposition: RwLock<Exposition>,
     status: Mutex<HashMap<String, DetectorStatus>>,
+    /// Anomaly history writer, with the PostgreSQL store only.
+    history: Option<Recorder>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -75,12 +78,17 @@ impl Exporter {
     pub async fn new(config: Config) -> anyhow::Result<Exporter> {
         let client = Client::new(&config.datasource)?;
         let store = crate::store::open(&config.store).await?;
+        let history = match &config.store.postgres {
+            Some(url) => Some(Recorder::start(Arc::new(PgStore::connect(url).await?))),
+            None => None,
+        };
         Ok(Exporter {
             client,
             store,
             telemetry: Telemetry::new().context("cannot set up self-monitoring metrics")?,
             exposition: RwLock::new(Exposition::default()),
             status: Mutex::new(HashMap::new()),
+            history,
             config,
         })
     }
@@ -176,6 +184,11 @@ async fn detector_loop(
     let mut ticker = tokio::time::interval(detector.interval());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut changes = exporter.store.changes();
+    let mut episodes = EpisodeTracker::new(
+        &name,
+        detector.episode_for().as_secs() as i64,
+        detector.episode_quiet().as_secs() as i64,
+    );
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -200,7 +213,7 @@ async fn detector_loop(
             }
         }
         if let Some(scorer) = scorer.as_mut() {
-            run_cycle(&exporter, &detector, scorer).await;
+            run_cycle(&exporter, &detector, scorer, &mut episodes).await;
         }
     }
 }
@@ -290,7 +303,12 @@ async fn reload(
     }
 }
 
-async fn run_cycle(exporter: &Exporter, detector: &Detector, scorer: &mut DetectorScorer) {
+async fn run_cycle(
+    exporter: &Exporter,
+    detector: &Detector,
+    scorer: &mut DetectorScorer,
+    episodes: &mut EpisodeTracker,
+) {
     let name = detector.name.0.as_str();
     let t = &exporter.telemetry;
     let started = Instant::now();
@@ -313,8 +331,18 @@ async fn run_cycle(exporter: &Exporter, detector: &Detector, scorer: &mut Detect
         .with_label_values(&[name])
         .observe(inference.elapsed().as_secs_f64());
     match result {
-        Ok((stats, _)) => {
+        Ok((stats, scored)) => {
             exporter.with_exposition(|x| x.update(name, scorer));
+            if let Some(history) = &exporter.history {
+                for (index, scores) in &scored {
+                    for episode in episodes.observe(&fetched[*index].labels, scores) {
+                        history.record(episode);
+                    }
+                }
+                t.episodes_pending.set(history.pending() as i64);
+                Telemetry::catch_up(&t.episodes_written, history.written());
+                Telemetry::catch_up(&t.episodes_dropped, history.dropped());
+            }
             t.series_scored
                 .with_label_values(&[name])
                 .set(stats.series_scored as i64);

@@ -4,67 +4,24 @@
 
 mod common;
 
+use common::pg::TestDb;
+
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mad::config::{Config, Secret};
 use mad::store::{ModelStore, PgStore};
-
-const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
-
-/// A throw-away database, dropped at the end of the test.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn new() -> TestDb {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!("mad_test_{}_{nanos}", std::process::id());
-        let admin = admin().await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        TestDb {
-            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
-            name,
-        }
-    }
-
-    async fn store(&self) -> PgStore {
-        PgStore::connect(&Secret::new(self.url.clone()))
-            .await
-            .expect("connect")
-    }
-
-    async fn drop(self) {
-        let _ = admin()
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
-    }
-}
-
-async fn admin() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(ADMIN, tokio_postgres::NoTls)
-        .await
-        .expect("PostgreSQL must run on 127.0.0.1:5432 (.ci/run starts it)");
-    tokio::spawn(connection);
-    client
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_apply_once_and_a_newer_schema_is_refused() {
     let db = TestDb::new().await;
     let store = db.store().await;
-    assert_eq!(store.migrate().await.expect("first migration"), 1);
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations folder")
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".sql"))
+        .count();
+    assert_eq!(store.migrate().await.expect("first migration"), shipped);
     assert_eq!(
         store.migrate().await.expect("re-run"),
         0,

@@ -1,8 +1,8 @@
 //! MAD's own metrics, under the `mad_` prefix.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets from 100 µs to ~30 s: inference of one step is micro-seconds, a slow query seconds.
@@ -25,6 +25,9 @@ pub struct Telemetry {
     pub model_reloads: IntCounterVec,
     pub last_success: GaugeVec,
     pub build_info: Gauge,
+    pub episodes_pending: IntGauge,
+    pub episodes_written: IntCounter,
+    pub episodes_dropped: IntCounter,
 }
 
 impl Telemetry {
@@ -97,6 +100,18 @@ impl Telemetry {
                 Opts::new("mad_build_info", "Build information (value 1).")
                     .const_label("version", env!("CARGO_PKG_VERSION")),
             )?,
+            episodes_pending: IntGauge::new(
+                "mad_episodes_pending",
+                "Anomaly episodes waiting to be written to PostgreSQL.",
+            )?,
+            episodes_written: IntCounter::new(
+                "mad_episodes_written_total",
+                "Anomaly episode writes (opened or closed) stored in PostgreSQL.",
+            )?,
+            episodes_dropped: IntCounter::new(
+                "mad_episodes_dropped_total",
+                "Anomaly episode writes lost because the buffer was full.",
+            )?,
             registry,
         };
         t.build_info.set(1.0);
@@ -113,11 +128,22 @@ impl Telemetry {
         r.register(Box::new(t.model_reloads.clone()))?;
         r.register(Box::new(t.last_success.clone()))?;
         r.register(Box::new(t.build_info.clone()))?;
+        r.register(Box::new(t.episodes_pending.clone()))?;
+        r.register(Box::new(t.episodes_written.clone()))?;
+        r.register(Box::new(t.episodes_dropped.clone()))?;
         Ok(t)
     }
 
     pub fn error(&self, detector: &str, kind: &str) {
         self.errors.with_label_values(&[detector, kind]).inc();
+    }
+
+    /// Brings a counter up to a running total kept elsewhere.
+    pub fn catch_up(counter: &IntCounter, total: u64) {
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
+        }
     }
 
     pub fn write_to(&self, out: &mut String) {

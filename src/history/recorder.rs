@@ -1,0 +1,147 @@
+//! Writes episodes to PostgreSQL without ever blocking scoring.
+//!
+//! Scoring hands episodes over with a non-blocking send; a background task writes them in
+//! batches. While the database is unreachable they wait in a bounded buffer and are written,
+//! in order, once it is back; only when the buffer is full are the oldest dropped (and counted).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+
+use super::Episode;
+use crate::store::PgStore;
+
+/// Episodes held while the database is away (plus as many again in the hand-over channel).
+pub const RECORDER_BUFFER: usize = 10_000;
+const BATCH: usize = 500;
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+const UPSERT: &str = "INSERT INTO anomaly_episodes \
+     (detector, series, labels, started_at, ended_at, peak_score) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (detector, series, started_at) DO UPDATE SET \
+     ended_at = COALESCE(EXCLUDED.ended_at, anomaly_episodes.ended_at), \
+     peak_score = GREATEST(anomaly_episodes.peak_score, EXCLUDED.peak_score)";
+
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Episode>,
+    counters: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    pending: AtomicUsize,
+    written: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Recorder {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Arc<PgStore>) -> Recorder {
+        let (tx, rx) = mpsc::channel(RECORDER_BUFFER);
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(write_loop(store, rx, counters.clone()));
+        Recorder { tx, counters }
+    }
+
+    /// Hands an episode over; never waits. `false` when it had to be dropped.
+    pub fn record(&self, episode: Episode) -> bool {
+        match self.tx.try_send(episode) {
+            Ok(()) => {
+                self.counters.pending.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Episodes handed over but not yet written.
+    pub fn pending(&self) -> usize {
+        self.counters.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.counters.written.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+}
+
+async fn write_loop(store: Arc<PgStore>, mut rx: mpsc::Receiver<Episode>, counters: Arc<Counters>) {
+    let mut buffer: VecDeque<Episode> = VecDeque::new();
+    let mut delay = RETRY_MIN;
+    let mut failing = false;
+    loop {
+        if buffer.is_empty() {
+            match rx.recv().await {
+                Some(e) => buffer.push_back(e),
+                None => return,
+            }
+        }
+        while let Ok(e) = rx.try_recv() {
+            if buffer.len() >= RECORDER_BUFFER {
+                buffer.pop_front();
+                counters.pending.fetch_sub(1, Ordering::Relaxed);
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            buffer.push_back(e);
+        }
+        let batch: Vec<Episode> = buffer.iter().take(BATCH).cloned().collect();
+        match write(&store, &batch).await {
+            Ok(()) => {
+                buffer.drain(..batch.len());
+                counters.pending.fetch_sub(batch.len(), Ordering::Relaxed);
+                counters
+                    .written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                if failing {
+                    tracing::info!(written = batch.len(), "anomaly history writes resumed");
+                }
+                failing = false;
+                delay = RETRY_MIN;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, buffered = buffer.len(), "cannot write anomaly history; buffering");
+                }
+                failing = true;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn write(store: &PgStore, batch: &[Episode]) -> Result<(), crate::store::StoreError> {
+    let fail = |e: tokio_postgres::Error| crate::store::StoreError::Database {
+        target: "anomaly_episodes".into(),
+        message: e.to_string(),
+    };
+    let mut client = store.client().await?;
+    let tx = client.transaction().await.map_err(fail)?;
+    let statement = tx.prepare(UPSERT).await.map_err(fail)?;
+    for e in batch {
+        let labels = serde_json::to_value(&e.labels).unwrap_or_default();
+        let start = UNIX_EPOCH + Duration::from_secs(e.started_at.max(0) as u64);
+        let end = e
+            .ended_at
+            .map(|t| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64));
+        tx.execute(
+            &statement,
+            &[&e.detector, &e.series, &labels, &start, &end, &e.peak_score],
+        )
+        .await
+        .map_err(fail)?;
+    }
+    tx.commit().await.map_err(fail)
+}
