@@ -7,6 +7,10 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
 command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# scripts/schemathesis.sh: a Python venv for schemathesis, psql for its scratch database, curl.
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)…"
   sudo_cmd=""

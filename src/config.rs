@@ -92,6 +92,12 @@ pub struct Server {
     /// How often the store is checked for new model versions.
     #[serde(default = "default_reload_interval")]
     pub reload_interval: Duration,
+    /// Bearer token the management API (`/api/v1/`) requires; without it, writes are refused.
+    #[serde(default)]
+    pub api_token: Option<Secret>,
+    /// Let the management API's GET endpoints answer without the token.
+    #[serde(default)]
+    pub api_public_reads: bool,
 }
 
 impl Default for Server {
@@ -99,6 +105,8 @@ impl Default for Server {
         Server {
             listen: default_listen(),
             reload_interval: default_reload_interval(),
+            api_token: None,
+            api_public_reads: false,
         }
     }
 }
@@ -635,6 +643,29 @@ detectors:
             !shown.contains("s3cr3t") && !shown.contains("hunter2"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn api_settings_default_to_closed_and_the_token_stays_secret() {
+        let c = parse(GOOD).expect("valid");
+        assert!(c.server.api_token.is_none());
+        assert!(!c.server.api_public_reads);
+        let text = GOOD.replace(
+            "server: { listen: 127.0.0.1:9464 }",
+            "server: { listen: 127.0.0.1:9464, api_token: t0k3n-s3cr3t, api_public_reads: true }",
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(
+            c.server.api_token.as_ref().map(Secret::expose),
+            Some("t0k3n-s3cr3t")
+        );
+        assert!(c.server.api_public_reads);
+        assert!(!format!("{c:?}").contains("t0k3n-s3cr3t"));
+        let e = error(&GOOD.replace(
+            "server: { listen: 127.0.0.1:9464 }",
+            "server: { listen: 127.0.0.1:9464, api_public_reads: sometimes }",
+        ));
+        assert!(e.contains("server.api_public_reads"), "{e}");
     }
 
     #[test]

@@ -16,15 +16,19 @@
 //! - [`score`]: per-series state, batched inference, scores against calibrated bands.
 //! - [`expose`]: the text exposition and the HTTP server.
 //! - [`store`]: model versions behind one trait; a directory by default.
+//! - [`api`]: the management API under `/api/v1/` (docs/openapi.yaml): detectors, models,
+//!   anomalies, maintenance windows and retraining, on the PostgreSQL registry.
 //! - [`train`] and [`serve`]: the two subcommands that wire the pieces together.
 //! - [`synth`] and [`demo`]: synthetic metrics with known incidents, and the end-to-end demo
 //!   against a real VictoriaMetrics that the tests reuse.
 
+pub mod api;
 pub mod config;
 pub mod demo;
 pub mod expose;
 pub mod history;
 pub mod model;
+pub mod registry;
 pub mod score;
 pub mod serve;
 pub mod source;

@@ -42,6 +42,10 @@ enum Command {
         /// Train on history up to this time (RFC 3339 or Unix seconds) instead of now.
         #[arg(long, value_parser = parse_time)]
         end: Option<i64>,
+        /// Instead of training once, keep taking retraining requests from the PostgreSQL queue
+        /// (several trainers may watch one queue; each request is taken once) until SIGTERM.
+        #[arg(long, conflicts_with_all = ["detectors", "end"])]
+        watch: bool,
     },
     /// Score fresh data with the active models and expose anomaly_score, yhat, yhat_lower,
     /// yhat_upper and y on /metrics (plus /healthz and /readyz). Picks up new model versions
@@ -60,6 +64,12 @@ enum Command {
     Models {
         #[command(subcommand)]
         action: ModelsAction,
+    },
+    /// List detectors: the config file's and, with PostgreSQL, the database's (the config file
+    /// wins on a name clash).
+    Detectors {
+        #[command(subcommand)]
+        action: DetectorsAction,
     },
     /// Check a config file and print what it defines.
     Check {
@@ -84,6 +94,15 @@ enum Command {
         /// Keep VictoriaMetrics and the exporter running after the report, until Ctrl-C.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DetectorsAction {
+    /// One line per detector with where it is defined.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -212,9 +231,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             detectors,
             end,
+            watch,
         } => {
             let config = Config::load(&config)?;
-            mad::train::run(&config, &detectors, end).await?;
+            if watch {
+                mad::train::watch(&config, mad::serve::shutdown_signal()).await?;
+            } else {
+                mad::train::run(&config, &detectors, end).await?;
+            }
+        }
+        Command::Detectors {
+            action: DetectorsAction::List { config },
+        } => {
+            let config = Config::load(&config)?;
+            let registry = match &config.store.postgres {
+                Some(url) => Some(mad::registry::Registry::new(std::sync::Arc::new(
+                    mad::store::PgStore::connect(url).await?,
+                ))),
+                None => None,
+            };
+            for (d, source) in
+                mad::registry::merged_detectors(&config.detectors, registry.as_ref()).await?
+            {
+                println!(
+                    "{:<24} {:<8} step {:<6} window {:<4} {}",
+                    d.name,
+                    source,
+                    humantime::format_duration(d.step.0).to_string(),
+                    d.window.0,
+                    d.query.0
+                );
+            }
         }
         Command::Serve { config } => {
             let config = Config::load(&config)?;

@@ -119,6 +119,19 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let exporter = Arc::new(Exporter::new(config).await?);
+    // The management API works on the PostgreSQL registry; without it, /api/ says so.
+    let api: Arc<dyn crate::expose::ApiHandler> = match exporter.config.store.postgres {
+        Some(_) => Arc::new(
+            crate::api::Api::connect(
+                &exporter.config,
+                exporter.store.clone(),
+                exporter.client.clone(),
+            )
+            .await
+            .context("cannot start the management API")?,
+        ),
+        None => Arc::new(crate::api::Unavailable),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut loops = Vec::new();
     for detector in exporter.config.detectors.clone() {
@@ -133,7 +146,7 @@ pub async fn run(
         detectors = exporter.config.detectors.len(),
         "serving /metrics"
     );
-    serve_http(listener, exporter.clone(), shutdown).await;
+    serve_http(listener, exporter.clone(), Some(api), shutdown).await;
     let _ = stop_tx.send(true);
     for handle in loops {
         let _ = handle.await;

@@ -1,5 +1,6 @@
 //! `mad train`: fetch each detector's history, train its model, store it.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -7,8 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mad_training::{Progress, SeriesHistory};
 
 use crate::config::{Config, Detector};
+use crate::registry::{exclude_windows, merged_detectors, MaintenanceWindow, Registry};
 use crate::source::{align_down, Client, Series};
-use crate::store::{ModelStore, VersionInfo};
+use crate::store::{ModelStore, PgStore, VersionInfo};
 
 /// What one detector's training produced, for the summary line.
 #[derive(Debug)]
@@ -36,37 +38,150 @@ impl std::fmt::Display for Trained {
     }
 }
 
-/// Trains the named detectors (all when `only` is empty) on history up to `end` (Unix seconds,
-/// default now) and stores each model as the new active version.
+/// What `mad train` works with: the datasource, the model store and, with PostgreSQL, the
+/// registry (database detectors, maintenance windows, the retraining queue).
+struct Trainer<'a> {
+    config: &'a Config,
+    client: Client,
+    store: Arc<dyn ModelStore>,
+    registry: Option<Registry>,
+}
+
+impl<'a> Trainer<'a> {
+    async fn new(config: &'a Config) -> anyhow::Result<Trainer<'a>> {
+        let registry = match &config.store.postgres {
+            Some(url) => Some(Registry::new(Arc::new(PgStore::connect(url).await?))),
+            None => None,
+        };
+        Ok(Trainer {
+            config,
+            client: Client::new(&config.datasource)?,
+            store: crate::store::open(&config.store).await?,
+            registry,
+        })
+    }
+
+    async fn detectors(&self) -> anyhow::Result<Vec<Detector>> {
+        let merged = merged_detectors(&self.config.detectors, self.registry.as_ref()).await?;
+        Ok(merged.into_iter().map(|(d, _)| d).collect())
+    }
+
+    async fn train(&self, detector: &Detector, end: i64) -> anyhow::Result<Trained> {
+        let step = detector.step.0.as_secs().max(1) as i64;
+        let start = end - detector.train_range.0.as_secs() as i64;
+        let windows = match &self.registry {
+            Some(r) => r.windows(start, end).await?,
+            None => Vec::new(),
+        };
+        train_detector(
+            self.config,
+            &self.client,
+            self.store.as_ref(),
+            detector,
+            end,
+            &windows,
+        )
+        .await
+        .with_context(|| format!("detector {} (step {step}s)", detector.name))
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Trains the named detectors (all when `only` is empty: the config file's and, with PostgreSQL,
+/// the database's) on history up to `end` (Unix seconds, default now) and stores each model as
+/// the new active version.
 pub async fn run(
     config: &Config,
     only: &[String],
     end: Option<i64>,
 ) -> anyhow::Result<Vec<Trained>> {
+    let trainer = Trainer::new(config).await?;
+    let detectors = trainer.detectors().await?;
     for name in only {
-        if config.detector(name).is_none() {
-            bail!("no detector named {name:?} in the config");
+        if !detectors.iter().any(|d| &d.name.0 == name) {
+            bail!("no detector named {name:?} in the config or the database");
         }
     }
-    let client = Client::new(&config.datasource)?;
-    let store = crate::store::open(&config.store).await?;
-    let end = end.unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64)
-    });
+    let end = end.unwrap_or_else(unix_now);
     let mut trained = Vec::new();
-    for detector in &config.detectors {
+    for detector in &detectors {
         if !only.is_empty() && !only.contains(&detector.name.0) {
             continue;
         }
-        let result = train_detector(config, &client, store.as_ref(), detector, end)
-            .await
-            .with_context(|| format!("detector {}", detector.name))?;
+        let result = trainer.train(detector, end).await?;
         println!("{result}");
         trained.push(result);
     }
     Ok(trained)
+}
+
+/// How often an idle `mad train --watch` looks at the queue.
+pub const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `mad train --watch`: takes retraining requests from the PostgreSQL queue one at a time until
+/// `shutdown` completes. Several watchers can share one queue: each request is taken once.
+pub async fn watch(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let trainer = Trainer::new(config).await?;
+    let Some(registry) = &trainer.registry else {
+        bail!("--watch needs store.postgres: the retraining queue lives in PostgreSQL");
+    };
+    let me = format!(
+        "{}:{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "mad".into()),
+        std::process::id()
+    );
+    tracing::info!(trainer = %me, "watching the retraining queue");
+    tokio::pin!(shutdown);
+    loop {
+        let request = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            taken = registry.take_training_request(&me) => taken,
+        };
+        let request = match request {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(WATCH_POLL) => continue,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the retraining queue");
+                tokio::time::sleep(WATCH_POLL).await;
+                continue;
+            }
+        };
+        tracing::info!(id = request.id, detector = %request.detector, "retraining");
+        let detector = trainer
+            .detectors()
+            .await?
+            .into_iter()
+            .find(|d| d.name.0 == request.detector);
+        let outcome = match detector {
+            Some(d) => trainer
+                .train(&d, unix_now())
+                .await
+                .map_err(|e| format!("{e:#}")),
+            None => Err(format!("no detector named {:?}", request.detector)),
+        };
+        match &outcome {
+            Ok(t) => println!("{t}"),
+            Err(e) => tracing::error!(id = request.id, error = %e, "retraining failed"),
+        }
+        let result = outcome
+            .as_ref()
+            .map(|t| t.version.version.as_str())
+            .map_err(String::as_str);
+        registry.finish_training_request(request.id, result).await?;
+    }
 }
 
 async fn train_detector(
@@ -75,6 +190,7 @@ async fn train_detector(
     store: &dyn ModelStore,
     detector: &Detector,
     end: i64,
+    windows: &[MaintenanceWindow],
 ) -> anyhow::Result<Trained> {
     let started = Instant::now();
     let step = detector.step.0.as_secs().max(1) as i64;
@@ -84,9 +200,14 @@ async fn train_detector(
         .query_range(&detector.query.0, start, end, step)
         .await?;
     let min_points = detector.window.0 * 4;
+    let mut excluded = 0;
     let history: Vec<SeriesHistory> = fetched
         .iter()
         .filter_map(|s| to_history(s, step))
+        .map(|mut h| {
+            excluded += exclude_windows(windows, &detector.name.0, &h.labels, &h.timestamps, &mut h.values);
+            h
+        })
         .filter(|h| {
             let finite = h.values.iter().filter(|v| v.is_finite()).count();
             if finite < min_points {
@@ -95,6 +216,9 @@ async fn train_detector(
             finite >= min_points
         })
         .collect();
+    if excluded > 0 {
+        tracing::info!(detector = %detector.name, excluded, "points inside maintenance windows left out");
+    }
     if history.is_empty() {
         bail!(
             "the query returned {} series but none has {min_points} points (4 windows) between {} and {}",

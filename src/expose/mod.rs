@@ -6,5 +6,5 @@ mod server;
 mod telemetry;
 
 pub use render::{escape_label_value, exposed_labels, Exposition, Family, FAMILIES};
-pub use server::{serve_http, Probes};
+pub use server::{serve_http, ApiHandler, Probes};
 pub use telemetry::Telemetry;

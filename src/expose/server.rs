@@ -1,10 +1,12 @@
-//! The HTTP server: `/metrics`, `/healthz`, `/readyz`, with graceful shutdown.
+//! The HTTP server: `/metrics`, `/healthz`, `/readyz`, with graceful shutdown; paths under
+//! `/api/` go to the management API when one is given.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -27,10 +29,17 @@ pub trait Probes: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
 }
 
+/// Handles every request whose path starts with `/api/` (the management API).
+#[async_trait]
+pub trait ApiHandler: Send + Sync {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>>;
+}
+
 /// Serves until `shutdown` completes, then lets open connections finish.
 pub async fn serve_http<P: Probes>(
     listener: TcpListener,
     probes: Arc<P>,
+    api: Option<Arc<dyn ApiHandler>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -49,9 +58,19 @@ pub async fn serve_http<P: Probes>(
                     }
                 };
                 let probes = probes.clone();
-                let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let probes = probes.clone();
-                    async move { Ok::<_, Infallible>(route(&*probes, &req)) }
+                    let api = api.clone();
+                    async move {
+                        let response = match api {
+                            Some(api) if req.uri().path().starts_with("/api/") => {
+                                api.handle(req).await
+                            }
+                            _ => route(&*probes, &req),
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {

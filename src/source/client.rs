@@ -250,6 +250,73 @@ impl Client {
         })
     }
 
+    /// Asks the datasource whether `query` is valid PromQL (MetricsQL) by running it as an
+    /// instant query at the current time: a syntax error comes back as [`SourceError::Query`]
+    /// with the server's message.
+    pub async fn check_query(&self, query: &str) -> Result<(), SourceError> {
+        let url = reqwest::Url::parse(&format!("{}/api/v1/query", self.shown_url))
+            .map_err(|e| SourceError::Setup(format!("datasource URL: {e}")))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", query)
+            .append_pair("time", &now.to_string())
+            .finish();
+        let mut request = self.http.post(url);
+        if let Some((user, password)) = &self.basic_auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
+        let response = request
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        // Only the status matters: the data may be a vector, a scalar or a string.
+        #[derive(Deserialize)]
+        struct Outcome {
+            status: String,
+            #[serde(default, rename = "errorType")]
+            error_type: Option<String>,
+            #[serde(default)]
+            error: Option<String>,
+        }
+        let envelope: Option<Outcome> = serde_json::from_slice(&bytes).ok();
+        let url = self.shown_url.clone();
+        match envelope {
+            Some(e) if e.status == "success" && status.is_success() => Ok(()),
+            Some(e) if e.status == "error" && status.is_client_error() => Err(SourceError::Query {
+                url,
+                kind: e.error_type.unwrap_or_else(|| "unknown".into()),
+                message: e.error.unwrap_or_else(|| "(no message)".into()),
+            }),
+            Some(e) if e.status == "error" => Err(SourceError::Http {
+                url,
+                status: status.as_u16(),
+                message: format!(
+                    "{}: {}",
+                    e.error_type.unwrap_or_else(|| "unknown".into()),
+                    e.error.unwrap_or_else(|| "(no message)".into())
+                ),
+            }),
+            _ if !status.is_success() => Err(SourceError::Http {
+                url,
+                status: status.as_u16(),
+                message: quote(&bytes),
+            }),
+            _ => Err(SourceError::Malformed {
+                url,
+                message: format!("unexpected instant query response: {}", quote(&bytes)),
+            }),
+        }
+    }
+
     fn transport(&self, e: reqwest::Error) -> SourceError {
         let what = if e.is_timeout() {
             "timed out"
