@@ -2,9 +2,11 @@
 //!
 //! Each loop polls the store for a new model version, fetches the newest points, scores them and
 //! re-renders that detector's part of `/metrics`. Loops never share model state, so a slow or
-//! failing detector does not hold up the others.
+//! failing detector does not hold up the others. With PostgreSQL, a supervisor also follows the
+//! detectors defined in the database (starting, restarting and stopping their loops) and the
+//! maintenance windows, inside which no anomaly episode is recorded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +17,8 @@ use crate::config::{Config, Detector};
 use crate::expose::{serve_http, Exposition, Probes, Telemetry};
 use crate::history::{EpisodeTracker, Recorder};
 use crate::model::Forecaster;
-use crate::score::DetectorScorer;
+use crate::registry::{merged_detectors, MaintenanceWindow, Registry};
+use crate::score::{DetectorScorer, Score};
 use crate::source::{align_down, Client, Series, SourceError};
 use crate::store::{ModelStore, PgStore};
 
@@ -29,6 +32,11 @@ pub struct Exporter {
     status: Mutex<HashMap<String, DetectorStatus>>,
     /// Anomaly history writer, with the PostgreSQL store only.
     history: Option<Recorder>,
+    /// Database detectors and maintenance windows, with the PostgreSQL store only.
+    registry: Option<Registry>,
+    windows: RwLock<Vec<MaintenanceWindow>>,
+    /// The detectors being served now (config file and database).
+    serving: Mutex<BTreeMap<String, Detector>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -53,15 +61,17 @@ impl Probes for Exporter {
             .status
             .lock()
             .map_err(|_| "status lock poisoned".to_string())?;
-        let missing: Vec<String> = self
-            .config
-            .detectors
-            .iter()
-            .filter_map(|d| {
-                let s = status.get(&d.name.0).cloned().unwrap_or_default();
+        let serving = self
+            .serving
+            .lock()
+            .map_err(|_| "detector list lock poisoned".to_string())?;
+        let missing: Vec<String> = serving
+            .keys()
+            .filter_map(|name| {
+                let s = status.get(name).cloned().unwrap_or_default();
                 match (s.model_version, s.good_cycles) {
-                    (None, _) => Some(format!("{}: no model", d.name)),
-                    (Some(_), 0) => Some(format!("{}: no scoring cycle yet", d.name)),
+                    (None, _) => Some(format!("{name}: no model")),
+                    (Some(_), 0) => Some(format!("{name}: no scoring cycle yet")),
                     _ => None,
                 }
             })
@@ -78,8 +88,9 @@ impl Exporter {
     pub async fn new(config: Config) -> anyhow::Result<Exporter> {
         let client = Client::new(&config.datasource)?;
         let store = crate::store::open(&config.store).await?;
-        let history = match &config.store.postgres {
-            Some(url) => Some(Recorder::start(Arc::new(PgStore::connect(url).await?))),
+        // One pool for the history writer and the registry reads.
+        let postgres = match &config.store.postgres {
+            Some(url) => Some(Arc::new(PgStore::connect(url).await?)),
             None => None,
         };
         Ok(Exporter {
@@ -88,7 +99,10 @@ impl Exporter {
             telemetry: Telemetry::new().context("cannot set up self-monitoring metrics")?,
             exposition: RwLock::new(Exposition::default()),
             status: Mutex::new(HashMap::new()),
-            history,
+            history: postgres.clone().map(Recorder::start),
+            registry: postgres.map(Registry::new),
+            windows: RwLock::new(Vec::new()),
+            serving: Mutex::new(BTreeMap::new()),
             config,
         })
     }
@@ -97,6 +111,26 @@ impl Exporter {
         if let Ok(mut status) = self.status.lock() {
             update(status.entry(detector.to_string()).or_default());
         }
+    }
+
+    /// Drops what a detector that is no longer served left behind.
+    fn forget(&self, detector: &str) {
+        self.with_exposition(|x| x.clear(detector));
+        let serving = self.status.lock().ok().and_then(|mut s| s.remove(detector));
+        if let Some(version) = serving.and_then(|s| s.model_version) {
+            let _ = self
+                .telemetry
+                .model_info
+                .remove_label_values(&[detector, &version]);
+            self.telemetry.models_loaded.dec();
+        }
+    }
+
+    /// Whether a maintenance window covers this point: no episode is recorded inside one.
+    fn in_maintenance(&self, detector: &str, labels: &crate::source::Labels, ts: i64) -> bool {
+        self.windows
+            .read()
+            .is_ok_and(|w| w.iter().any(|w| w.covers(detector, labels, ts)))
     }
 
     fn with_exposition(&self, update: impl FnOnce(&mut Exposition)) {
@@ -133,27 +167,103 @@ pub async fn run(
         None => Arc::new(crate::api::Unavailable),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut loops = Vec::new();
-    for detector in exporter.config.detectors.clone() {
-        loops.push(tokio::spawn(detector_loop(
-            exporter.clone(),
-            detector,
-            stop_rx.clone(),
-        )));
-    }
-    tracing::info!(
-        %listen,
-        detectors = exporter.config.detectors.len(),
-        "serving /metrics"
-    );
+    let supervisor = tokio::spawn(supervise(exporter.clone(), stop_rx));
+    tracing::info!(%listen, "serving /metrics");
     serve_http(listener, exporter.clone(), Some(api), shutdown).await;
     let _ = stop_tx.send(true);
-    for handle in loops {
-        let _ = handle.await;
-    }
+    let _ = supervisor.await;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// A running detector loop.
+struct Running {
+    detector: Detector,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Keeps one loop per wanted detector (config file plus database, re-read every
+/// `reload_interval`) and the maintenance windows fresh, until `stop`; then stops every loop.
+async fn supervise(exporter: Arc<Exporter>, mut stop: watch::Receiver<bool>) {
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    loop {
+        match merged_detectors(&exporter.config.detectors, exporter.registry.as_ref()).await {
+            Ok(wanted) => {
+                let wanted: BTreeMap<String, Detector> = wanted
+                    .into_iter()
+                    .map(|(d, _)| (d.name.0.clone(), d))
+                    .collect();
+                let outdated: Vec<String> = running
+                    .iter()
+                    .filter(|(name, r)| {
+                        wanted
+                            .get(*name)
+                            .is_none_or(|d| format!("{d:?}") != format!("{:?}", r.detector))
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in outdated {
+                    if let Some(r) = running.remove(&name) {
+                        let _ = r.stop.send(true);
+                        let _ = r.task.await;
+                        exporter.forget(&name);
+                        tracing::info!(detector = %name, "detector loop stopped");
+                    }
+                }
+                for (name, detector) in &wanted {
+                    if !running.contains_key(name) {
+                        let (tx, rx) = watch::channel(false);
+                        let task =
+                            tokio::spawn(detector_loop(exporter.clone(), detector.clone(), rx));
+                        running.insert(
+                            name.clone(),
+                            Running {
+                                detector: detector.clone(),
+                                stop: tx,
+                                task,
+                            },
+                        );
+                    }
+                }
+                if let Ok(mut serving) = exporter.serving.lock() {
+                    *serving = wanted;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read database detectors; keeping the current set")
+            }
+        }
+        if let Some(registry) = &exporter.registry {
+            let now = unix_now();
+            match registry
+                .windows(now - WINDOW_LOOKBACK_SECS, now + WINDOW_LOOKAHEAD_SECS)
+                .await
+            {
+                Ok(windows) => {
+                    if let Ok(mut current) = exporter.windows.write() {
+                        *current = windows;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read maintenance windows; keeping the last ones")
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(exporter.config.server.reload_interval.0) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    for (_, r) in running {
+        let _ = r.stop.send(true);
+        let _ = r.task.await;
+    }
+}
+
+/// Maintenance windows this far back and ahead are kept in memory.
+const WINDOW_LOOKBACK_SECS: i64 = 7 * 86_400;
+const WINDOW_LOOKAHEAD_SECS: i64 = 366 * 86_400;
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
@@ -348,7 +458,19 @@ async fn run_cycle(
             exporter.with_exposition(|x| x.update(name, scorer));
             if let Some(history) = &exporter.history {
                 for (index, scores) in &scored {
-                    for episode in episodes.observe(&fetched[*index].labels, scores) {
+                    let labels = &fetched[*index].labels;
+                    // Inside a maintenance window a point counts as normal: nothing opens there.
+                    let scores: Vec<Score> = scores
+                        .iter()
+                        .map(|s| {
+                            if exporter.in_maintenance(name, labels, s.ts) {
+                                Score { score: 0.0, ..*s }
+                            } else {
+                                *s
+                            }
+                        })
+                        .collect();
+                    for episode in episodes.observe(labels, &scores) {
                         history.record(episode);
                     }
                 }

@@ -214,3 +214,74 @@ async fn connection_errors_never_show_the_password() {
         "{shown}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detectors_added_to_the_database_are_served_and_removed_ones_stop() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    store.migrate().await.expect("migrate");
+    let registry = mad::registry::Registry::new(std::sync::Arc::new(db.store().await));
+    let meta = common::meta("from_db", 1.0);
+    let version = store
+        .put(&common::model_bytes(&meta), &meta)
+        .await
+        .expect("put");
+
+    let port = mad::demo::free_port().expect("port");
+    let closed = mad::demo::free_port().expect("port");
+    let text = format!(
+        r#"
+datasource: {{ url: "http://127.0.0.1:{closed}", retries: 0, timeout: 1s }}
+store: {{ postgres: "{}" }}
+server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
+detectors:
+  - {{ name: cpu, query: up, step: 1m, window: 8, train_range: 1d }}
+"#,
+        db.url
+    );
+    let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        mad::serve::run(config, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let info = format!(
+        "mad_model_info{{detector=\"from_db\",version=\"{}\"}} 1",
+        version.version
+    );
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let served = || async {
+        reqwest::get(&metrics)
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+            .map(|b| b.contains(&info))
+    };
+    let until = |want: bool| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while served().await != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "from_db served should become {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    until(false).await;
+    let spec = serde_json::json!({ "query": "up", "step": "1m", "window": 8, "train_range": "1d" });
+    assert!(registry
+        .put_detector("from_db", &spec, true)
+        .await
+        .expect("create"));
+    until(true).await;
+    assert!(registry.delete_detector("from_db").await.expect("delete"));
+    until(false).await;
+
+    let _ = stop_tx.send(());
+    server.await.expect("task").expect("exporter stops cleanly");
+    db.drop().await;
+}
