@@ -217,21 +217,7 @@ impl Client {
     }
 
     async fn fetch_once(&self, body: String) -> Result<Vec<Series>, SourceError> {
-        let mut request = self.http.post(self.endpoint.clone());
-        if let Some((user, password)) = &self.basic_auth {
-            request = request.basic_auth(user, Some(password.expose()));
-        }
-        let response = request
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        let (status, bytes) = self.post_form(self.endpoint.clone(), body).await?;
         parse_response(status, &bytes).map_err(|failure| match failure {
             Failure::Http(message) => SourceError::Http {
                 url: self.shown_url.clone(),
@@ -263,21 +249,7 @@ impl Client {
             .append_pair("query", query)
             .append_pair("time", &now.to_string())
             .finish();
-        let mut request = self.http.post(url);
-        if let Some((user, password)) = &self.basic_auth {
-            request = request.basic_auth(user, Some(password.expose()));
-        }
-        let response = request
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        let (status, bytes) = self.post_form(url, body).await?;
         // Only the status matters: the data may be a vector, a scalar or a string.
         #[derive(Deserialize)]
         struct Outcome {
@@ -315,6 +287,30 @@ impl Client {
                 message: format!("unexpected instant query response: {}", quote(&bytes)),
             }),
         }
+    }
+
+    /// POSTs a form with the datasource's credentials; returns the status and the whole body.
+    async fn post_form(
+        &self,
+        url: reqwest::Url,
+        body: String,
+    ) -> Result<(StatusCode, bytes::Bytes), SourceError> {
+        let mut request = self.http.post(url);
+        if let Some((user, password)) = &self.basic_auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
+        let response = request
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        Ok((status, bytes))
     }
 
     fn transport(&self, e: reqwest::Error) -> SourceError {
