@@ -65,6 +65,10 @@ pub struct Store {
     /// `postgres://user:password@host:port/db`; the password never reaches a log line.
     #[serde(default)]
     pub postgres: Option<Secret>,
+    /// CA certificate (PEM) the PostgreSQL server's certificate must verify against; without it,
+    /// `sslmode=require` encrypts without checking the certificate, as libpq does.
+    #[serde(default)]
+    pub postgres_ca_file: Option<PathBuf>,
     /// Apply pending schema migrations on start (PostgreSQL only).
     #[serde(default = "default_true")]
     pub migrate: bool,
@@ -78,6 +82,7 @@ impl Default for Store {
         Store {
             path: default_store_path(),
             postgres: None,
+            postgres_ca_file: None,
             migrate: true,
             keep_versions: default_keep_versions(),
         }

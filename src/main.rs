@@ -245,8 +245,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let config = Config::load(&config)?;
             let registry = match &config.store.postgres {
-                Some(url) => Some(mad::registry::Registry::new(std::sync::Arc::new(
-                    mad::store::PgStore::connect(url).await?,
+                Some(_) => Some(mad::registry::Registry::new(std::sync::Arc::new(
+                    mad::store::PgStore::from_config(&config.store).await?,
                 ))),
                 None => None,
             };
@@ -269,10 +269,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Migrate { config } => {
             let config = Config::load(&config)?;
-            let Some(url) = &config.store.postgres else {
+            if config.store.postgres.is_none() {
                 anyhow::bail!("store.postgres is not set: the directory store needs no migrations");
-            };
-            let applied = mad::store::PgStore::connect(url).await?.migrate().await?;
+            }
+            let applied = mad::store::PgStore::from_config(&config.store)
+                .await?
+                .migrate()
+                .await?;
             println!("schema up to date ({applied} migrations applied)");
         }
         Command::Models { action } => models(action).await?,

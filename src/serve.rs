@@ -90,7 +90,7 @@ impl Exporter {
         let store = crate::store::open(&config.store).await?;
         // One pool for the history writer and the registry reads.
         let postgres = match &config.store.postgres {
-            Some(url) => Some(Arc::new(PgStore::connect(url).await?)),
+            Some(_) => Some(Arc::new(PgStore::from_config(&config.store).await?)),
             None => None,
         };
         Ok(Exporter {

@@ -50,7 +50,9 @@ struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     async fn new(config: &'a Config) -> anyhow::Result<Trainer<'a>> {
         let registry = match &config.store.postgres {
-            Some(url) => Some(Registry::new(Arc::new(PgStore::connect(url).await?))),
+            Some(_) => Some(Registry::new(Arc::new(
+                PgStore::from_config(&config.store).await?,
+            ))),
             None => None,
         };
         Ok(Trainer {

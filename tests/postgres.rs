@@ -285,3 +285,59 @@ detectors:
     server.await.expect("task").expect("exporter stops cleanly");
     db.drop().await;
 }
+
+/// Connections of this database that use TLS, as the server sees them.
+async fn tls_connections(db: &TestDb) -> i64 {
+    common::pg::admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND datname = $1",
+            &[&db.name],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_follows_sslmode_and_checks_the_server_against_a_given_ca() {
+    let db = TestDb::new().await;
+    let plain = PgStore::connect(&Secret::new(format!("{}?sslmode=disable", db.url)))
+        .await
+        .expect("plain connection");
+    assert_eq!(tls_connections(&db).await, 0);
+    let encrypted = PgStore::connect(&Secret::new(format!("{}?sslmode=require", db.url)))
+        .await
+        .expect("TLS connection (the server's certificate is self-signed: not checked)");
+    assert!(
+        tls_connections(&db).await >= 1,
+        "sslmode=require must encrypt"
+    );
+    encrypted.migrate().await.expect("works over TLS");
+
+    // With a CA file the certificate must verify: Debian's self-signed certificate names the
+    // host, not 127.0.0.1, so the handshake is refused.
+    let snakeoil = Path::new("/etc/ssl/certs/ssl-cert-snakeoil.pem");
+    if snakeoil.exists() {
+        let refused = PgStore::connect_with(
+            &Secret::new(format!("{}?sslmode=require", db.url)),
+            Some(snakeoil),
+        )
+        .await;
+        let e = refused
+            .err()
+            .expect("certificate name mismatch must be refused");
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    }
+    let e = PgStore::connect_with(
+        &Secret::new(db.url.clone()),
+        Some(Path::new("/nonexistent/ca.pem")),
+    )
+    .await
+    .err()
+    .expect("a missing CA file is an error");
+    assert!(e.to_string().contains("postgres_ca_file"), "{e}");
+    drop((plain, encrypted));
+    db.drop().await;
+}

@@ -68,10 +68,8 @@ impl Api {
         models: Arc<dyn ModelStore>,
         datasource: Client,
     ) -> Result<Api, StoreError> {
-        let url = config.store.postgres.as_ref().ok_or_else(|| {
-            StoreError::NotFound("the management API needs store.postgres".into())
-        })?;
-        let store = Arc::new(PgStore::connect(url).await?);
+        // `from_config` refuses a config without store.postgres.
+        let store = Arc::new(PgStore::from_config(&config.store).await?);
         let token = config
             .server
             .api_token

@@ -5,6 +5,7 @@
 
 mod dir;
 mod postgres;
+mod tls;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -118,8 +119,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// `store.migrate` is off), else the directory.
 pub async fn open(config: &config::Store) -> Result<Arc<dyn ModelStore>, StoreError> {
     match &config.postgres {
-        Some(url) => {
-            let store = PgStore::connect(url).await?;
+        Some(_) => {
+            let store = PgStore::from_config(config).await?;
             if config.migrate {
                 store.migrate().await?;
             }

@@ -12,7 +12,8 @@ use futures_util::StreamExt;
 use mad_training::contract::ModelMeta;
 use tokio::sync::broadcast;
 use tokio_postgres::config::Host;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{version_name, ModelStore, StoreError, StoredModel, VersionInfo};
 use crate::config::Secret;
@@ -33,6 +34,7 @@ const CHANGES_BUFFER: usize = 256;
 pub struct PgStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     /// `user@host:port/db`, for messages: never the password.
     target: String,
     changes: broadcast::Sender<String>,
@@ -40,17 +42,39 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects (and checks the connection) to the database at `url`.
+    /// Connects to the database the store config names (`store.postgres`, with TLS per
+    /// `sslmode` and `store.postgres_ca_file`).
+    pub async fn from_config(store: &crate::config::Store) -> Result<PgStore, StoreError> {
+        let url = store
+            .postgres
+            .as_ref()
+            .ok_or_else(|| StoreError::NotFound("store.postgres is not set".into()))?;
+        PgStore::connect_with(url, store.postgres_ca_file.as_deref()).await
+    }
+
+    /// Connects (and checks the connection) to the database at `url`, TLS per its `sslmode`.
     pub async fn connect(url: &Secret) -> Result<PgStore, StoreError> {
+        PgStore::connect_with(url, None).await
+    }
+
+    /// As [`PgStore::connect`], verifying the server's certificate against `ca_file` if given.
+    pub async fn connect_with(
+        url: &Secret,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<PgStore, StoreError> {
         let config: tokio_postgres::Config =
             url.expose().parse().map_err(|e| StoreError::Database {
                 target: "(store.postgres)".into(),
                 message: format!("invalid PostgreSQL URL: {e}"),
             })?;
         let target = describe(&config);
+        let tls = super::tls::connector(ca_file).map_err(|message| StoreError::Database {
+            target: target.clone(),
+            message,
+        })?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -65,6 +89,7 @@ impl PgStore {
         let store = PgStore {
             pool,
             config,
+            tls,
             target,
             changes: broadcast::channel(CHANGES_BUFFER).0,
             listening: Arc::new(AtomicBool::new(false)),
@@ -82,7 +107,10 @@ impl PgStore {
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| self.error(e))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| self.error(with_causes(&e)))
     }
 
     /// Applies pending migrations; returns how many. A database migrated by a newer `mad`
@@ -118,11 +146,12 @@ impl PgStore {
             return;
         }
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let target = self.target.clone();
         let changes = self.changes.clone();
         tokio::spawn(async move {
             loop {
-                match listen(&config, &changes).await {
+                match listen(&config, tls.clone(), &changes).await {
                     Ok(()) => tracing::warn!(%target, "LISTEN connection closed; reconnecting"),
                     Err(e) => {
                         tracing::warn!(%target, error = %e, "LISTEN connection failed; retrying")
@@ -140,9 +169,10 @@ impl PgStore {
 /// One LISTEN session: returns when the connection ends.
 async fn listen(
     config: &tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     changes: &broadcast::Sender<String>,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls).await?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let driver = async {
         while let Some(message) = messages.next().await {
@@ -165,6 +195,21 @@ async fn listen(
     // A reconnect may have missed notices: tell subscribers to re-check everything.
     let _ = changes.send(String::new());
     driver.await
+}
+
+/// An error with its causes: "error performing TLS handshake" alone does not say why.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let shown = c.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn describe(config: &tokio_postgres::Config) -> String {
