@@ -99,18 +99,19 @@ impl PgStore {
         Ok(store)
     }
 
-    fn error(&self, e: impl std::fmt::Display) -> StoreError {
+    fn error(&self, e: impl std::error::Error) -> StoreError {
+        self.message(with_causes(&e))
+    }
+
+    fn message(&self, message: String) -> StoreError {
         StoreError::Database {
             target: self.target.clone(),
-            message: e.to_string(),
+            message,
         }
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| self.error(with_causes(&e)))
+        self.pool.get().await.map_err(|e| self.error(e))
     }
 
     /// Applies pending migrations; returns how many. A database migrated by a newer `mad`
@@ -130,7 +131,7 @@ impl PgStore {
                     ),
                     _ => format!("migration failed: {e}"),
                 };
-                self.error(message)
+                self.message(message)
             })?;
         let applied = report.applied_migrations().len();
         if applied > 0 {
@@ -197,6 +198,17 @@ async fn listen(
     driver.await
 }
 
+/// Serialises changes to one detector's versions: two trainers finishing at once must not both
+/// insert an active version (the unique index would refuse the second).
+async fn lock_detector(
+    tx: &deadpool_postgres::Transaction<'_>,
+    detector: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&detector])
+        .await
+        .map(|_| ())
+}
+
 /// An error with its causes: "error performing TLS handshake" alone does not say why.
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -255,6 +267,9 @@ impl ModelStore for PgStore {
             .map_err(|e| StoreError::Corrupt(format!("cannot encode metadata: {e}")))?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.error(e))?;
+        lock_detector(&tx, &meta.detector)
+            .await
+            .map_err(|e| self.error(e))?;
         let last: Option<String> = tx
             .query_opt(
                 "SELECT max(version) FROM models WHERE detector = $1",
@@ -347,6 +362,9 @@ impl ModelStore for PgStore {
     async fn activate(&self, detector: &str, version: &str) -> Result<VersionInfo, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.error(e))?;
+        lock_detector(&tx, detector)
+            .await
+            .map_err(|e| self.error(e))?;
         tx.execute(
             "UPDATE models SET active = FALSE WHERE detector = $1 AND active AND version <> $2",
             &[&detector, &version],
