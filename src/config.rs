@@ -23,10 +23,106 @@ pub struct Config {
     pub server: Server,
     #[serde(default)]
     pub onnxruntime: OnnxRuntime,
+    /// `mad rules`: what the generated vmalert rules link to and how they escalate.
+    #[serde(default)]
+    pub alerting: Alerting,
     /// Training defaults for every detector; a detector's own `training:` keys override them.
     #[serde(default)]
     pub training: TrainingOverrides,
     pub detectors: Vec<Detector>,
+    /// `mad relay`: alerts from vmalert or Alertmanager to Telegram.
+    #[serde(default)]
+    pub relay: Option<Relay>,
+}
+
+/// The alert relay: intake, durable outbox, Telegram delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    #[serde(default = "default_relay_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token intake requests must carry (vmalert `-notifier.bearerToken`,
+    /// Alertmanager `http_config.authorization`); none: intake is open.
+    #[serde(default)]
+    pub intake_token: Option<Secret>,
+    /// The embedded outbox and alert state (redb file).
+    #[serde(default = "default_relay_state")]
+    pub state_path: PathBuf,
+    /// Send a reminder for an alert still firing after this long; none: never.
+    #[serde(default)]
+    pub renotify: Option<Duration>,
+    pub telegram: Telegram,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telegram {
+    /// The bot token; or `token_file`; or the `MAD_TELEGRAM_TOKEN` environment variable.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Bot API base URL (tests and proxies); default Telegram's.
+    #[serde(default)]
+    pub api_url: Option<HttpUrl>,
+    /// Chat for alerts no route matches.
+    pub default_chat: i64,
+    /// First matching route wins: every label in `match` must equal the alert's.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(rename = "match")]
+    pub matchers: BTreeMap<String, String>,
+    pub chat: i64,
+}
+
+/// Environment variable holding the bot token when neither `token` nor `token_file` is set.
+pub const TELEGRAM_TOKEN_ENV: &str = "MAD_TELEGRAM_TOKEN";
+
+impl Telegram {
+    /// The bot token from the config, its file, or the environment, in that order.
+    pub fn token(&self) -> Result<Secret, String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        if let Some(path) = &self.token_file {
+            return std::fs::read_to_string(path)
+                .map(|t| Secret::new(t.trim()))
+                .map_err(|e| {
+                    format!(
+                        "cannot read relay.telegram.token_file {}: {e}",
+                        path.display()
+                    )
+                });
+        }
+        std::env::var(TELEGRAM_TOKEN_ENV)
+            .map(Secret::new)
+            .map_err(|_| {
+                format!(
+                    "no bot token: set relay.telegram.token, token_file or {TELEGRAM_TOKEN_ENV}"
+                )
+            })
+    }
+
+    /// The chat an alert with these labels goes to.
+    pub fn chat_for(&self, labels: &BTreeMap<String, String>) -> i64 {
+        self.routes
+            .iter()
+            .find(|r| r.matchers.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map_or(self.default_chat, |r| r.chat)
+    }
+}
+
+fn default_relay_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9465))
+}
+
+fn default_relay_state() -> PathBuf {
+    PathBuf::from("relay-state.redb")
 }
 
 /// Where metrics are read from: any server speaking the Prometheus HTTP API.
@@ -175,6 +271,156 @@ pub struct Detector {
     /// When scores above 1 become a recorded anomaly episode (PostgreSQL store only).
     #[serde(default)]
     pub episode: EpisodeRules,
+    /// The generated `MadAnomaly` alerts for this detector (`mad rules`).
+    #[serde(default)]
+    pub alert: AlertRules,
+}
+
+/// Config-wide settings of the generated alerting rules (`mad rules`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerting {
+    /// Grafana base URL; with it, every anomaly alert links to the drill-down dashboard.
+    #[serde(default)]
+    pub grafana_url: Option<HttpUrl>,
+    #[serde(default = "default_dashboard_uid")]
+    pub dashboard_uid: NonEmpty,
+    /// The scrape job of `mad serve` (for the exporter-down alerts).
+    #[serde(default = "default_exporter_job")]
+    pub exporter_job: NonEmpty,
+    /// `MadManySeriesAnomalous` fires when more than this share of a detector's series…
+    #[serde(default = "default_group_threshold")]
+    pub group_threshold: Fraction,
+    /// …and at least this many of them are anomalous at once.
+    #[serde(default = "default_group_min_series")]
+    pub group_min_series: u32,
+    /// A model trained longer ago than this raises `MadModelStale`.
+    #[serde(default = "default_model_max_age")]
+    pub model_max_age: Duration,
+}
+
+impl Default for Alerting {
+    fn default() -> Self {
+        Alerting {
+            grafana_url: None,
+            dashboard_uid: default_dashboard_uid(),
+            exporter_job: default_exporter_job(),
+            group_threshold: default_group_threshold(),
+            group_min_series: default_group_min_series(),
+            model_max_age: default_model_max_age(),
+        }
+    }
+}
+
+/// A detector's anomaly alerts: `warning` above one score, `critical` above another, after `for`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRules {
+    /// How long a score must stay above the threshold; default 2 × interval.
+    #[serde(default, rename = "for")]
+    pub hold_for: Option<ZeroOrDuration>,
+    #[serde(default)]
+    pub severity: SeverityThresholds,
+    /// Extra labels on every alert of this detector (routing: team, chat, …).
+    #[serde(default)]
+    pub labels: BTreeMap<LabelName, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeverityThresholds {
+    #[serde(default = "default_warning")]
+    pub warning: Threshold,
+    #[serde(default = "default_critical")]
+    pub critical: Threshold,
+}
+
+impl Default for SeverityThresholds {
+    fn default() -> Self {
+        SeverityThresholds {
+            warning: default_warning(),
+            critical: default_critical(),
+        }
+    }
+}
+
+fn default_dashboard_uid() -> NonEmpty {
+    NonEmpty("mad".into())
+}
+fn default_exporter_job() -> NonEmpty {
+    NonEmpty("mad".into())
+}
+fn default_group_threshold() -> Fraction {
+    Fraction(0.5)
+}
+fn default_group_min_series() -> u32 {
+    3
+}
+fn default_model_max_age() -> Duration {
+    Duration(std::time::Duration::from_secs(30 * 86_400))
+}
+fn default_warning() -> Threshold {
+    Threshold(1.0)
+}
+fn default_critical() -> Threshold {
+    Threshold(3.0)
+}
+
+/// An anomaly score threshold: a finite number above zero.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold(pub f64);
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let x = f64::deserialize(d)?;
+        if !(x.is_finite() && x > 0.0) {
+            return Err(serde::de::Error::custom(format!(
+                "must be a number above 0, got {x}"
+            )));
+        }
+        Ok(Threshold(x))
+    }
+}
+
+/// An extra alert label's name: a Prometheus label name that the generated rules do not set
+/// themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LabelName(pub String);
+
+impl LabelName {
+    /// Labels the generated rules or the scored series already carry.
+    pub const RESERVED: [&'static str; 4] = ["alertname", "detector", "severity", "for"];
+
+    pub fn parse(text: &str) -> Result<LabelName, String> {
+        let mut chars = text.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid || text.starts_with("__") {
+            return Err(format!(
+                "invalid label name {text:?}: use [A-Za-z_][A-Za-z0-9_]*, not starting with __"
+            ));
+        }
+        if LabelName::RESERVED.contains(&text) {
+            return Err(format!(
+                "label {text:?} is set by the generated rules; choose another name"
+            ));
+        }
+        Ok(LabelName(text.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for LabelName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        LabelName::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for LabelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// An episode opens when a series stays above 1 for `for` (default: one interval, so two points
@@ -203,6 +449,11 @@ impl Detector {
 
     pub fn staleness(&self) -> std::time::Duration {
         self.staleness.map_or(self.interval() * 5, |d| d.0)
+    }
+
+    /// How long an anomaly alert waits (`alert.for`); default two intervals.
+    pub fn alert_for(&self) -> std::time::Duration {
+        self.alert.hold_for.map_or(self.interval() * 2, |d| d.0)
     }
 
     /// Trainer options: the detector's overrides, then the config-wide ones, then defaults.
@@ -478,8 +729,24 @@ impl Config {
                 "at least one detector is required".into(),
             ));
         }
+        if self.alerting.group_min_series == 0 {
+            return Err(invalid(
+                "alerting.group_min_series".into(),
+                "must be at least 1".into(),
+            ));
+        }
         let mut seen = HashSet::new();
         for (i, d) in self.detectors.iter().enumerate() {
+            let severity = d.alert.severity;
+            if severity.critical.0 <= severity.warning.0 {
+                return Err(invalid(
+                    format!("detectors[{i}].alert.severity.critical"),
+                    format!(
+                        "critical threshold {} must be above the warning threshold {}",
+                        severity.critical.0, severity.warning.0
+                    ),
+                ));
+            }
             if !seen.insert(&d.name) {
                 return Err(invalid(
                     format!("detectors[{i}].name"),
@@ -695,5 +962,92 @@ detectors:
         assert_eq!(o.hidden, 8);
         assert_eq!(o.seed, 7);
         assert_eq!(o.window, 64);
+    }
+
+    #[test]
+    fn alerting_defaults() {
+        let c = parse(GOOD).expect("valid");
+        let a = &c.alerting;
+        assert!(a.grafana_url.is_none());
+        assert_eq!(a.dashboard_uid.0, "mad");
+        assert_eq!(a.exporter_job.0, "mad");
+        assert_eq!(a.group_threshold.0, 0.5);
+        assert_eq!(a.group_min_series, 3);
+        assert_eq!(a.model_max_age.0.as_secs(), 30 * 86_400);
+        let d = &c.detectors[0];
+        assert_eq!(d.alert_for().as_secs(), 120);
+        assert_eq!(d.alert.severity.warning.0, 1.0);
+        assert_eq!(d.alert.severity.critical.0, 3.0);
+        assert!(d.alert.labels.is_empty());
+    }
+
+    #[test]
+    fn alerting_keys_parse() {
+        let text = GOOD.replace(
+            "detectors:",
+            "alerting:\n  grafana_url: https://grafana.example.com/g/\n  dashboard_uid: mad-drill\n  \
+             exporter_job: mad-exporter\n  group_threshold: 0.25\n  group_min_series: 5\n  \
+             model_max_age: 7d\ndetectors:",
+        ) + "    alert:\n      for: 5m\n      severity: { warning: 1.5, critical: 4 }\n      \
+              labels: { team: infra, chat: \"{{ oops }}\" }\n";
+        let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        let a = &c.alerting;
+        assert_eq!(
+            a.grafana_url.as_ref().map(|u| u.0.as_str()),
+            Some("https://grafana.example.com/g/")
+        );
+        assert_eq!(a.dashboard_uid.0, "mad-drill");
+        assert_eq!(a.exporter_job.0, "mad-exporter");
+        assert_eq!(a.group_threshold.0, 0.25);
+        assert_eq!(a.group_min_series, 5);
+        assert_eq!(a.model_max_age.0.as_secs(), 7 * 86_400);
+        let d = &c.detectors[0];
+        assert_eq!(d.alert_for().as_secs(), 300);
+        assert_eq!(d.alert.severity.warning.0, 1.5);
+        assert_eq!(d.alert.severity.critical.0, 4.0);
+        let labels: Vec<(&str, &str)> = d
+            .alert
+            .labels
+            .iter()
+            .map(|(k, v)| (k.0.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(labels, [("chat", "{{ oops }}"), ("team", "infra")]);
+        let c = parse(&(GOOD.to_string() + "    alert: { for: 0s }\n")).expect("valid");
+        assert_eq!(c.detectors[0].alert_for().as_secs(), 0);
+    }
+
+    #[test]
+    fn bad_alerting_keys_name_the_field() {
+        let with_alert = |alert: &str| GOOD.to_string() + &format!("    alert: {alert}\n");
+        let e = error(&with_alert("{ labels: { severity: page } }"));
+        assert!(e.contains("detectors[0].alert.labels"), "{e}");
+        assert!(e.contains("set by the generated rules"), "{e}");
+        let e = error(&with_alert("{ labels: { \"bad-name\": x } }"));
+        assert!(e.contains("invalid label name"), "{e}");
+        let e = error(&with_alert("{ severity: { warning: 0 } }"));
+        assert!(e.contains("detectors[0].alert.severity.warning"), "{e}");
+        let e = error(&with_alert("{ severity: { warning: 5 } }"));
+        assert!(
+            e.contains("detectors[0].alert.severity.critical") && e.contains("above the warning"),
+            "{e}"
+        );
+        let e = error(&with_alert("{ for: soon }"));
+        assert!(e.contains("detectors[0].alert.for"), "{e}");
+        let e = error(&with_alert("{ sevrity: {} }"));
+        assert!(e.contains("detectors[0].alert.sevrity"), "{e}");
+        let at_top = |alerting: &str| {
+            GOOD.replace("detectors:", &format!("alerting: {alerting}\ndetectors:"))
+        };
+        let e = error(&at_top("{ group_threshold: 1.5 }"));
+        assert!(
+            e.starts_with("mad.yaml:5:") && e.contains("alerting.group_threshold"),
+            "{e}"
+        );
+        let e = error(&at_top("{ group_min_series: 0 }"));
+        assert!(e.contains("alerting.group_min_series"), "{e}");
+        let e = error(&at_top("{ grafana_url: \"grafana:3000\" }"));
+        assert!(e.contains("alerting.grafana_url"), "{e}");
+        let e = error(&at_top("{ model_max_age: 0s }"));
+        assert!(e.contains("alerting.model_max_age"), "{e}");
     }
 }

@@ -18,6 +18,7 @@
 //! - [`store`]: model versions behind one trait; a directory by default.
 //! - [`api`]: the management API under `/api/v1/` (docs/openapi.yaml): detectors, models,
 //!   anomalies, maintenance windows and retraining, on the PostgreSQL registry.
+//! - [`rules`]: the vmalert/Prometheus alerting rules `mad rules` generates from the config.
 //! - [`train`] and [`serve`]: the two subcommands that wire the pieces together.
 //! - [`synth`] and [`demo`]: synthetic metrics with known incidents, and the end-to-end demo
 //!   against a real VictoriaMetrics that the tests reuse.
@@ -29,6 +30,8 @@ pub mod expose;
 pub mod history;
 pub mod model;
 pub mod registry;
+pub mod relay;
+pub mod rules;
 pub mod score;
 pub mod serve;
 pub mod source;

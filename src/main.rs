@@ -46,12 +46,23 @@ enum Command {
         /// (several trainers may watch one queue; each request is taken once) until SIGTERM.
         #[arg(long, conflicts_with_all = ["detectors", "end"])]
         watch: bool,
+        /// Also refresh the generated alerting rules (`mad rules`) in this directory after
+        /// training (whether or not training succeeded: they depend on the config only).
+        #[arg(long, value_name = "DIR", conflicts_with = "watch")]
+        rules_dir: Option<PathBuf>,
     },
     /// Score fresh data with the active models and expose anomaly_score, yhat, yhat_lower,
     /// yhat_upper and y on /metrics (plus /healthz and /readyz). Picks up new model versions
     /// without a restart; stops gracefully on SIGTERM.
     Serve {
         /// The YAML config (see README).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Take alerts from vmalert (`-notifier.url=http://RELAY`) or Alertmanager (webhook to
+    /// `http://RELAY/api/v2/alerts`) and deliver them to Telegram: stored durably before the
+    /// 2xx, deduplicated (one message when firing, one when resolved), retried until delivered.
+    Relay {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -70,6 +81,15 @@ enum Command {
     Detectors {
         #[command(subcommand)]
         action: DetectorsAction,
+    },
+    /// Write vmalert (or Prometheus) alerting rules for the config's detectors and for MAD itself
+    /// into DIR/mad.rules.yml.
+    Rules {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Directory for the rules file.
+        #[arg(long, short, value_name = "DIR", default_value = mad::rules::DEFAULT_DIR)]
+        out: PathBuf,
     },
     /// Check a config file and print what it defines.
     Check {
@@ -232,13 +252,30 @@ async fn run(command: Command) -> anyhow::Result<()> {
             detectors,
             end,
             watch,
+            rules_dir,
         } => {
             let config = Config::load(&config)?;
             if watch {
                 mad::train::watch(&config, mad::serve::shutdown_signal()).await?;
             } else {
-                mad::train::run(&config, &detectors, end).await?;
+                let trained = mad::train::run(&config, &detectors, end).await;
+                if let Some(dir) = rules_dir {
+                    let path = mad::rules::write(&config, &dir)?;
+                    println!("alerting rules refreshed: {}", path.display());
+                }
+                trained?;
             }
+        }
+        Command::Rules { config, out } => {
+            let config = Config::load(&config)?;
+            let path = mad::rules::write(&config, &out)?;
+            let groups = mad::rules::generate(&config).groups;
+            let rules: usize = groups.iter().map(|g| g.rules.len()).sum();
+            println!(
+                "wrote {}: {} groups, {rules} rules",
+                path.display(),
+                groups.len()
+            );
         }
         Command::Detectors {
             action: DetectorsAction::List { config },
@@ -266,6 +303,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             mad::serve::run(config, mad::serve::shutdown_signal()).await?;
+        }
+        Command::Relay { config } => {
+            let config = Config::load(&config)?;
+            mad::relay::run(config, mad::serve::shutdown_signal()).await?;
         }
         Command::Migrate { config } => {
             let config = Config::load(&config)?;

@@ -123,6 +123,10 @@ impl Exporter {
                 .model_info
                 .remove_label_values(&[detector, &version]);
             self.telemetry.models_loaded.dec();
+            let _ = self
+                .telemetry
+                .model_trained
+                .remove_label_values(&[detector]);
         }
     }
 
@@ -413,6 +417,11 @@ async fn reload(
                 exporter.telemetry.models_loaded.inc();
             }
             info.with_label_values(&[detector, &model.version]).set(1);
+            exporter
+                .telemetry
+                .model_trained
+                .with_label_values(&[detector])
+                .set(model.meta.trained_at as f64);
             exporter.set_status(detector, |s| s.model_version = Some(model.version.clone()));
             Some(Arc::new(model))
         }

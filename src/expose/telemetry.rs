@@ -23,6 +23,7 @@ pub struct Telemetry {
     pub models_loaded: IntGauge,
     pub model_info: IntGaugeVec,
     pub model_reloads: IntCounterVec,
+    pub model_trained: GaugeVec,
     pub last_success: GaugeVec,
     pub build_info: Gauge,
     pub episodes_pending: IntGauge,
@@ -89,6 +90,13 @@ impl Telemetry {
                 ),
                 &["detector", "result"],
             )?,
+            model_trained: GaugeVec::new(
+                Opts::new(
+                    "mad_model_trained_timestamp_seconds",
+                    "Unix time the model each detector serves was trained.",
+                ),
+                &["detector"],
+            )?,
             last_success: GaugeVec::new(
                 Opts::new(
                     "mad_last_successful_cycle_timestamp_seconds",
@@ -126,6 +134,7 @@ impl Telemetry {
         r.register(Box::new(t.models_loaded.clone()))?;
         r.register(Box::new(t.model_info.clone()))?;
         r.register(Box::new(t.model_reloads.clone()))?;
+        r.register(Box::new(t.model_trained.clone()))?;
         r.register(Box::new(t.last_success.clone()))?;
         r.register(Box::new(t.build_info.clone()))?;
         r.register(Box::new(t.episodes_pending.clone()))?;

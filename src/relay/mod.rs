@@ -1,0 +1,293 @@
+//! `mad relay`: alerts from vmalert (or Alertmanager) to Telegram, nothing lost, nothing doubled.
+//!
+//! ```text
+//! POST /api/v2/alerts ──> intake (parse, authenticate) ──> outbox (redb: dedupe + queue, synced
+//!                                                            before the 2xx) ──> telegram (send in
+//!                                                            order, rate limits, retry) ──> chat
+//! ```
+//! The same endpoint takes vmalert's bare array and Alertmanager's webhook object, so the relay
+//! works behind either.
+
+mod intake;
+mod message;
+mod outbox;
+mod telegram;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use tokio::sync::{watch, Notify};
+
+pub use intake::{parse as parse_alerts, Alert, MAX_BODY_BYTES};
+pub use message::{escape as escape_html, render as render_message, MAX_MESSAGE_CHARS};
+pub use outbox::{Accepted, AlertView, Kind, Outbox, Outgoing};
+pub use telegram::redact;
+
+use crate::config::{Config, Relay, Secret};
+use crate::expose::{serve_http, ApiHandler, Probes};
+
+/// The relay's own metrics (`/metrics` on the relay's listen address).
+#[derive(Clone)]
+pub struct RelayMetrics {
+    registry: Registry,
+    pub received: IntCounter,
+    pub deduplicated: IntCounter,
+    pub rejected: IntCounter,
+    pub queued: IntGauge,
+    pub queue_age: IntGauge,
+    pub sent: IntCounterVec,
+    pub failed: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub latency: Histogram,
+}
+
+impl RelayMetrics {
+    fn new() -> Result<RelayMetrics, prometheus::Error> {
+        let by_chat = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["chat"]);
+        let m = RelayMetrics {
+            registry: Registry::new(),
+            received: IntCounter::new(
+                "mad_relay_received_total",
+                "Alerts received (repeats included).",
+            )?,
+            deduplicated: IntCounter::new(
+                "mad_relay_deduplicated_total",
+                "Alerts received that changed nothing and sent nothing.",
+            )?,
+            rejected: IntCounter::new(
+                "mad_relay_rejected_total",
+                "Intake requests refused (bad body or auth).",
+            )?,
+            queued: IntGauge::new("mad_relay_queued", "Messages in the outbox.")?,
+            queue_age: IntGauge::new(
+                "mad_relay_queue_oldest_age_seconds",
+                "Age of the oldest message in the outbox (0 when empty).",
+            )?,
+            sent: by_chat(
+                "mad_relay_sent_total",
+                "Messages Telegram accepted, by chat.",
+            )?,
+            failed: by_chat(
+                "mad_relay_failed_total",
+                "Failed send attempts and dead letters, by chat.",
+            )?,
+            retries: by_chat(
+                "mad_relay_retries_total",
+                "Send attempts repeated (rate limits, errors), by chat.",
+            )?,
+            latency: Histogram::with_opts(HistogramOpts::new(
+                "mad_relay_send_duration_seconds",
+                "Time of one successful Telegram request.",
+            ))?,
+        };
+        for c in [&m.received, &m.deduplicated, &m.rejected] {
+            m.registry.register(Box::new(c.clone()))?;
+        }
+        for g in [&m.queued, &m.queue_age] {
+            m.registry.register(Box::new(g.clone()))?;
+        }
+        for v in [&m.sent, &m.failed, &m.retries] {
+            m.registry.register(Box::new(v.clone()))?;
+        }
+        m.registry.register(Box::new(m.latency.clone()))?;
+        Ok(m)
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Intake, metrics and probes, behind the exporter's HTTP server.
+struct RelayHttp {
+    settings: Relay,
+    outbox: Arc<Outbox>,
+    metrics: RelayMetrics,
+    wake: Arc<Notify>,
+}
+
+impl Probes for RelayHttp {
+    fn metrics(&self) -> String {
+        if let Ok((len, oldest)) = self.outbox.backlog() {
+            self.metrics.queued.set(len as i64);
+            self.metrics
+                .queue_age
+                .set(oldest.map_or(0, |t| (unix_now() - t).max(0)));
+        }
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.metrics.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.outbox.backlog().map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+impl RelayHttp {
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.settings.intake_token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Constant time over the expected token's length.
+        let expected = token.expose().as_bytes();
+        given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    fn refuse(&self, status: StatusCode, error: String) -> Response<Full<Bytes>> {
+        self.metrics.rejected.inc();
+        tracing::warn!(%status, %error, "alert intake refused");
+        reply(status, serde_json::json!({ "error": error }))
+    }
+}
+
+#[async_trait]
+impl ApiHandler for RelayHttp {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() != "/api/v2/alerts" {
+            return reply(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({ "error": "not found; alerts go to POST /api/v2/alerts" }),
+            );
+        }
+        if req.method() != Method::POST {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({ "error": "use POST" }),
+            );
+        }
+        if !self.authorized(&req) {
+            return self.refuse(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            );
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return self.refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("body not read: {e} (limit {MAX_BODY_BYTES} bytes)"),
+                );
+            }
+        };
+        let now = unix_now();
+        let alerts = match parse_alerts(&body, now) {
+            Ok(a) => a,
+            Err(e) => return self.refuse(StatusCode::BAD_REQUEST, e),
+        };
+        let outbox = self.outbox.clone();
+        let telegram = self.settings.telegram.clone();
+        let renotify = self.settings.renotify.map(|d| d.0.as_secs() as i64);
+        // redb syncs on commit: off the async threads.
+        let accepted = tokio::task::spawn_blocking(move || {
+            outbox.accept(&alerts, now, renotify, |labels| telegram.chat_for(labels))
+        })
+        .await;
+        match accepted {
+            Ok(Ok(a)) => {
+                self.metrics.received.inc_by(a.received as u64);
+                self.metrics.deduplicated.inc_by(a.duplicates as u64);
+                if a.queued_messages > 0 {
+                    self.wake.notify_one();
+                }
+                reply(
+                    StatusCode::OK,
+                    serde_json::json!({ "received": a.received, "queued_messages": a.queued_messages }),
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot store alerts");
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "error": "cannot store alerts; retry" }),
+                )
+            }
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({ "error": e.to_string() }),
+            ),
+        }
+    }
+}
+
+/// Runs the relay until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let settings = config
+        .relay
+        .clone()
+        .context("the config has no relay: section")?;
+    let token: Secret = settings.telegram.token().map_err(|e| anyhow::anyhow!(e))?;
+    let api_url = settings.telegram.api_url.as_ref().map(|u| &u.0);
+    let bot = telegram::bot(&token, api_url).map_err(|e| anyhow::anyhow!(e))?;
+    let outbox = Arc::new(Outbox::open(&settings.state_path)?);
+    let metrics = RelayMetrics::new().context("cannot set up relay metrics")?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let wake = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(telegram::deliver(
+        outbox.clone(),
+        bot,
+        token,
+        metrics.clone(),
+        wake.clone(),
+        stop_rx,
+    ));
+    let http = Arc::new(RelayHttp {
+        settings: settings.clone(),
+        outbox,
+        metrics,
+        wake,
+    });
+    tracing::info!(listen = %settings.listen, "relay accepting alerts on /api/v2/alerts");
+    serve_http(
+        listener,
+        http.clone(),
+        Some(http as Arc<dyn ApiHandler>),
+        shutdown,
+    )
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = worker.await;
+    Ok(())
+}

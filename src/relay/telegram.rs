@@ -1,0 +1,183 @@
+//! Delivery from the outbox to Telegram, in order, within Telegram's rate limits.
+//!
+//! Retry is decided here and only here: a 429 waits exactly `retry_after`, network trouble backs
+//! off exponentially and never gives up (the outbox keeps everything meanwhile), and a message
+//! Telegram refuses outright (400, 403) is tried a few times, then set aside as a dead letter so
+//! it cannot block the queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use teloxide::prelude::*;
+use teloxide::types::{MessageId, ParseMode, ReplyParameters};
+use teloxide::RequestError;
+use tokio::sync::{watch, Notify};
+
+use super::message::render;
+use super::outbox::{Kind, Outbox, Outgoing};
+use super::RelayMetrics;
+use crate::config::Secret;
+
+/// Telegram allows about one message per second per chat…
+pub const PER_CHAT_INTERVAL: Duration = Duration::from_millis(1_050);
+/// …and about 30 per second per bot.
+pub const GLOBAL_INTERVAL: Duration = Duration::from_millis(35);
+/// Attempts for a message Telegram refuses (not rate limits, not network trouble).
+pub const MAX_REFUSALS: u32 = 5;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Per request; teloxide's default is much longer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often an idle worker looks at the outbox even without a wake-up.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Removes the bot token from text: Telegram puts it in every URL, so errors may carry it.
+pub fn redact(text: &str, token: &Secret) -> String {
+    let token = token.expose();
+    if token.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(token, "<token>")
+    }
+}
+
+pub fn bot(token: &Secret, api_url: Option<&url::Url>) -> Result<Bot, String> {
+    let client = teloxide::net::default_reqwest_settings()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| redact(&e.to_string(), token))?;
+    let mut bot = Bot::with_client(token.expose(), client);
+    if let Some(url) = api_url {
+        bot = bot.set_api_url(url.clone());
+    }
+    Ok(bot)
+}
+
+/// Sends outbox messages until `stop` flips; `wake` is notified when intake queued something.
+pub async fn deliver(
+    outbox: Arc<Outbox>,
+    bot: Bot,
+    token: Secret,
+    metrics: RelayMetrics,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_to_chat: HashMap<i64, Instant> = HashMap::new();
+    let mut last_sent = Instant::now() - GLOBAL_INTERVAL;
+    let mut backoff = BACKOFF_MIN;
+    let mut refusals: HashMap<u64, u32> = HashMap::new();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let message = match outbox.next() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the relay outbox");
+                tokio::time::sleep(BACKOFF_MAX).await;
+                continue;
+            }
+        };
+        let ready_at = last_to_chat
+            .get(&message.chat)
+            .map_or(Instant::now(), |t| *t + PER_CHAT_INTERVAL)
+            .max(last_sent + GLOBAL_INTERVAL);
+        tokio::time::sleep_until(ready_at.into()).await;
+        let chat = message.chat.to_string();
+        let started = Instant::now();
+        let result = send(&bot, &outbox, &message).await;
+        (last_sent, _) = (
+            Instant::now(),
+            last_to_chat.insert(message.chat, Instant::now()),
+        );
+        match result {
+            Ok(telegram_id) => {
+                if let Err(e) = outbox.delivered(&message, telegram_id) {
+                    // Sent but not recorded: it would be sent again after a restart. Say so.
+                    tracing::error!(error = %e, id = message.id, "sent but cannot record delivery");
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                    continue;
+                }
+                metrics.sent.with_label_values(&[&chat]).inc();
+                metrics.latency.observe(started.elapsed().as_secs_f64());
+                refusals.remove(&message.id);
+                backoff = BACKOFF_MIN;
+            }
+            Err(RequestError::RetryAfter(wait)) => {
+                metrics.retries.with_label_values(&[&chat]).inc();
+                tracing::warn!(chat = %chat, retry_after = wait.seconds(), "Telegram rate limit");
+                tokio::time::sleep(wait.duration()).await;
+            }
+            Err(e @ (RequestError::Api(_) | RequestError::MigrateToChatId(_))) => {
+                let tries = refusals.entry(message.id).or_default();
+                *tries += 1;
+                metrics.retries.with_label_values(&[&chat]).inc();
+                let shown = redact(&e.to_string(), &token);
+                if *tries >= MAX_REFUSALS {
+                    tracing::error!(chat = %chat, id = message.id, error = %shown, "Telegram refuses the message; moved to dead letters");
+                    metrics.failed.with_label_values(&[&chat]).inc();
+                    refusals.remove(&message.id);
+                    if let Err(e) = outbox.give_up(&message) {
+                        tracing::error!(error = %e, "cannot move the message to dead letters");
+                    }
+                } else {
+                    tracing::warn!(chat = %chat, error = %shown, "Telegram refused the message; will retry");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+            Err(e) => {
+                metrics.retries.with_label_values(&[&chat]).inc();
+                metrics.failed.with_label_values(&[&chat]).inc();
+                tracing::warn!(chat = %chat, error = %redact(&e.to_string(), &token), ?backoff, "cannot reach Telegram; will retry");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn send(bot: &Bot, outbox: &Outbox, message: &Outgoing) -> Result<i32, RequestError> {
+    let mut request = bot
+        .send_message(ChatId(message.chat), render(message))
+        .parse_mode(ParseMode::Html);
+    if message.kind != Kind::Firing {
+        if let Ok(Some(target)) = outbox.reply_target(message) {
+            let mut reply = ReplyParameters::new(MessageId(target));
+            // Still send if the original message was deleted in the chat.
+            reply.allow_sending_without_reply = Some(true);
+            request = request.reply_parameters(reply);
+        }
+    }
+    request.await.map(|sent| sent.id.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_redacted() {
+        let token = Secret::new("123:ABC");
+        assert_eq!(
+            redact(
+                "error sending request for url (https://api.telegram.org/bot123:ABC/SendMessage)",
+                &token
+            ),
+            "error sending request for url (https://api.telegram.org/bot<token>/SendMessage)"
+        );
+        assert_eq!(redact("x", &Secret::new("")), "x");
+    }
+}
