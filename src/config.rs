@@ -70,6 +70,9 @@ pub struct Telegram {
     /// First matching route wins: every label in `match` must equal the alert's.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Telegram user ids allowed to silence and acknowledge; empty: anyone in a configured chat.
+    #[serde(default)]
+    pub admins: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +109,15 @@ impl Telegram {
                     "no bot token: set relay.telegram.token, token_file or {TELEGRAM_TOKEN_ENV}"
                 )
             })
+    }
+
+    /// Chats the relay posts to; only they may act on alerts.
+    pub fn chats(&self) -> Vec<i64> {
+        let mut chats: Vec<i64> = self.routes.iter().map(|r| r.chat).collect();
+        chats.push(self.default_chat);
+        chats.sort_unstable();
+        chats.dedup();
+        chats
     }
 
     /// The chat an alert with these labels goes to.

@@ -8,9 +8,11 @@
 //! The same endpoint takes vmalert's bare array and Alertmanager's webhook object, so the relay
 //! works behind either.
 
+mod bot;
 mod intake;
 mod message;
 mod outbox;
+mod silences;
 mod telegram;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use tokio::sync::{watch, Notify};
 pub use intake::{parse as parse_alerts, Alert, MAX_BODY_BYTES};
 pub use message::{escape as escape_html, render as render_message, MAX_MESSAGE_CHARS};
 pub use outbox::{Accepted, AlertView, Kind, Outbox, Outgoing};
+pub use silences::{series_matchers, Silence};
 pub use telegram::redact;
 
 use crate::config::{Config, Relay, Secret};
@@ -265,6 +268,13 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let updates = tokio::spawn(bot::handle_updates(
+        bot.clone(),
+        outbox.clone(),
+        settings.telegram.clone(),
+        token.clone(),
+        stop_rx.clone(),
+    ));
     let worker = tokio::spawn(telegram::deliver(
         outbox.clone(),
         bot,
@@ -289,5 +299,6 @@ pub async fn run(
     .await;
     let _ = stop_tx.send(true);
     let _ = worker.await;
+    let _ = updates.await;
     Ok(())
 }

@@ -17,6 +17,12 @@ use super::intake::Alert;
 const ALERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("alerts");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Active and expired silences, by id.
+pub(super) const SILENCES: TableDefinition<u64, &[u8]> = TableDefinition::new("silences");
+/// Alerts of each firing message Telegram took, by "chat:message_id": buttons act on them.
+pub(super) const SENT: TableDefinition<&str, &[u8]> = TableDefinition::new("sent");
+/// Small counters: the next Telegram update to read.
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
 #[error("relay state {path}: {message}")]
@@ -67,6 +73,8 @@ pub struct Outgoing {
 pub struct Accepted {
     pub received: usize,
     pub duplicates: usize,
+    /// Changes of silenced alerts: recorded, not sent.
+    pub silenced: usize,
     pub queued_messages: usize,
 }
 
@@ -93,12 +101,19 @@ impl Outbox {
             tx.open_table(ALERTS).map_err(|e| outbox.fail(e))?;
             tx.open_table(OUTBOX).map_err(|e| outbox.fail(e))?;
             tx.open_table(DEAD).map_err(|e| outbox.fail(e))?;
+            tx.open_table(SILENCES).map_err(|e| outbox.fail(e))?;
+            tx.open_table(SENT).map_err(|e| outbox.fail(e))?;
+            tx.open_table(META).map_err(|e| outbox.fail(e))?;
         }
         tx.commit().map_err(|e| outbox.fail(e))?;
         Ok(outbox)
     }
 
-    fn fail(&self, e: impl std::fmt::Display) -> OutboxError {
+    pub(super) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub(super) fn fail(&self, e: impl std::fmt::Display) -> OutboxError {
         OutboxError {
             path: self.path.clone(),
             message: e.to_string(),
@@ -123,6 +138,9 @@ impl Outbox {
         {
             let mut records = tx.open_table(ALERTS).map_err(|e| self.fail(e))?;
             let mut outbox = tx.open_table(OUTBOX).map_err(|e| self.fail(e))?;
+            let silences =
+                super::silences::active(&tx.open_table(SILENCES).map_err(|e| self.fail(e))?, now)
+                    .map_err(|e| self.fail(e))?;
             // Alerts arriving together for one chat and of one kind become one message.
             let mut grouped: BTreeMap<(i64, u8), (Kind, Vec<AlertView>)> = BTreeMap::new();
             for alert in alerts {
@@ -156,6 +174,10 @@ impl Outbox {
                 records
                     .insert(key.as_str(), bytes.as_slice())
                     .map_err(|e| self.fail(e))?;
+                if silences.iter().any(|s| s.matches(&alert.labels)) {
+                    accepted.silenced += 1;
+                    continue;
+                }
                 let chat = chat_for(&alert.labels);
                 grouped
                     .entry((chat, kind as u8))
@@ -228,6 +250,13 @@ impl Outbox {
             let mut outbox = tx.open_table(OUTBOX).map_err(|e| self.fail(e))?;
             outbox.remove(message.id).map_err(|e| self.fail(e))?;
             if message.kind == Kind::Firing {
+                let mut sent = tx.open_table(SENT).map_err(|e| self.fail(e))?;
+                let alerts = serde_json::to_vec(&message.alerts).map_err(|e| self.fail(e))?;
+                sent.insert(
+                    super::silences::sent_key(message.chat, telegram_id).as_str(),
+                    alerts.as_slice(),
+                )
+                .map_err(|e| self.fail(e))?;
                 let mut records = tx.open_table(ALERTS).map_err(|e| self.fail(e))?;
                 for view in &message.alerts {
                     let current: Option<AlertRecord> = records

@@ -153,7 +153,9 @@ async fn send(bot: &Bot, outbox: &Outbox, message: &Outgoing) -> Result<i32, Req
     let mut request = bot
         .send_message(ChatId(message.chat), render(message))
         .parse_mode(ParseMode::Html);
-    if message.kind != Kind::Firing {
+    if message.kind == Kind::Firing {
+        request = request.reply_markup(super::bot::firing_buttons());
+    } else {
         if let Ok(Some(target)) = outbox.reply_target(message) {
             let mut reply = ReplyParameters::new(MessageId(target));
             // Still send if the original message was deleted in the chat.
