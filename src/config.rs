@@ -45,12 +45,22 @@ pub struct Relay {
     /// Alertmanager `http_config.authorization`); none: intake is open.
     #[serde(default)]
     pub intake_token: Option<Secret>,
+    /// Basic auth intake requests must carry instead (vmalert `-notifier.basicAuth.*`).
+    #[serde(default)]
+    pub intake_basic_auth: Option<BasicAuth>,
     /// The embedded outbox and alert state (redb file).
     #[serde(default = "default_relay_state")]
     pub state_path: PathBuf,
     /// Send a reminder for an alert still firing after this long; none: never.
     #[serde(default)]
     pub renotify: Option<Duration>,
+    /// Where the relay reads MAD's series to draw a chart under each firing message (the TSDB
+    /// that scrapes `mad serve`); none: text only.
+    #[serde(default)]
+    pub chart_datasource: Option<HttpUrl>,
+    /// How much history the chart shows before the alert started.
+    #[serde(default = "default_chart_window")]
+    pub chart_window: Duration,
     pub telegram: Telegram,
 }
 
@@ -131,6 +141,10 @@ impl Telegram {
 
 fn default_relay_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9465))
+}
+
+fn default_chart_window() -> Duration {
+    Duration(std::time::Duration::from_secs(3600))
 }
 
 fn default_relay_state() -> PathBuf {

@@ -22,6 +22,7 @@ detectors:
 relay:
   listen: 127.0.0.1:{port}
   intake_token: intake-secret
+  intake_basic_auth: {{ username: vmalert, password: "basic-secret" }}
   state_path: "{}"
   telegram:
     token: "{TOKEN}"

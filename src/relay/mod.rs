@@ -9,6 +9,7 @@
 //! works behind either.
 
 mod bot;
+pub mod chart;
 mod intake;
 mod message;
 mod outbox;
@@ -20,6 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -107,6 +110,16 @@ impl RelayMetrics {
     }
 }
 
+/// Compares secrets in time that does not depend on where they differ.
+fn same(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -149,24 +162,31 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 impl RelayHttp {
+    /// Bearer token, basic auth, both or neither, as configured; any configured one suffices.
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.settings.intake_token else {
-            return true;
-        };
-        let given = req
+        let header = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        // Constant time over the expected token's length.
-        let expected = token.expose().as_bytes();
-        given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        let token = self.settings.intake_token.as_ref();
+        let basic = self.settings.intake_basic_auth.as_ref();
+        if token.is_none() && basic.is_none() {
+            return true;
+        }
+        let bearer_ok = token.is_some_and(|t| {
+            header
+                .strip_prefix("Bearer ")
+                .is_some_and(|given| same(given.as_bytes(), t.expose().as_bytes()))
+        });
+        let basic_ok = basic.is_some_and(|b| {
+            let expected = format!("{}:{}", b.username, b.password.expose());
+            header
+                .strip_prefix("Basic ")
+                .and_then(|encoded| BASE64.decode(encoded.trim()).ok())
+                .is_some_and(|given| same(&given, expected.as_bytes()))
+        });
+        bearer_ok || basic_ok
     }
 
     fn refuse(&self, status: StatusCode, error: String) -> Response<Full<Bytes>> {
@@ -275,11 +295,26 @@ pub async fn run(
         token.clone(),
         stop_rx.clone(),
     ));
+    let charts = settings
+        .chart_datasource
+        .as_ref()
+        .map(|url| telegram::Charts {
+            http: reqwest::Client::new(),
+            datasource: url.0.as_str().trim_end_matches('/').to_string(),
+            window: settings.chart_window.0.as_secs() as i64,
+            // A detector's extra alert labels are on the alert, not on the scored series.
+            extra_labels: config
+                .detectors
+                .iter()
+                .flat_map(|d| d.alert.labels.keys().map(|k| k.0.clone()))
+                .collect(),
+        });
     let worker = tokio::spawn(telegram::deliver(
         outbox.clone(),
         bot,
         token,
         metrics.clone(),
+        charts,
         wake.clone(),
         stop_rx,
     ));

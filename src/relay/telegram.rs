@@ -54,12 +54,71 @@ pub fn bot(token: &Secret, api_url: Option<&url::Url>) -> Result<Bot, String> {
     Ok(bot)
 }
 
+/// Where charts come from, when the relay draws them.
+pub struct Charts {
+    pub http: reqwest::Client,
+    pub datasource: String,
+    /// Seconds of history before the alert started.
+    pub window: i64,
+    /// Label names that are on alerts but not on MAD's series.
+    pub extra_labels: Vec<String>,
+}
+
+/// Chart size in pixels: readable on a phone.
+const CHART_WIDTH: u32 = 800;
+const CHART_HEIGHT: u32 = 480;
+/// Points per chart; the step follows from the time range.
+const CHART_POINTS: i64 = 240;
+
+/// Sends a chart of the first alert of a firing message as a photo replying to it. Best effort:
+/// the text has already gone out, a chart that cannot be made is only logged.
+async fn send_chart(bot: &Bot, charts: &Charts, message: &Outgoing, reply_to: i32, token: &Secret) {
+    let Some(alert) = message.alerts.first() else {
+        return;
+    };
+    let mut labels = alert.labels.clone();
+    labels.retain(|k, _| !charts.extra_labels.contains(k));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let started = if alert.starts_at > 0 {
+        alert.starts_at
+    } else {
+        now
+    };
+    let from = started - charts.window;
+    let step = ((now - from) / CHART_POINTS).max(1);
+    let data =
+        super::chart::fetch(&charts.http, &charts.datasource, &labels, from, now, step).await;
+    let png = data.and_then(|mut d| {
+        d.anomaly_from = started;
+        d.anomaly_to = now;
+        super::chart::render_png(&d, CHART_WIDTH, CHART_HEIGHT)
+    });
+    match png {
+        Ok(png) => {
+            let photo = teloxide::types::InputFile::memory(png).file_name("anomaly.png");
+            let mut reply = ReplyParameters::new(MessageId(reply_to));
+            reply.allow_sending_without_reply = Some(true);
+            if let Err(e) = bot
+                .send_photo(ChatId(message.chat), photo)
+                .reply_parameters(reply)
+                .await
+            {
+                tracing::warn!(error = %redact(&e.to_string(), token), "cannot send the chart");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no chart for this alert"),
+    }
+}
+
 /// Sends outbox messages until `stop` flips; `wake` is notified when intake queued something.
 pub async fn deliver(
     outbox: Arc<Outbox>,
     bot: Bot,
     token: Secret,
     metrics: RelayMetrics,
+    charts: Option<Charts>,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -109,6 +168,10 @@ pub async fn deliver(
                 }
                 metrics.sent.with_label_values(&[&chat]).inc();
                 metrics.latency.observe(started.elapsed().as_secs_f64());
+                if let (Some(charts), Kind::Firing) = (&charts, message.kind) {
+                    send_chart(&bot, charts, &message, telegram_id, &token).await;
+                    last_to_chat.insert(message.chat, Instant::now());
+                }
                 refusals.remove(&message.id);
                 backoff = BACKOFF_MIN;
             }

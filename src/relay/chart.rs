@@ -1,0 +1,1126 @@
+//! A PNG chart of the series behind an anomaly alert, for the Telegram message.
+//!
+//! [`fetch`] reads MAD's five series of one scored series (`y`, `yhat`, `yhat_lower`,
+//! `yhat_upper`, `anomaly_score`, each labelled like the input plus `for="<detector>"`) from
+//! VictoriaMetrics or Prometheus with `/api/v1/query_range`; [`render_png`] draws them in two
+//! panels: the value against its forecast band above, the score against the threshold 1 below.
+//!
+//! Text (title, HH:MM UTC time labels, legend) needs a TrueType font, loaded once at run time from
+//! the system (Debian: `fonts-dejavu-core`, or `MAD_CHART_FONT=/path/to/font.ttf`). Without one
+//! the chart is drawn all the same, without text.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use plotters::chart::SeriesAnno;
+use plotters::coord::combinators::WithKeyPoints;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde::Deserialize;
+
+use crate::rules::promql_string;
+
+/// One timestamp of the chart; `None` where a series has no (finite) sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ChartPoint {
+    /// Unix seconds.
+    pub ts: i64,
+    pub y: Option<f64>,
+    pub yhat: Option<f64>,
+    pub lower: Option<f64>,
+    pub upper: Option<f64>,
+    pub score: Option<f64>,
+}
+
+/// What one chart shows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChartData {
+    pub title: String,
+    /// Any order; sorted when drawn.
+    pub points: Vec<ChartPoint>,
+    /// The anomaly window (Unix seconds), shaded in both panels where it overlaps the data.
+    pub anomaly_from: i64,
+    pub anomaly_to: i64,
+}
+
+/// Alert labels that are not labels of MAD's series: vmalert's and the alert rule's own.
+/// Extra labels a detector's `alert.labels` adds are not known here: remove them from the
+/// labels given to [`fetch`] (or [`selector`]), or the series will not be found.
+pub const NON_SERIES_LABELS: [&str; 5] = [
+    "alertname",
+    "alertgroup",
+    "severity",
+    "detector",
+    "__name__",
+];
+
+/// The label carrying the detector's name on MAD's series.
+const DETECTOR_LABEL: &str = "for";
+
+const FONT_FAMILY: &str = "sans-serif";
+const FONT_CANDIDATES: [&str; 6] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+];
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest image accepted, per side (Telegram photos: 10,000 px width + height).
+const MAX_SIDE: u32 = 4096;
+const MIN_SIDE: u32 = 64;
+/// Longest time range drawn (keeps the time axis' arithmetic far from overflow).
+const MAX_SPAN_SECONDS: i64 = 10 * 366 * 86_400;
+
+/// Whether text can be drawn: loads a system font the first time (see the module docs).
+pub fn text_available() -> bool {
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    *LOADED.get_or_init(|| {
+        let from_env = std::env::var_os("MAD_CHART_FONT").map(std::path::PathBuf::from);
+        let candidates = from_env
+            .into_iter()
+            .chain(FONT_CANDIDATES.iter().map(std::path::PathBuf::from));
+        for path in candidates {
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            // Registered fonts live as long as the process; this runs at most once.
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+        tracing::warn!("no TrueType font found (install fonts-dejavu-core): charts without text");
+        false
+    })
+}
+
+/// Renders `data` as a PNG of `width` × `height` pixels. Non-finite values count as gaps; an
+/// error when there is nothing to draw or the size is unreasonable.
+pub fn render_png(data: &ChartData, width: u32, height: u32) -> Result<Vec<u8>, String> {
+    render_with(data, width, height, text_available())
+}
+
+fn render_with(data: &ChartData, width: u32, height: u32, text: bool) -> Result<Vec<u8>, String> {
+    if !(MIN_SIDE..=MAX_SIDE).contains(&width) || !(MIN_SIDE..=MAX_SIDE).contains(&height) {
+        return Err(format!(
+            "chart size {width}x{height} outside {MIN_SIDE}..={MAX_SIDE} pixels per side"
+        ));
+    }
+    let prepared = Prepared::new(data)?;
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_error)?;
+        let split = (height as f64 * 0.66) as u32;
+        let (top, bottom) = root.split_vertically(split);
+        draw_value_panel(&top, &prepared, &data.title, text)?;
+        draw_score_panel(&bottom, &prepared, text)?;
+        root.present().map_err(draw_error)?;
+    }
+    encode_png(&rgb, width, height)
+}
+
+fn draw_error(e: impl std::fmt::Display) -> String {
+    format!("cannot draw the chart: {e}")
+}
+
+fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Best);
+    let mut writer = encoder
+        .write_header()
+        .map_err(|e| format!("cannot encode the chart: {e}"))?;
+    writer
+        .write_image_data(rgb)
+        .map_err(|e| format!("cannot encode the chart: {e}"))?;
+    writer
+        .finish()
+        .map_err(|e| format!("cannot encode the chart: {e}"))?;
+    Ok(out)
+}
+
+/// The points cleaned (finite values only, sorted, one per timestamp) and the ranges to draw.
+struct Prepared {
+    points: Vec<ChartPoint>,
+    x: (i64, i64),
+    value_y: (f64, f64),
+    score_y: (f64, f64),
+    /// Largest gap between neighbours still drawn as a connected line.
+    max_gap: i64,
+    /// The anomaly window clipped to `x`, if it overlaps.
+    window: Option<(i64, i64)>,
+}
+
+fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| v.is_finite())
+}
+
+/// `(min, max)` padded by 5 %, widened when flat; `None` when empty or not representable.
+fn padded_range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if lo > hi {
+        return None;
+    }
+    let span = hi - lo;
+    if !span.is_finite() {
+        return None;
+    }
+    let pad = if span > f64::EPSILON * hi.abs().max(lo.abs()).max(1.0) {
+        span * 0.05
+    } else {
+        (hi.abs() * 0.1).max(1.0)
+    };
+    let (lo, hi) = (lo - pad, hi + pad);
+    (lo.is_finite() && hi.is_finite() && lo < hi).then_some((lo, hi))
+}
+
+impl Prepared {
+    fn new(data: &ChartData) -> Result<Prepared, String> {
+        let mut by_ts: BTreeMap<i64, ChartPoint> = BTreeMap::new();
+        for p in &data.points {
+            let slot = by_ts.entry(p.ts).or_insert(ChartPoint {
+                ts: p.ts,
+                ..ChartPoint::default()
+            });
+            // A repeated timestamp fills what the first left empty.
+            slot.y = slot.y.or(finite(p.y));
+            slot.yhat = slot.yhat.or(finite(p.yhat));
+            slot.lower = slot.lower.or(finite(p.lower));
+            slot.upper = slot.upper.or(finite(p.upper));
+            slot.score = slot.score.or(finite(p.score));
+        }
+        let points: Vec<ChartPoint> = by_ts
+            .into_values()
+            .filter(|p| {
+                p.y.is_some()
+                    || p.yhat.is_some()
+                    || p.lower.is_some()
+                    || p.upper.is_some()
+                    || p.score.is_some()
+            })
+            .collect();
+        let (Some(first), Some(last)) = (points.first(), points.last()) else {
+            return Err("nothing to draw: no finite values".into());
+        };
+        let mut x = (first.ts, last.ts);
+        if x.0 == x.1 {
+            x = (x.0.saturating_sub(60), x.1.saturating_add(60));
+        }
+        if x.1.saturating_sub(x.0) > MAX_SPAN_SECONDS {
+            return Err("nothing to draw: timestamps span more than ten years".into());
+        }
+        let mut values = points
+            .iter()
+            .flat_map(|p| [p.y, p.yhat, p.lower, p.upper])
+            .flatten()
+            .peekable();
+        let value_y = if values.peek().is_none() {
+            (0.0, 1.0)
+        } else {
+            padded_range(values).ok_or("nothing to draw: values out of range")?
+        };
+        let (score_lo, score_hi) = points
+            .iter()
+            .filter_map(|p| p.score)
+            .fold((0.0f64, 1.0f64), |(lo, hi), s| (lo.min(s), hi.max(s)));
+        let score_y = padded_range([score_lo, score_hi * 1.05, 1.5].into_iter())
+            .ok_or("nothing to draw: scores out of range")?;
+        // Neighbours further apart than twice the usual step are a gap, not a line.
+        let mut steps: Vec<i64> = points
+            .windows(2)
+            .map(|w| w[1].ts.saturating_sub(w[0].ts))
+            .collect();
+        steps.sort_unstable();
+        let max_gap = steps
+            .get(steps.len() / 2)
+            .map_or(i64::MAX, |s| s.saturating_mul(2));
+        let (from, to) = (
+            data.anomaly_from.min(data.anomaly_to),
+            data.anomaly_from.max(data.anomaly_to),
+        );
+        let window = (to >= x.0 && from <= x.1).then(|| (from.max(x.0), to.min(x.1)));
+        Ok(Prepared {
+            points,
+            x,
+            value_y,
+            score_y,
+            max_gap,
+            window,
+        })
+    }
+
+    /// The time axis with ticks on round clock times (plotters' own ticks for `i64` overflow on
+    /// Unix times); no ticks without text, as a tick always gets a label.
+    fn time_axis(&self, text: bool) -> TimeAxis {
+        let ticks = if text {
+            time_ticks(self.x.0, self.x.1)
+        } else {
+            Vec::new()
+        };
+        (self.x.0..self.x.1).with_key_points(ticks)
+    }
+
+    /// Runs of consecutive points where `f` has a value, split at gaps.
+    fn runs<T>(&self, f: impl Fn(&ChartPoint) -> Option<T>) -> Vec<Vec<(i64, T)>> {
+        let mut runs: Vec<Vec<(i64, T)>> = Vec::new();
+        let mut current: Vec<(i64, T)> = Vec::new();
+        for p in &self.points {
+            match f(p) {
+                Some(v) => {
+                    let gap = current
+                        .last()
+                        .is_some_and(|(ts, _)| p.ts.saturating_sub(*ts) > self.max_gap);
+                    if gap {
+                        runs.push(std::mem::take(&mut current));
+                    }
+                    current.push((p.ts, v));
+                }
+                None => {
+                    if !current.is_empty() {
+                        runs.push(std::mem::take(&mut current));
+                    }
+                }
+            }
+        }
+        if !current.is_empty() {
+            runs.push(current);
+        }
+        runs
+    }
+}
+
+/// Round clock times between `from` and `to`, about six of them.
+fn time_ticks(from: i64, to: i64) -> Vec<i64> {
+    const STEPS: [i64; 14] = [
+        60, 120, 300, 600, 900, 1800, 3600, 7200, 10_800, 21_600, 43_200, 86_400, 172_800, 604_800,
+    ];
+    let span = to.saturating_sub(from).max(1);
+    let step = STEPS
+        .iter()
+        .copied()
+        .find(|s| span / s <= 6)
+        .unwrap_or_else(|| (span / 6 / 86_400 + 1) * 86_400);
+    let first = from.div_euclid(step).saturating_add(1).saturating_mul(step);
+    let first = if from.rem_euclid(step) == 0 {
+        from
+    } else {
+        first
+    };
+    std::iter::successors(Some(first), |t| t.checked_add(step))
+        .take_while(|t| *t <= to)
+        .take(16)
+        .collect()
+}
+
+/// `HH:MM` of a Unix time in UTC, with `MM-DD ` before it when the chart spans days.
+fn time_label(ts: i64, with_date: bool) -> String {
+    let days = ts.div_euclid(86_400);
+    let secs = ts.rem_euclid(86_400);
+    let hm = format!("{:02}:{:02}", secs / 3600, secs % 3600 / 60);
+    if !with_date {
+        return hm;
+    }
+    let (_, month, day) = civil_date(days);
+    format!("{month:02}-{day:02} {hm}")
+}
+
+/// Proleptic Gregorian (year, month, day) of a count of days since 1970-01-01.
+fn civil_date(days: i64) -> (i64, i64, i64) {
+    // Shift to an era starting 0000-03-01 so leap days fall at the end of a year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// At most `max` characters, with an ellipsis when cut.
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+const VALUE_COLOR: RGBColor = RGBColor(33, 33, 33);
+const FORECAST_COLOR: RGBColor = RGBColor(30, 100, 200);
+const SCORE_COLOR: RGBColor = RGBColor(120, 60, 160);
+const ANOMALY_COLOR: RGBColor = RGBColor(220, 30, 30);
+const LEFT_AREA: u32 = 64;
+
+fn draw_value_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    data: &Prepared,
+    title: &str,
+    text: bool,
+) -> Result<(), String> {
+    let (w, _) = area.dim_in_pixel();
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .margin_top(6)
+        .margin_left(6)
+        .margin_right(14)
+        .margin_bottom(0)
+        .y_label_area_size(if text { LEFT_AREA } else { 8 });
+    if text {
+        let max_chars = (w as usize / 8).max(8);
+        builder.caption(shorten(title, max_chars), (FONT_FAMILY, 16));
+    }
+    let mut chart = builder
+        .build_cartesian_2d(data.time_axis(text), data.value_y.0..data.value_y.1)
+        .map_err(draw_error)?;
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(RGBColor(238, 238, 238))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .x_labels(if text { 6 } else { 0 })
+        .y_labels(if text { 5 } else { 0 })
+        .x_label_formatter(&|_| String::new())
+        .y_label_formatter(&|v| number_label(*v));
+    if text {
+        mesh.label_style((FONT_FAMILY, 12));
+    }
+    mesh.draw().map_err(draw_error)?;
+
+    if let Some((from, to)) = data.window {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(from, data.value_y.0), (to, data.value_y.1)],
+                ANOMALY_COLOR.mix(0.10).filled(),
+            )))
+            .map_err(draw_error)?;
+    }
+    let band = data.runs(|p| Some((p.lower?, p.upper?)));
+    chart
+        .draw_series(band.iter().filter(|r| r.len() > 1).map(|run| {
+            let upper = run.iter().map(|(ts, (_, hi))| (*ts, *hi));
+            let lower = run.iter().rev().map(|(ts, (lo, _))| (*ts, *lo));
+            Polygon::new(
+                upper.chain(lower).collect::<Vec<_>>(),
+                FORECAST_COLOR.mix(0.18).filled(),
+            )
+        }))
+        .map_err(draw_error)?
+        .label("expected band")
+        .legend(|(x, y)| {
+            Rectangle::new(
+                [(x, y - 4), (x + 16, y + 4)],
+                FORECAST_COLOR.mix(0.18).filled(),
+            )
+        });
+    // Single points of a band: a short vertical bar.
+    chart
+        .draw_series(band.iter().filter(|r| r.len() == 1).map(|run| {
+            let (ts, (lo, hi)) = run[0];
+            PathElement::new(vec![(ts, lo), (ts, hi)], FORECAST_COLOR.mix(0.4))
+        }))
+        .map_err(draw_error)?;
+    draw_lines(
+        &mut chart,
+        data.runs(|p| p.yhat),
+        FORECAST_COLOR.stroke_width(1),
+    )?
+    .label("forecast")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], FORECAST_COLOR));
+    draw_lines(&mut chart, data.runs(|p| p.y), VALUE_COLOR.stroke_width(2))?
+        .label("value")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], VALUE_COLOR.stroke_width(2)));
+    chart
+        .draw_series(
+            data.points
+                .iter()
+                .filter(|p| p.score.is_some_and(|s| s > 1.0))
+                .filter_map(|p| Some(Circle::new((p.ts, p.y?), 3, ANOMALY_COLOR.filled()))),
+        )
+        .map_err(draw_error)?
+        .label("score > 1")
+        .legend(|(x, y)| Circle::new((x + 8, y), 3, ANOMALY_COLOR.filled()));
+    if text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(RGBColor(200, 200, 200))
+            .label_font((FONT_FAMILY, 12))
+            .draw()
+            .map_err(draw_error)?;
+    }
+    Ok(())
+}
+
+fn draw_score_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    data: &Prepared,
+    text: bool,
+) -> Result<(), String> {
+    let with_date = data.x.1 - data.x.0 > 86_400;
+    let mut chart = ChartBuilder::on(area)
+        .margin_top(4)
+        .margin_left(6)
+        .margin_right(14)
+        .margin_bottom(4)
+        .y_label_area_size(if text { LEFT_AREA } else { 8 })
+        .x_label_area_size(if text { 22 } else { 4 })
+        .build_cartesian_2d(data.time_axis(text), data.score_y.0..data.score_y.1)
+        .map_err(draw_error)?;
+    let time_formatter = |ts: &i64| time_label(*ts, with_date);
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(RGBColor(238, 238, 238))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .x_labels(if text { 6 } else { 0 })
+        .y_labels(if text { 3 } else { 0 })
+        .x_label_formatter(&time_formatter)
+        .y_label_formatter(&|v| number_label(*v));
+    if text {
+        mesh.label_style((FONT_FAMILY, 12))
+            .y_desc("score")
+            .axis_desc_style((FONT_FAMILY, 12));
+    }
+    mesh.draw().map_err(draw_error)?;
+
+    if let Some((from, to)) = data.window {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(from, data.score_y.0), (to, data.score_y.1)],
+                ANOMALY_COLOR.mix(0.10).filled(),
+            )))
+            .map_err(draw_error)?;
+    }
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(data.x.0, 1.0), (data.x.1, 1.0)],
+            6,
+            4,
+            ANOMALY_COLOR.mix(0.8).stroke_width(1),
+        ))
+        .map_err(draw_error)?;
+    draw_lines(
+        &mut chart,
+        data.runs(|p| p.score),
+        SCORE_COLOR.stroke_width(2),
+    )?;
+    chart
+        .draw_series(
+            data.points
+                .iter()
+                .filter_map(|p| Some((p.ts, p.score.filter(|s| *s > 1.0)?)))
+                .map(|(ts, s)| Circle::new((ts, s), 2, ANOMALY_COLOR.filled())),
+        )
+        .map_err(draw_error)?;
+    Ok(())
+}
+
+type TimeAxis = WithKeyPoints<plotters::coord::types::RangedCoordi64>;
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<TimeAxis, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Draws each run as a line (a lone point as a dot); the annotation takes a legend entry.
+fn draw_lines<'c, 'a, 'b>(
+    chart: &'c mut Chart<'a, 'b>,
+    runs: Vec<Vec<(i64, f64)>>,
+    style: ShapeStyle,
+) -> Result<&'c mut SeriesAnno<'a, BitMapBackend<'b>>, String> {
+    let mut elements: Vec<DynElement<'static, BitMapBackend<'b>, (i64, f64)>> = Vec::new();
+    for run in runs {
+        if run.len() == 1 {
+            elements.push(Circle::new(run[0], 1, style.filled()).into_dyn());
+        } else {
+            elements.push(PathElement::new(run, style).into_dyn());
+        }
+    }
+    chart.draw_series(elements).map_err(draw_error)
+}
+
+/// A short axis label: up to 4 significant digits, SI suffixes for large magnitudes.
+fn number_label(v: f64) -> String {
+    let a = v.abs();
+    let (scaled, suffix) = if a >= 1e12 {
+        (v / 1e12, "T")
+    } else if a >= 1e9 {
+        (v / 1e9, "G")
+    } else if a >= 1e6 {
+        (v / 1e6, "M")
+    } else if a >= 1e4 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    let text = if scaled == 0.0 {
+        "0".to_string()
+    } else if scaled.abs() >= 100.0 {
+        format!("{scaled:.0}")
+    } else if scaled.abs() >= 10.0 {
+        format!("{scaled:.1}")
+    } else if scaled.abs() >= 0.01 {
+        format!("{scaled:.2}")
+    } else {
+        format!("{scaled:.1e}")
+    };
+    let text = if text.contains('.') && !text.contains('e') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    };
+    format!("{text}{suffix}")
+}
+
+/// The alert's labels that MAD's series carry: `for` and the input series' labels.
+fn series_labels(labels: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .filter(|(k, _)| !NON_SERIES_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The PromQL selector of `metric` for the series an alert is about: `metric{for="…",…}` with
+/// the alert's labels less [`NON_SERIES_LABELS`], values escaped as PromQL strings. An error
+/// when the alert is not about one of MAD's series (no `for` label) or a name is not a label
+/// name.
+pub fn selector(metric: &str, labels: &BTreeMap<String, String>) -> Result<String, String> {
+    let labels = series_labels(labels);
+    if !labels.contains_key(DETECTOR_LABEL) {
+        return Err(format!(
+            "the alert has no `{DETECTOR_LABEL}` label: not about one of MAD's series"
+        ));
+    }
+    let mut out = String::from(metric);
+    out.push('{');
+    for (i, (name, value)) in labels.iter().enumerate() {
+        if !valid_label_name(name) {
+            return Err(format!("{name:?} is not a label name"));
+        }
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push('=');
+        out.push_str(&promql_string(value));
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// `<detector> · name="value", …` for the chart's title.
+fn title(labels: &BTreeMap<String, String>) -> String {
+    let labels = series_labels(labels);
+    let detector = labels.get(DETECTOR_LABEL).copied().unwrap_or("?");
+    let series: Vec<String> = labels
+        .iter()
+        .filter(|(k, _)| **k != DETECTOR_LABEL)
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect();
+    if series.is_empty() {
+        detector.to_string()
+    } else {
+        format!("{detector} · {}", series.join(", "))
+    }
+}
+
+#[derive(Deserialize)]
+struct RangeResponse {
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    data: Option<RangeData>,
+}
+
+#[derive(Deserialize)]
+struct RangeData {
+    result: Vec<RangeSeries>,
+}
+
+#[derive(Deserialize)]
+struct RangeSeries {
+    #[serde(default)]
+    values: Vec<(f64, String)>,
+}
+
+/// The points of a `query_range` answer that names at most one series.
+fn parse_range(body: &[u8], query: &str) -> Result<Vec<(i64, f64)>, String> {
+    let r: RangeResponse =
+        serde_json::from_slice(body).map_err(|e| format!("{query}: unexpected answer: {e}"))?;
+    if r.status != "success" {
+        return Err(format!(
+            "{query}: {}",
+            r.error.unwrap_or_else(|| format!("status {}", r.status))
+        ));
+    }
+    let result = r.data.map(|d| d.result).unwrap_or_default();
+    match result.len() {
+        0 => Ok(Vec::new()),
+        1 => Ok(result
+            .into_iter()
+            .flat_map(|s| s.values)
+            .filter_map(|(ts, v)| {
+                let v: f64 = v.parse().ok()?;
+                (v.is_finite() && ts.is_finite()).then_some((ts as i64, v))
+            })
+            .collect()),
+        n => Err(format!("{query}: {n} series match, expected one")),
+    }
+}
+
+async fn query_range(
+    http: &reqwest::Client,
+    vm_url: &str,
+    query: &str,
+    from: i64,
+    to: i64,
+    step: i64,
+) -> Result<Vec<(i64, f64)>, String> {
+    let url = format!("{}/api/v1/query_range", vm_url.trim_end_matches('/'));
+    let response = http
+        .get(&url)
+        .query(&[
+            ("query", query.to_string()),
+            ("start", from.to_string()),
+            ("end", to.to_string()),
+            ("step", format!("{step}s")),
+        ])
+        .timeout(QUERY_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("{query}: {e}"))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("{query}: {e}"))?;
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body);
+        return Err(format!(
+            "{query}: HTTP {status}: {}",
+            shorten(text.trim(), 300)
+        ));
+    }
+    parse_range(&body, query)
+}
+
+/// The most recent run of points with a score above 1, as (first, last) timestamp.
+fn latest_anomaly(points: &[ChartPoint]) -> Option<(i64, i64)> {
+    let last = points
+        .iter()
+        .rposition(|p| p.score.is_some_and(|s| s > 1.0))?;
+    let first = points[..=last]
+        .iter()
+        .rposition(|p| !p.score.is_some_and(|s| s > 1.0))
+        .map_or(0, |i| i + 1);
+    Some((points[first].ts, points[last].ts))
+}
+
+/// Reads the five series of the alert's scored series between `from` and `to` (Unix seconds,
+/// every `step` seconds) from `vm_url` (VictoriaMetrics or Prometheus) and merges them by
+/// timestamp. The anomaly window is the latest run of scores above 1 (empty, at `to`, when
+/// there is none): set it from the alert (`starts_at` to now) when that is known.
+pub async fn fetch(
+    http: &reqwest::Client,
+    vm_url: &str,
+    labels: &BTreeMap<String, String>,
+    from: i64,
+    to: i64,
+    step: i64,
+) -> Result<ChartData, String> {
+    if step <= 0 || from >= to {
+        return Err(format!(
+            "bad chart range: from {from} to {to} every {step}s"
+        ));
+    }
+    let queries: Vec<String> = ["y", "yhat", "yhat_lower", "yhat_upper", "anomaly_score"]
+        .iter()
+        .map(|metric| selector(metric, labels))
+        .collect::<Result<_, _>>()?;
+    let q = |i: usize| query_range(http, vm_url, &queries[i], from, to, step);
+    let (y, yhat, lower, upper, score) = tokio::try_join!(q(0), q(1), q(2), q(3), q(4))?;
+    let mut merged: BTreeMap<i64, ChartPoint> = BTreeMap::new();
+    type Field = fn(&mut ChartPoint) -> &mut Option<f64>;
+    let columns: [(Vec<(i64, f64)>, Field); 5] = [
+        (y, |p| &mut p.y),
+        (yhat, |p| &mut p.yhat),
+        (lower, |p| &mut p.lower),
+        (upper, |p| &mut p.upper),
+        (score, |p| &mut p.score),
+    ];
+    for (samples, field) in columns {
+        for (ts, v) in samples {
+            let point = merged.entry(ts).or_insert(ChartPoint {
+                ts,
+                ..ChartPoint::default()
+            });
+            *field(point) = Some(v);
+        }
+    }
+    if merged.is_empty() {
+        return Err(format!("no data for {} in the chart's range", queries[0]));
+    }
+    let points: Vec<ChartPoint> = merged.into_values().collect();
+    let (anomaly_from, anomaly_to) = latest_anomaly(&points).unwrap_or((to, to));
+    Ok(ChartData {
+        title: title(labels),
+        points,
+        anomaly_from,
+        anomaly_to,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+
+    /// Width and height from the IHDR chunk, which must come first.
+    fn png_size(png: &[u8]) -> (u32, u32) {
+        assert!(png.len() > 33, "too short for a PNG: {} bytes", png.len());
+        assert_eq!(png[..8], PNG_SIGNATURE);
+        assert_eq!(&png[12..16], b"IHDR");
+        let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        (be(&png[16..20]), be(&png[20..24]))
+    }
+
+    /// Six hours at one minute: a daily-ish wave with noise, a spike two hours before the end.
+    fn realistic() -> ChartData {
+        let start = 1_795_000_000 - 1_795_000_000 % 60;
+        let mut points = Vec::new();
+        let spike = 240..252;
+        for i in 0..360i64 {
+            let t = i as f64;
+            let base = 50.0 + 20.0 * (t / 60.0).sin();
+            let noise = ((i * 7919 % 101) as f64 / 101.0 - 0.5) * 4.0;
+            let y = if spike.contains(&i) {
+                base + 45.0
+            } else {
+                base + noise
+            };
+            let yhat = base;
+            let half = 6.0;
+            let score = (y - yhat).abs() / half;
+            points.push(ChartPoint {
+                ts: start + i * 60,
+                y: Some(y),
+                yhat: Some(yhat),
+                lower: Some(yhat - half),
+                upper: Some(yhat + half),
+                score: Some(score),
+            });
+        }
+        ChartData {
+            title: r#"cpu · instance="web-1:9100", job="node""#.into(),
+            anomaly_from: start + 240 * 60,
+            anomaly_to: start + 251 * 60,
+            points,
+        }
+    }
+
+    #[test]
+    fn a_series_with_a_spike_renders_a_png() {
+        let data = realistic();
+        for text in [true, false] {
+            let png = render_with(&data, 800, 480, text && text_available()).unwrap();
+            assert_eq!(png_size(&png), (800, 480));
+            assert!(png.len() < 200_000, "PNG of {} bytes", png.len());
+        }
+        let png = render_png(&data, 800, 480).unwrap();
+        assert_eq!(png_size(&png), (800, 480));
+        if let Some(path) = std::env::var_os("MAD_CHART_SAMPLE") {
+            std::fs::write(&path, &png).unwrap();
+            let plain = render_with(&data, 800, 480, false).unwrap();
+            let mut path = path;
+            path.push(".plain.png");
+            std::fs::write(path, plain).unwrap();
+        }
+    }
+
+    #[test]
+    fn nan_inf_gaps_and_disorder_do_not_panic() {
+        let mut data = realistic();
+        for (i, p) in data.points.iter_mut().enumerate() {
+            match i % 17 {
+                0 => p.y = Some(f64::NAN),
+                3 => p.yhat = Some(f64::INFINITY),
+                5 => p.lower = None,
+                7 => p.score = Some(f64::NEG_INFINITY),
+                _ => {}
+            }
+        }
+        data.points.drain(100..130);
+        data.points.reverse();
+        data.points.push(data.points[3]);
+        data.anomaly_from = data.anomaly_to + 10_000_000;
+        assert_eq!(
+            png_size(&render_with(&data, 640, 400, false).unwrap()),
+            (640, 400)
+        );
+        assert_eq!(png_size(&render_png(&data, 640, 400).unwrap()), (640, 400));
+
+        // Constant, one point, only scores, huge values, window around everything.
+        let flat = |n: i64, v: Option<f64>, s: Option<f64>| ChartData {
+            title: String::new(),
+            points: (0..n)
+                .map(|i| ChartPoint {
+                    ts: i * 30,
+                    y: v,
+                    yhat: v,
+                    lower: v,
+                    upper: v,
+                    score: s,
+                })
+                .collect(),
+            anomaly_from: i64::MIN,
+            anomaly_to: i64::MAX,
+        };
+        for data in [
+            flat(50, Some(3.0), Some(0.0)),
+            flat(50, Some(0.0), Some(0.0)),
+            flat(1, Some(-2.5), Some(7.0)),
+            flat(20, None, Some(2.0)),
+            flat(20, Some(1e300), Some(1e300)),
+            flat(20, Some(f64::MIN_POSITIVE), None),
+        ] {
+            render_png(&data, 300, 200).unwrap();
+            render_with(&data, 300, 200, false).unwrap();
+        }
+        let mut extreme = flat(3, Some(1.0), Some(0.5));
+        extreme.points[0].y = Some(-f64::MAX);
+        extreme.points[1].y = Some(f64::MAX);
+        assert!(render_png(&extreme, 300, 200).is_err());
+        let mut far = flat(2, Some(1.0), Some(0.5));
+        far.points[0].ts = i64::MIN;
+        far.points[1].ts = i64::MAX;
+        assert!(render_png(&far, 300, 200).is_err());
+    }
+
+    #[test]
+    fn nothing_to_draw_is_an_error() {
+        assert!(render_png(&ChartData::default(), 800, 480).is_err());
+        let all_nan = ChartData {
+            points: (0..10)
+                .map(|i| ChartPoint {
+                    ts: i,
+                    y: Some(f64::NAN),
+                    score: Some(f64::INFINITY),
+                    ..ChartPoint::default()
+                })
+                .collect(),
+            ..ChartData::default()
+        };
+        assert!(render_png(&all_nan, 800, 480).is_err());
+        assert!(render_png(&realistic(), 0, 480).is_err());
+        assert!(render_png(&realistic(), 800, 100_000).is_err());
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn selectors_keep_series_labels_and_escape_values() {
+        let alert = labels(&[
+            ("alertname", "MadAnomaly"),
+            ("alertgroup", "mad-cpu"),
+            ("severity", "warning"),
+            ("detector", "cpu"),
+            ("for", "cpu"),
+            ("instance", "a\"} or vector(1) or up{x=\"\\"),
+            ("job", "line\nbreak\\"),
+        ]);
+        assert_eq!(
+            selector("yhat", &alert).unwrap(),
+            r#"yhat{for="cpu",instance="a\"} or vector(1) or up{x=\"\\",job="line\nbreak\\"}"#
+        );
+        assert_eq!(
+            title(&alert),
+            "cpu · instance=\"a\"} or vector(1) or up{x=\"\\\", job=\"line\nbreak\\\""
+        );
+        // Not one of MAD's series, or not a label name: no query.
+        assert!(selector("y", &labels(&[("alertname", "MadExporterDown")])).is_err());
+        assert!(selector("y", &labels(&[("for", "cpu"), ("a b", "x")])).is_err());
+        assert!(selector("y", &labels(&[("for", "cpu"), ("x}", "x")])).is_err());
+        assert_eq!(
+            selector("y", &labels(&[("for", "cpu")])).unwrap(),
+            r#"y{for="cpu"}"#
+        );
+    }
+
+    #[test]
+    fn query_range_answers_are_read() {
+        let body = br#"{"status":"success","data":{"resultType":"matrix","result":[
+            {"metric":{"for":"cpu"},"values":[[1700000000,"1.5"],[1700000060.0,"NaN"],
+            [1700000120,"+Inf"],[1700000180,"2"]]}]}}"#;
+        assert_eq!(
+            parse_range(body, "q").unwrap(),
+            vec![(1_700_000_000, 1.5), (1_700_000_180, 2.0)]
+        );
+        let empty = br#"{"status":"success","data":{"resultType":"matrix","result":[]}}"#;
+        assert!(parse_range(empty, "q").unwrap().is_empty());
+        let two = br#"{"status":"success","data":{"result":[{"values":[]},{"values":[]}]}}"#;
+        assert!(parse_range(two, "q").unwrap_err().contains("2 series"));
+        let failed = br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert!(parse_range(failed, "q")
+            .unwrap_err()
+            .contains("parse error"));
+        assert!(parse_range(b"<html>", "q").is_err());
+    }
+
+    #[test]
+    fn the_latest_anomaly_run_is_found() {
+        let points: Vec<ChartPoint> = [0.5, 2.0, 0.2, 1.5, 3.0, 0.1, 0.3]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ChartPoint {
+                ts: i as i64 * 60,
+                score: Some(*s),
+                ..ChartPoint::default()
+            })
+            .collect();
+        assert_eq!(latest_anomaly(&points), Some((180, 240)));
+        assert_eq!(latest_anomaly(&points[..1]), None);
+        assert_eq!(latest_anomaly(&points[1..2]), Some((60, 60)));
+    }
+
+    #[test]
+    fn time_labels_are_utc() {
+        assert_eq!(time_label(0, false), "00:00");
+        assert_eq!(time_label(1_795_003_500, false), "12:05");
+        assert_eq!(time_label(1_795_003_500, true), "11-18 12:05");
+        assert_eq!(
+            time_ticks(1_000, 4_600),
+            vec![1_200, 1_800, 2_400, 3_000, 3_600, 4_200]
+        );
+        assert_eq!(
+            time_ticks(0, 86_400 * 3),
+            (0..7).map(|i| i * 43_200).collect::<Vec<_>>()
+        );
+        assert!(time_ticks(i64::MIN, i64::MAX).len() <= 16);
+        assert_eq!(civil_date(-1), (1969, 12, 31));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(number_label(0.0), "0");
+        assert_eq!(number_label(1.5), "1.5");
+        assert_eq!(number_label(12_345.0), "12.3k");
+        assert_eq!(number_label(-2_500_000.0), "-2.5M");
+    }
+
+    /// A one-shot HTTP server answering every `query_range` with one series named by the query.
+    #[tokio::test]
+    async fn fetch_queries_each_series_and_merges_them() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    request.extend_from_slice(&buf[..n]);
+                }
+                let line = String::from_utf8_lossy(&request)
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .to_string();
+                let target = line.split(' ').nth(1).unwrap().to_string();
+                let query = url::Url::parse(&format!("http://x{target}")).unwrap();
+                let params: BTreeMap<String, String> = query.query_pairs().into_owned().collect();
+                let metric = params["query"].split('{').next().unwrap().to_string();
+                let value = match metric.as_str() {
+                    "y" => 10.0,
+                    "yhat" => 9.0,
+                    "yhat_lower" => 8.0,
+                    "yhat_upper" => 11.0,
+                    _ => 2.0,
+                };
+                // `y` lacks the last point: merged by timestamp all the same.
+                let values = if metric == "y" {
+                    format!(r#"[[1000,"{value}"],[1060,"{value}"]]"#)
+                } else {
+                    format!(r#"[[1000,"{value}"],[1060,"{value}"],[1120,"{value}"]]"#)
+                };
+                let body = format!(
+                    r#"{{"status":"success","data":{{"resultType":"matrix","result":[{{"metric":{{}},"values":{values}}}]}}}}"#
+                );
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(response.as_bytes()).await.unwrap();
+                seen.push(params);
+            }
+            seen
+        });
+        let alert = labels(&[
+            ("alertname", "MadAnomaly"),
+            ("for", "cpu"),
+            ("instance", "a\"b"),
+        ]);
+        let http = reqwest::Client::new();
+        let data = fetch(&http, &url, &alert, 1000, 1120, 60).await.unwrap();
+        let seen = server.await.unwrap();
+        let mut queries: Vec<&str> = seen.iter().map(|p| p["query"].as_str()).collect();
+        queries.sort_unstable();
+        let mut expected = [
+            r#"anomaly_score{for="cpu",instance="a\"b"}"#,
+            r#"y{for="cpu",instance="a\"b"}"#,
+            r#"yhat{for="cpu",instance="a\"b"}"#,
+            r#"yhat_lower{for="cpu",instance="a\"b"}"#,
+            r#"yhat_upper{for="cpu",instance="a\"b"}"#,
+        ];
+        expected.sort_unstable();
+        assert_eq!(queries, expected);
+        assert!(seen
+            .iter()
+            .all(|p| p["start"] == "1000" && p["end"] == "1120" && p["step"] == "60s"));
+        assert_eq!(data.title, r#"cpu · instance="a"b""#);
+        assert_eq!(data.points.len(), 3);
+        assert_eq!(
+            data.points[2],
+            ChartPoint {
+                ts: 1120,
+                y: None,
+                yhat: Some(9.0),
+                lower: Some(8.0),
+                upper: Some(11.0),
+                score: Some(2.0),
+            }
+        );
+        assert_eq!((data.anomaly_from, data.anomaly_to), (1000, 1120));
+        assert!(fetch(&http, &url, &alert, 1000, 1000, 60).await.is_err());
+    }
+}
