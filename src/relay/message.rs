@@ -10,7 +10,7 @@ pub const MAX_MESSAGE_CHARS: usize = 4096;
 /// A single label value or annotation is cut at this many characters.
 const MAX_VALUE_CHARS: usize = 300;
 /// Labels shown as the series' identity are not repeated as extra labels.
-const NOT_SERIES_LABELS: [&str; 3] = ["alertname", "severity", "detector"];
+const NOT_SERIES_LABELS: [&str; 4] = ["alertname", "alertgroup", "severity", "detector"];
 
 /// Escapes text for Telegram's HTML parse mode.
 pub fn escape(text: &str) -> String {
