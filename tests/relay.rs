@@ -340,3 +340,111 @@ async fn accepted_alerts_survive_a_sigkill_and_telegram_being_down() {
     let log = std::fs::read_to_string(&second_log).expect("log");
     assert!(!log.contains(TOKEN));
 }
+
+fn callback(data: &str, chat: i64, message_id: i64) -> serde_json::Value {
+    serde_json::json!({"callback_query": {
+        "id": format!("cb-{chat}-{message_id}-{data}"),
+        "from": {"id": 7, "is_bot": false, "first_name": "Ann", "username": "ann"},
+        "chat_instance": "ci",
+        "data": data,
+        "message": {"message_id": message_id, "date": 1_700_000_000,
+                    "chat": {"id": chat, "type": "private"}, "text": "alert"}}})
+}
+
+fn command(text: &str, chat: i64) -> serde_json::Value {
+    serde_json::json!({"message": {
+        "message_id": 9_000, "date": 1_700_000_000,
+        "chat": {"id": chat, "type": "private"},
+        "from": {"id": 7, "is_bot": false, "first_name": "Ann", "username": "ann"},
+        "text": text}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buttons_silence_a_series_and_commands_manage_silences() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let telegram = FakeTelegram::start().await;
+    let (port, stop, task) = start_in_process(dir.path(), &telegram).await;
+    let token = Some("intake-secret");
+    post(port, alerts(&["a"], true, "web"), token).await;
+    wait_for("the firing message", Duration::from_secs(10), || {
+        telegram.sent().len() == 1
+    })
+    .await;
+    let firing = telegram.sent()[0].clone();
+    let buttons = firing.reply_markup.to_string();
+    for data in ["silence:3600", "silence:86400", "ack"] {
+        assert!(buttons.contains(data), "button {data} missing: {buttons}");
+    }
+
+    // A chat the relay does not post to may not act.
+    telegram.push_update(callback("silence:3600", 999, firing.message_id));
+    wait_for("the refusal", Duration::from_secs(10), || {
+        !telegram.answers().is_empty()
+    })
+    .await;
+    assert!(
+        telegram.answers()[0].contains("may not"),
+        "{:?}",
+        telegram.answers()
+    );
+
+    telegram.push_update(callback("silence:3600", 100, firing.message_id));
+    wait_for("the silence", Duration::from_secs(10), || {
+        telegram.answers().len() == 2
+    })
+    .await;
+    assert_eq!(telegram.answers()[1], "🔕 Silenced for 1 h by @ann");
+    wait_for("the message edit", Duration::from_secs(10), || {
+        !telegram.edits().is_empty()
+    })
+    .await;
+    let (chat, id, text) = telegram.edits()[0].clone();
+    assert_eq!((chat, id), (100, firing.message_id));
+    assert!(
+        text.contains("Silenced for 1 h by @ann") && text.contains("instance=a"),
+        "{text}"
+    );
+
+    // Silenced: neither the resolution nor a new firing of this series is sent; others are.
+    post(port, alerts(&["a"], false, "web"), token).await;
+    post(port, alerts(&["a"], true, "web"), token).await;
+    post(port, alerts(&["b"], true, "web"), token).await;
+    wait_for("b's message", Duration::from_secs(10), || {
+        telegram.sent().len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        telegram.sent().len(),
+        2,
+        "a stays quiet: {:?}",
+        telegram.sent()
+    );
+
+    telegram.push_update(command("/silences", 100));
+    wait_for("the listing", Duration::from_secs(10), || {
+        telegram.sent().len() == 3
+    })
+    .await;
+    let listing = telegram.sent()[2].text.clone();
+    assert!(
+        listing.contains("#1") && listing.contains("instance=a") && listing.contains("@ann"),
+        "{listing}"
+    );
+    telegram.push_update(command("/unsilence 1", 100));
+    wait_for("the removal", Duration::from_secs(10), || {
+        telegram.sent().len() == 4
+    })
+    .await;
+    assert_eq!(telegram.sent()[3].text, "Silence #1 removed.");
+
+    // Unsilenced: a's resolution goes out again.
+    post(port, alerts(&["a"], false, "web"), token).await;
+    wait_for("a's resolution", Duration::from_secs(10), || {
+        telegram.sent().len() == 5
+    })
+    .await;
+    assert!(telegram.sent()[4].text.contains("RESOLVED"));
+    let _ = stop.send(());
+    task.await.expect("task").expect("relay stops cleanly");
+}

@@ -80,6 +80,13 @@ struct State {
     photos: Vec<Photo>,
     outcomes: Vec<(Outcome, Instant)>,
     paths: Vec<String>,
+    /// Updates waiting for getUpdates, as the Bot API would deliver them.
+    updates: VecDeque<serde_json::Value>,
+    next_update: i64,
+    /// editMessageText calls: (chat, message id, text).
+    edits: Vec<(i64, i64, String)>,
+    /// answerCallbackQuery texts.
+    answers: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -163,6 +170,29 @@ impl FakeTelegram {
     /// Every sendMessage call's outcome, in order.
     pub fn outcomes(&self) -> Vec<(Outcome, Instant)> {
         self.with(|s| s.outcomes.clone())
+    }
+
+    /// Queues an update (without `update_id`, which the fake assigns) for the relay to read.
+    pub fn push_update(&self, mut update: serde_json::Value) {
+        if let Ok(mut s) = self.state.lock() {
+            s.next_update += 1;
+            update["update_id"] = s.next_update.into();
+            s.updates.push_back(update);
+        }
+    }
+
+    pub fn edits(&self) -> Vec<(i64, i64, String)> {
+        self.state
+            .lock()
+            .map(|s| s.edits.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn answers(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|s| s.answers.clone())
+            .unwrap_or_default()
     }
 
     pub fn calls(&self) -> u64 {
@@ -349,14 +379,46 @@ async fn handle(
         }
         "getupdates" => {
             let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let wait = request["timeout"].as_u64().unwrap_or(0).min(1);
-            tokio::time::sleep(Duration::from_secs(wait)).await;
-            ok(serde_json::json!([]))
+            let offset = request["offset"].as_i64().unwrap_or(0);
+            let pending: Vec<serde_json::Value> = match state.lock() {
+                Ok(mut s) => {
+                    s.updates
+                        .retain(|u| u["update_id"].as_i64().unwrap_or(0) >= offset);
+                    s.updates.iter().cloned().collect()
+                }
+                Err(_) => Vec::new(),
+            };
+            if pending.is_empty() {
+                let wait = request["timeout"].as_u64().unwrap_or(0).min(1);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            ok(serde_json::json!(pending))
+        }
+        "editmessagetext" => {
+            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let chat_id = request["chat_id"].as_i64().unwrap_or_default();
+            let message_id = request["message_id"].as_i64().unwrap_or_default();
+            let text = request["text"].as_str().unwrap_or_default().to_string();
+            if let Ok(mut s) = state.lock() {
+                s.edits.push((chat_id, message_id, text.clone()));
+            }
+            ok(
+                serde_json::json!({"message_id": message_id, "date": 1_700_000_000,
+                "chat": {"id": chat_id, "type": "private"}, "text": text}),
+            )
+        }
+        "answercallbackquery" => {
+            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if let Ok(mut s) = state.lock() {
+                s.answers
+                    .push(request["text"].as_str().unwrap_or_default().to_string());
+            }
+            ok(serde_json::json!(true))
         }
         "getme" => ok(
             serde_json::json!({"id": 424242, "is_bot": true, "first_name": "mad", "username": "mad_bot"}),
         ),
-        "answercallbackquery" | "deletewebhook" => ok(serde_json::json!(true)),
+        "deletewebhook" => ok(serde_json::json!(true)),
         _ => json(
             404,
             serde_json::json!({"ok": false, "error_code": 404, "description": "Not Found"}),
