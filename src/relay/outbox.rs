@@ -224,6 +224,27 @@ impl Outbox {
             .transpose()
     }
 
+    /// The oldest message of a chat that `ready` accepts, keeping each chat's order: once a
+    /// chat's oldest message is skipped, its later ones are too.
+    pub fn next_for(&self, ready: impl Fn(i64) -> bool) -> Result<Option<Outgoing>, OutboxError> {
+        let tx = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let table = tx.open_table(OUTBOX).map_err(|e| self.fail(e))?;
+        let mut skipped = std::collections::HashSet::new();
+        for entry in table.iter().map_err(|e| self.fail(e))? {
+            let (_, value) = entry.map_err(|e| self.fail(e))?;
+            let message: Outgoing =
+                serde_json::from_slice(value.value()).map_err(|e| self.fail(e))?;
+            if skipped.contains(&message.chat) {
+                continue;
+            }
+            if ready(message.chat) {
+                return Ok(Some(message));
+            }
+            skipped.insert(message.chat);
+        }
+        Ok(None)
+    }
+
     /// The message a resolution should reply to: the one that announced the firing.
     pub fn reply_target(&self, message: &Outgoing) -> Result<Option<i32>, OutboxError> {
         let tx = self.db.begin_read().map_err(|e| self.fail(e))?;
@@ -359,6 +380,10 @@ mod tests {
             .accept(&[alert("a", false)], 1_060, None, chat)
             .expect("accept");
         assert_eq!(resolved.queued_messages, 1);
+        assert!(
+            outbox.next_for(|c| c != 7).expect("next").is_none(),
+            "chat 7 is waiting"
+        );
         let message = outbox.next().expect("next").expect("queued");
         assert_eq!(message.kind, Kind::Resolved);
         assert_eq!(outbox.reply_target(&message).expect("target"), Some(55));

@@ -122,7 +122,8 @@ pub async fn deliver(
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut last_to_chat: HashMap<i64, Instant> = HashMap::new();
+    // A chat waits out its own rate limit or retry_after; the other chats keep going.
+    let mut not_before: HashMap<i64, Instant> = HashMap::new();
     let mut last_sent = Instant::now() - GLOBAL_INTERVAL;
     let mut backoff = BACKOFF_MIN;
     let mut refusals: HashMap<u64, u32> = HashMap::new();
@@ -130,12 +131,17 @@ pub async fn deliver(
         if *stop.borrow() {
             return;
         }
-        let message = match outbox.next() {
+        let now = Instant::now();
+        let message = match outbox.next_for(|chat| not_before.get(&chat).is_none_or(|t| *t <= now))
+        {
             Ok(Some(m)) => m,
             Ok(None) => {
+                // Everything waiting belongs to chats that must wait: sleep until the first may go.
+                let first_ready = not_before.values().filter(|t| **t > now).min().copied();
+                let pause = first_ready.map_or(IDLE_POLL, |t| (t - now).min(IDLE_POLL));
                 tokio::select! {
                     () = wake.notified() => {}
-                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => return,
                 }
                 continue;
@@ -146,18 +152,12 @@ pub async fn deliver(
                 continue;
             }
         };
-        let ready_at = last_to_chat
-            .get(&message.chat)
-            .map_or(Instant::now(), |t| *t + PER_CHAT_INTERVAL)
-            .max(last_sent + GLOBAL_INTERVAL);
-        tokio::time::sleep_until(ready_at.into()).await;
+        tokio::time::sleep_until((last_sent + GLOBAL_INTERVAL).into()).await;
         let chat = message.chat.to_string();
         let started = Instant::now();
         let result = send(&bot, &outbox, &message).await;
-        (last_sent, _) = (
-            Instant::now(),
-            last_to_chat.insert(message.chat, Instant::now()),
-        );
+        last_sent = Instant::now();
+        not_before.insert(message.chat, last_sent + PER_CHAT_INTERVAL);
         match result {
             Ok(telegram_id) => {
                 if let Err(e) = outbox.delivered(&message, telegram_id) {
@@ -170,7 +170,7 @@ pub async fn deliver(
                 metrics.latency.observe(started.elapsed().as_secs_f64());
                 if let (Some(charts), Kind::Firing) = (&charts, message.kind) {
                     send_chart(&bot, charts, &message, telegram_id, &token).await;
-                    last_to_chat.insert(message.chat, Instant::now());
+                    not_before.insert(message.chat, Instant::now() + PER_CHAT_INTERVAL);
                 }
                 refusals.remove(&message.id);
                 backoff = BACKOFF_MIN;
@@ -178,7 +178,7 @@ pub async fn deliver(
             Err(RequestError::RetryAfter(wait)) => {
                 metrics.retries.with_label_values(&[&chat]).inc();
                 tracing::warn!(chat = %chat, retry_after = wait.seconds(), "Telegram rate limit");
-                tokio::time::sleep(wait.duration()).await;
+                not_before.insert(message.chat, Instant::now() + wait.duration());
             }
             Err(e @ (RequestError::Api(_) | RequestError::MigrateToChatId(_))) => {
                 let tries = refusals.entry(message.id).or_default();
@@ -194,7 +194,7 @@ pub async fn deliver(
                     }
                 } else {
                     tracing::warn!(chat = %chat, error = %shown, "Telegram refused the message; will retry");
-                    tokio::time::sleep(backoff).await;
+                    not_before.insert(message.chat, Instant::now() + backoff);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
