@@ -6,6 +6,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+# VictoriaMetrics, the ONNX Runtime library and a running PostgreSQL.
+scripts/setup.sh
 
 SCHEMATHESIS_SPEC="${SCHEMATHESIS_SPEC:-schemathesis>=4.32,<5}"
 MAX_EXAMPLES="${SCHEMATHESIS_MAX_EXAMPLES:-100}"
