@@ -58,10 +58,25 @@ pub struct Relay {
     /// that scrapes `mad serve`); none: text only.
     #[serde(default)]
     pub chart_datasource: Option<HttpUrl>,
+    /// Message templates (minijinja / Jinja2 syntax; values are HTML-escaped); defaults when unset.
+    #[serde(default)]
+    pub templates: RelayTemplates,
     /// How much history the chart shows before the alert started.
     #[serde(default = "default_chart_window")]
     pub chart_window: Duration,
     pub telegram: Telegram,
+}
+
+/// See `relay::message` for the variables: header gets `kind` and `count`; alert gets
+/// `alertname`, `detector`, `severity`, `since`, `series`, `summary`, `description`, `link`,
+/// `labels` and `annotations`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayTemplates {
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub alert: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,7 +11,7 @@ use teloxide::types::{
 };
 use tokio::sync::watch;
 
-use super::message::{escape, render};
+use super::message::{escape, Templates};
 use super::outbox::{Kind, Outbox, Outgoing};
 use super::silences::series_matchers;
 use super::telegram::redact;
@@ -49,6 +49,7 @@ fn who(user: &User) -> String {
 pub async fn handle_updates(
     bot: Bot,
     outbox: Arc<Outbox>,
+    templates: Arc<Templates>,
     settings: Telegram,
     token: Secret,
     mut stop: watch::Receiver<bool>,
@@ -75,7 +76,9 @@ pub async fn handle_updates(
         };
         for update in updates {
             match update.kind {
-                UpdateKind::CallbackQuery(q) => on_button(&bot, &outbox, &settings, q).await,
+                UpdateKind::CallbackQuery(q) => {
+                    on_button(&bot, &outbox, &templates, &settings, q).await
+                }
                 UpdateKind::Message(m) => on_message(&bot, &outbox, &settings, m).await,
                 _ => {}
             }
@@ -91,7 +94,13 @@ fn allowed(settings: &Telegram, chat: i64, user: Option<&User>) -> bool {
         && (settings.admins.is_empty() || user.is_some_and(|u| settings.admins.contains(&u.id.0)))
 }
 
-async fn on_button(bot: &Bot, outbox: &Outbox, settings: &Telegram, q: CallbackQuery) {
+async fn on_button(
+    bot: &Bot,
+    outbox: &Outbox,
+    templates: &Templates,
+    settings: &Telegram,
+    q: CallbackQuery,
+) {
     let Some(message) = q.message.as_ref() else {
         return;
     };
@@ -131,7 +140,7 @@ async fn on_button(bot: &Bot, outbox: &Outbox, settings: &Telegram, q: CallbackQ
             alerts,
             queued_at: 0,
         };
-        let text = format!("{}\n{note}", render(&original));
+        let text = format!("{}\n{note}", templates.render(&original));
         let _ = bot
             .edit_message_text(ChatId(chat), message_id, text)
             .parse_mode(ParseMode::Html)

@@ -1,8 +1,9 @@
 //! Telegram messages in HTML parse mode: escaped, and within Telegram's length limit.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::outbox::{Kind, Outgoing};
+use super::outbox::{AlertView, Kind, Outgoing};
 
 /// Telegram's limit is 4096 characters after entity parsing; the tags we add do not count, so
 /// staying under it in raw text is safe.
@@ -42,81 +43,174 @@ fn since(starts_at: i64) -> String {
         return String::new();
     }
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(starts_at as u64);
-    format!(" since {}", humantime::format_rfc3339_seconds(t))
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// The message text for `message`.
-pub fn render(message: &Outgoing) -> String {
-    let (icon, word) = match message.kind {
-        Kind::Firing => ("🔴", "FIRING"),
-        Kind::Reminder => ("🟠", "STILL FIRING"),
-        Kind::Resolved => ("✅", "RESOLVED"),
-    };
-    let mut out = format!("{icon} <b>{word}</b>");
-    if message.alerts.len() > 1 {
-        let _ = write!(out, " ({} alerts)", message.alerts.len());
+/// The default first line: what happened, and how many alerts the message carries.
+pub const DEFAULT_HEADER: &str = "{% if kind == 'firing' %}🔴 <b>FIRING</b>\
+{% elif kind == 'reminder' %}🟠 <b>STILL FIRING</b>{% else %}✅ <b>RESOLVED</b>{% endif %}\
+{% if count > 1 %} ({{ count }} alerts){% endif %}";
+
+/// The default block per alert: name, detector, severity, since when, series, the rule's summary
+/// and description (which carry the score), and a link.
+pub const DEFAULT_ALERT: &str = "<b>{{ alertname }}</b>\
+{% if detector %} · detector <code>{{ detector }}</code>{% endif %}\
+{% if severity %} · {{ severity }}{% endif %}{% if since %} since {{ since }}{% endif %}
+{% if series %}<code>{{ series }}</code>
+{% endif %}{% if summary %}{{ summary }}
+{% endif %}{% if description %}{{ description }}
+{% endif %}{% if link %}<a href=\"{{ link }}\">open</a>
+{% endif %}";
+
+/// Message templates (minijinja: Jinja2 syntax). Every value is HTML-escaped for Telegram's
+/// HTML parse mode; the template text itself is trusted HTML from the config.
+pub struct Templates {
+    env: minijinja::Environment<'static>,
+}
+
+impl Templates {
+    /// Compiles the templates (defaults where `None`) and renders a sample, so a broken
+    /// template is refused at start with the reason.
+    pub fn new(header: Option<&str>, alert: Option<&str>) -> Result<Templates, String> {
+        let mut env = minijinja::Environment::new();
+        env.set_formatter(|out, _state, value| {
+            let text = if value.is_undefined() || value.is_none() {
+                String::new()
+            } else if value.is_safe() {
+                value.to_string()
+            } else {
+                escape(&value.to_string())
+            };
+            out.write_str(&text).map_err(|_| {
+                minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "cannot write")
+            })
+        });
+        env.add_template_owned("header", header.unwrap_or(DEFAULT_HEADER).to_string())
+            .map_err(|e| format!("relay.templates.header: {e}"))?;
+        env.add_template_owned("alert", alert.unwrap_or(DEFAULT_ALERT).to_string())
+            .map_err(|e| format!("relay.templates.alert: {e}"))?;
+        let templates = Templates { env };
+        let sample = Outgoing {
+            id: 0,
+            chat: 0,
+            kind: Kind::Firing,
+            alerts: vec![AlertView {
+                key: String::new(),
+                labels: [("alertname".to_string(), "Sample".to_string())].into(),
+                annotations: BTreeMap::new(),
+                starts_at: 0,
+                generator_url: String::new(),
+            }],
+            queued_at: 0,
+        };
+        templates
+            .header(&sample)
+            .map_err(|e| format!("relay.templates.header: {e}"))?;
+        templates
+            .alert(&sample.alerts[0])
+            .map_err(|e| format!("relay.templates.alert: {e}"))?;
+        Ok(templates)
     }
-    out.push('\n');
-    for (shown, alert) in message.alerts.iter().enumerate() {
-        let mut block = String::from("\n");
-        let name = alert
-            .labels
-            .get("alertname")
-            .map_or("alert", String::as_str);
-        let _ = write!(block, "<b>{}</b>", escape(&cut(name, MAX_VALUE_CHARS)));
-        let detector = alert
-            .labels
-            .get("for")
-            .or_else(|| alert.labels.get("detector"));
-        if let Some(d) = detector {
-            let _ = write!(
-                block,
-                " · detector <code>{}</code>",
-                escape(&cut(d, MAX_VALUE_CHARS))
-            );
-        }
-        if let Some(severity) = alert.labels.get("severity") {
-            let _ = write!(block, " · {}", escape(&cut(severity, MAX_VALUE_CHARS)));
-        }
-        block.push_str(&escape(&since(alert.starts_at)));
-        block.push('\n');
+
+    fn header(&self, message: &Outgoing) -> Result<String, minijinja::Error> {
+        let kind = match message.kind {
+            Kind::Firing => "firing",
+            Kind::Reminder => "reminder",
+            Kind::Resolved => "resolved",
+        };
+        self.env
+            .get_template("header")?
+            .render(minijinja::context! {
+                kind => kind,
+                count => message.alerts.len(),
+            })
+    }
+
+    fn alert(&self, alert: &AlertView) -> Result<String, minijinja::Error> {
+        let get = |map: &BTreeMap<String, String>, key: &str| {
+            map.get(key)
+                .map(|v| cut(v, MAX_VALUE_CHARS))
+                .unwrap_or_default()
+        };
         let series: Vec<String> = alert
             .labels
             .iter()
             .filter(|(k, _)| !NOT_SERIES_LABELS.contains(&k.as_str()) && k.as_str() != "for")
             .map(|(k, v)| format!("{k}={}", cut(v, MAX_VALUE_CHARS)))
             .collect();
-        if !series.is_empty() {
-            let _ = writeln!(block, "<code>{}</code>", escape(&series.join(", ")));
-        }
-        for key in ["summary", "description"] {
-            if let Some(text) = alert.annotations.get(key) {
-                let _ = writeln!(block, "{}", escape(&cut(text, MAX_VALUE_CHARS)));
-            }
-        }
         let link = alert
             .annotations
             .get("dashboard")
             .filter(|l| l.starts_with("http"))
-            .or(Some(&alert.generator_url).filter(|l| l.starts_with("http")));
-        if let Some(link) = link {
-            let _ = writeln!(block, "<a href=\"{}\">open</a>", escape(link));
-        }
-        let rest = message.alerts.len() - shown;
-        // Keep room for the "and N more" line.
-        if out.chars().count() + block.chars().count() > MAX_MESSAGE_CHARS - 64 {
-            let _ = write!(out, "\n… and {rest} more");
-            break;
-        }
-        out.push_str(&block);
+            .or(Some(&alert.generator_url).filter(|l| l.starts_with("http")))
+            .cloned()
+            .unwrap_or_default();
+        let labels: BTreeMap<&String, String> = alert
+            .labels
+            .iter()
+            .map(|(k, v)| (k, cut(v, MAX_VALUE_CHARS)))
+            .collect();
+        let annotations: BTreeMap<&String, String> = alert
+            .annotations
+            .iter()
+            .map(|(k, v)| (k, cut(v, MAX_VALUE_CHARS)))
+            .collect();
+        self.env.get_template("alert")?.render(minijinja::context! {
+            alertname => alert.labels.get("alertname").map_or("alert", String::as_str),
+            detector => alert.labels.get("for").or_else(|| alert.labels.get("detector")).cloned().unwrap_or_default(),
+            severity => get(&alert.labels, "severity"),
+            since => since(alert.starts_at),
+            series => series.join(", "),
+            summary => get(&alert.annotations, "summary"),
+            description => get(&alert.annotations, "description"),
+            link => link,
+            labels => labels,
+            annotations => annotations,
+        })
     }
-    out
+
+    /// The message text for `message`, under Telegram's length limit.
+    pub fn render(&self, message: &Outgoing) -> String {
+        let mut out = self.header(message).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "message header template failed");
+            "<b>ALERT</b>".into()
+        });
+        out.push('\n');
+        for (shown, alert) in message.alerts.iter().enumerate() {
+            let block = self.alert(alert).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "alert template failed");
+                format!(
+                    "<b>{}</b>\n",
+                    escape(
+                        alert
+                            .labels
+                            .get("alertname")
+                            .map_or("alert", String::as_str)
+                    )
+                )
+            });
+            let rest = message.alerts.len() - shown;
+            // Keep room for the "and N more" line.
+            if out.chars().count() + block.chars().count() + 1 > MAX_MESSAGE_CHARS - 64 {
+                let _ = write!(out, "\n… and {rest} more");
+                break;
+            }
+            out.push('\n');
+            out.push_str(&block);
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::outbox::AlertView;
+
+    fn render(message: &Outgoing) -> String {
+        Templates::new(None, None)
+            .expect("default templates")
+            .render(message)
+    }
 
     fn view(i: usize, value: &str) -> AlertView {
         AlertView {
@@ -172,5 +266,40 @@ mod tests {
         );
         assert!(text.contains("more"), "the cut is said");
         assert!(text.contains("(200 alerts)"));
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn custom_templates_render_escaped_values_and_broken_ones_are_refused() {
+        let t = Templates::new(
+            Some("{{ kind | upper }}"),
+            Some("{{ labels.instance }} on {{ annotations.summary }}"),
+        )
+        .expect("valid templates");
+        let message = Outgoing {
+            id: 1,
+            chat: 1,
+            kind: Kind::Resolved,
+            alerts: vec![AlertView {
+                key: String::new(),
+                labels: [("instance".to_string(), "<b>x</b>".to_string())].into(),
+                annotations: [("summary".to_string(), "a & b".to_string())].into(),
+                starts_at: 0,
+                generator_url: String::new(),
+            }],
+            queued_at: 0,
+        };
+        assert_eq!(
+            t.render(&message),
+            "RESOLVED\n\n&lt;b&gt;x&lt;/b&gt; on a &amp; b"
+        );
+        let e = Templates::new(None, Some("{% if %}"))
+            .err()
+            .expect("refused");
+        assert!(e.starts_with("relay.templates.alert:"), "{e}");
     }
 }

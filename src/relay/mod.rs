@@ -34,7 +34,7 @@ use prometheus::{
 use tokio::sync::{watch, Notify};
 
 pub use intake::{parse as parse_alerts, Alert, MAX_BODY_BYTES};
-pub use message::{escape as escape_html, render as render_message, MAX_MESSAGE_CHARS};
+pub use message::{escape as escape_html, Templates, MAX_MESSAGE_CHARS};
 pub use outbox::{Accepted, AlertView, Kind, Outbox, Outgoing};
 pub use silences::{series_matchers, Silence};
 pub use telegram::redact;
@@ -281,6 +281,13 @@ pub async fn run(
     let token: Secret = settings.telegram.token().map_err(|e| anyhow::anyhow!(e))?;
     let api_url = settings.telegram.api_url.as_ref().map(|u| &u.0);
     let bot = telegram::bot(&token, api_url).map_err(|e| anyhow::anyhow!(e))?;
+    let templates = Arc::new(
+        Templates::new(
+            settings.templates.header.as_deref(),
+            settings.templates.alert.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
     let outbox = Arc::new(Outbox::open(&settings.state_path)?);
     let metrics = RelayMetrics::new().context("cannot set up relay metrics")?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -291,6 +298,7 @@ pub async fn run(
     let updates = tokio::spawn(bot::handle_updates(
         bot.clone(),
         outbox.clone(),
+        templates.clone(),
         settings.telegram.clone(),
         token.clone(),
         stop_rx.clone(),
@@ -310,11 +318,14 @@ pub async fn run(
                 .collect(),
         });
     let worker = tokio::spawn(telegram::deliver(
-        outbox.clone(),
-        bot,
-        token,
-        metrics.clone(),
-        charts,
+        telegram::Delivery {
+            outbox: outbox.clone(),
+            templates,
+            bot,
+            token,
+            metrics: metrics.clone(),
+            charts,
+        },
         wake.clone(),
         stop_rx,
     ));

@@ -14,7 +14,7 @@ use teloxide::types::{MessageId, ParseMode, ReplyParameters};
 use teloxide::RequestError;
 use tokio::sync::{watch, Notify};
 
-use super::message::render;
+use super::message::Templates;
 use super::outbox::{Kind, Outbox, Outgoing};
 use super::RelayMetrics;
 use crate::config::Secret;
@@ -112,16 +112,26 @@ async fn send_chart(bot: &Bot, charts: &Charts, message: &Outgoing, reply_to: i3
     }
 }
 
+/// What the delivery worker works with.
+pub struct Delivery {
+    pub outbox: Arc<Outbox>,
+    pub templates: Arc<Templates>,
+    pub bot: Bot,
+    pub token: Secret,
+    pub metrics: RelayMetrics,
+    pub charts: Option<Charts>,
+}
+
 /// Sends outbox messages until `stop` flips; `wake` is notified when intake queued something.
-pub async fn deliver(
-    outbox: Arc<Outbox>,
-    bot: Bot,
-    token: Secret,
-    metrics: RelayMetrics,
-    charts: Option<Charts>,
-    wake: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn deliver(delivery: Delivery, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let Delivery {
+        outbox,
+        templates,
+        bot,
+        token,
+        metrics,
+        charts,
+    } = delivery;
     // A chat waits out its own rate limit or retry_after; the other chats keep going.
     let mut not_before: HashMap<i64, Instant> = HashMap::new();
     let mut last_sent = Instant::now() - GLOBAL_INTERVAL;
@@ -155,7 +165,7 @@ pub async fn deliver(
         tokio::time::sleep_until((last_sent + GLOBAL_INTERVAL).into()).await;
         let chat = message.chat.to_string();
         let started = Instant::now();
-        let result = send(&bot, &outbox, &message).await;
+        let result = send(&bot, &outbox, &templates, &message).await;
         last_sent = Instant::now();
         not_before.insert(message.chat, last_sent + PER_CHAT_INTERVAL);
         match result {
@@ -212,9 +222,14 @@ pub async fn deliver(
     }
 }
 
-async fn send(bot: &Bot, outbox: &Outbox, message: &Outgoing) -> Result<i32, RequestError> {
+async fn send(
+    bot: &Bot,
+    outbox: &Outbox,
+    templates: &Templates,
+    message: &Outgoing,
+) -> Result<i32, RequestError> {
     let mut request = bot
-        .send_message(ChatId(message.chat), render(message))
+        .send_message(ChatId(message.chat), templates.render(message))
         .parse_mode(ParseMode::Html);
     if message.kind == Kind::Firing {
         request = request.reply_markup(super::bot::firing_buttons());
