@@ -91,8 +91,10 @@ detectors:
     let registry = Registry::new(Arc::new(db.store().await));
     registry
         .create_window(&NewWindow {
-            starts_at: live_start + SPIKE_AT - 5,
-            ends_at: live_start + SPIKE_AT + 15,
+            // The whole live period: with `for: 0s` any stray point above 1 would open an
+            // episode, so the window must cover every point of "b" that could be scored.
+            starts_at: start - 60,
+            ends_at: live_start + LIVE_SECS + 60,
             detector: Some("queues".into()),
             matchers: [("instance".to_string(), "b".to_string())].into(),
             reason: "planned failover of b".into(),
