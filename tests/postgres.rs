@@ -148,13 +148,7 @@ detectors:
         db.url
     );
     let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        mad::serve::run(config, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let serving = common::serve::start(config);
     let metrics = format!("http://127.0.0.1:{port}/metrics");
     let serves = |version: String| {
         let metrics = metrics.clone();
@@ -194,8 +188,7 @@ detectors:
     other.rollback("cpu").await.expect("rollback");
     serves(v1.version.clone()).await;
 
-    let _ = stop_tx.send(());
-    server.await.expect("task").expect("exporter stops cleanly");
+    serving.stop().await;
     db.drop().await;
 }
 
@@ -240,13 +233,7 @@ detectors:
         db.url
     );
     let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        mad::serve::run(config, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let serving = common::serve::start(config);
     let info = format!(
         "mad_model_info{{detector=\"from_db\",version=\"{}\"}} 1",
         version.version
@@ -281,8 +268,7 @@ detectors:
     assert!(registry.delete_detector("from_db").await.expect("delete"));
     until(false).await;
 
-    let _ = stop_tx.send(());
-    server.await.expect("task").expect("exporter stops cleanly");
+    serving.stop().await;
     db.drop().await;
 }
 
