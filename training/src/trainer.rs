@@ -42,6 +42,9 @@ use crate::onnx;
 
 /// Smallest band (scaled units): a near-perfect forecast must not make every wiggle anomalous.
 pub const MIN_BAND: f64 = 0.05;
+/// Smallest band in robust standard deviations of the calibration residuals: for Gaussian
+/// noise, 5σ is exceeded about once in two million points.
+pub const MIN_BAND_SIGMAS: f64 = 5.0;
 /// Training pieces span at least this many windows.
 const PIECE_WINDOWS: usize = 8;
 /// Fewest forecasts a validation or calibration part must have for a series to be used.
@@ -788,7 +791,13 @@ fn calibrate(
     let mut bands = Vec::with_capacity(series.len());
     for (s, mut r) in series.iter().zip(residuals) {
         r.sort_by(f64::total_cmp);
-        let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin).max(MIN_BAND);
+        // A high quantile of a few thousand residuals is itself noisy; a floor in robust
+        // standard deviations (1.4826 × median |r| estimates σ) keeps the band from being
+        // narrower than normal noise warrants when the calibration sample happens to be calm.
+        let robust_sigma = 1.4826 * quantile_sorted(&r, 0.5);
+        let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin)
+            .max(MIN_BAND_SIGMAS * robust_sigma)
+            .max(MIN_BAND);
         bands.push(band);
         calibrations.insert(
             s.key.clone(),
