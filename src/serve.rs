@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::Context;
 use tokio::sync::{broadcast, watch};
@@ -19,7 +19,7 @@ use crate::history::{EpisodeTracker, Recorder};
 use crate::model::Forecaster;
 use crate::registry::{merged_detectors, MaintenanceWindow, Registry};
 use crate::score::{DetectorScorer, Score};
-use crate::source::{align_down, Client, Series, SourceError};
+use crate::source::{align_down, unix_now, Client, Series, SourceError};
 use crate::store::{ModelStore, PgStore};
 
 /// Everything the detector loops and the HTTP server share.
@@ -290,12 +290,6 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down");
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 async fn detector_loop(

@@ -1,7 +1,7 @@
 //! `mad train`: fetch each detector's history, train its model, store it.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,7 +9,7 @@ use mad_training::{Progress, SeriesHistory};
 
 use crate::config::{Config, Detector};
 use crate::registry::{exclude_windows, merged_detectors, MaintenanceWindow, Registry};
-use crate::source::{align_down, Client, Series};
+use crate::source::{align_down, unix_now, Client, Series};
 use crate::store::{ModelStore, PgStore, VersionInfo};
 
 /// What one detector's training produced, for the summary line.
@@ -86,12 +86,6 @@ impl<'a> Trainer<'a> {
         .await
         .with_context(|| format!("detector {} (step {step}s)", detector.name))
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Trains the named detectors (all when `only` is empty: the config file's and, with PostgreSQL,

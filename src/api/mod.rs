@@ -113,7 +113,7 @@ impl Api {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, t)| t.trim());
         match given {
-            Some(t) if same(t.as_bytes(), token.expose().as_bytes()) => Ok(()),
+            Some(t) if token.matches(t.as_bytes()) => Ok(()),
             Some(_) => Err(ApiError::unauthorized("invalid bearer token")),
             None => Err(ApiError::unauthorized(
                 "missing Authorization: Bearer <server.api_token> header",
@@ -323,17 +323,6 @@ fn no_content() -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     response
-}
-
-/// Compares without stopping at the first difference, so timing does not reveal the token.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
 }
 
 /// The request body, at most [`MAX_BODY_BYTES`].
@@ -551,11 +540,11 @@ mod tests {
 
     #[test]
     fn tokens_compare_by_content_and_length() {
-        assert!(same(b"secret", b"secret"));
-        assert!(!same(b"secret", b"secreT"));
-        assert!(!same(b"secret", b"secret2"));
-        assert!(!same(b"", b"x"));
-        assert!(same(b"", b""));
+        assert!(crate::config::constant_time_eq(b"secret", b"secret"));
+        assert!(!crate::config::constant_time_eq(b"secret", b"secreT"));
+        assert!(!crate::config::constant_time_eq(b"secret", b"secret2"));
+        assert!(!crate::config::constant_time_eq(b"", b"x"));
+        assert!(crate::config::constant_time_eq(b"", b""));
     }
 
     #[test]

@@ -8,11 +8,12 @@
 mod victoria;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::source::unix_now;
 use crate::synth::{demo_profiles, Incident, IncidentKind, Synth};
 pub use victoria::{free_port, scrape_config, VictoriaMetrics};
 
@@ -33,12 +34,6 @@ pub struct DemoOptions {
     pub live_secs: i64,
     /// Keep everything running after the report, until Ctrl-C.
     pub keep: bool,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn demo_config(vm_url: &str, dir: &Path, listen_port: u16, step: i64, history_days: i64) -> String {

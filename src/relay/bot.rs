@@ -16,6 +16,7 @@ use super::outbox::{Kind, Outbox, Outgoing};
 use super::silences::series_matchers;
 use super::telegram::redact;
 use crate::config::{Secret, Telegram};
+use crate::source::unix_now;
 
 /// Long-poll wait per getUpdates call.
 const LONG_POLL_SECS: u32 = 20;
@@ -31,12 +32,6 @@ pub fn firing_buttons() -> InlineKeyboardMarkup {
         InlineKeyboardButton::callback("🔕 24 h", SILENCE_24H),
         InlineKeyboardButton::callback("👍 Ack", ACK),
     ]])
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn who(user: &User) -> String {
@@ -117,10 +112,10 @@ async fn on_button(
     let note = match q.data.as_deref() {
         Some(d @ (SILENCE_1H | SILENCE_24H)) => {
             let secs: i64 = d.trim_start_matches("silence:").parse().unwrap_or(3600);
-            let until = now() + secs;
+            let until = unix_now() + secs;
             for alert in &alerts {
                 if let Err(e) =
-                    outbox.add_silence(series_matchers(&alert.labels), until, &by, now())
+                    outbox.add_silence(series_matchers(&alert.labels), until, &by, unix_now())
                 {
                     tracing::error!(error = %e, "cannot store a silence");
                 }
@@ -162,14 +157,14 @@ async fn on_message(bot: &Bot, outbox: &Outbox, settings: &Telegram, m: Message)
     let reply = if !allowed(settings, chat, m.from.as_ref()) {
         "You may not manage silences here.".to_string()
     } else if command == "/silences" {
-        match outbox.silences(now()) {
+        match outbox.silences(unix_now()) {
             Ok(list) if list.is_empty() => "No active silences.".to_string(),
             Ok(list) => list
                 .iter()
                 .map(|s| {
                     let labels: Vec<String> =
                         s.matchers.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    let left = (s.until - now()).max(0) / 60;
+                    let left = (s.until - unix_now()).max(0) / 60;
                     format!(
                         "#{} <code>{}</code> by {} ({left} min left)",
                         s.id,

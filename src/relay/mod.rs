@@ -17,7 +17,6 @@ mod silences;
 mod telegram;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -39,8 +38,9 @@ pub use outbox::{Accepted, AlertView, Kind, Outbox, Outgoing};
 pub use silences::{series_matchers, Silence};
 pub use telegram::redact;
 
-use crate::config::{Config, Relay, Secret};
+use crate::config::{constant_time_eq, Config, Relay, Secret};
 use crate::expose::{serve_http, ApiHandler, Probes};
+use crate::source::unix_now;
 
 /// The relay's own metrics (`/metrics` on the relay's listen address).
 #[derive(Clone)]
@@ -110,22 +110,6 @@ impl RelayMetrics {
     }
 }
 
-/// Compares secrets in time that does not depend on where they differ.
-fn same(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Intake, metrics and probes, behind the exporter's HTTP server.
 struct RelayHttp {
     settings: Relay,
@@ -177,14 +161,14 @@ impl RelayHttp {
         let bearer_ok = token.is_some_and(|t| {
             header
                 .strip_prefix("Bearer ")
-                .is_some_and(|given| same(given.as_bytes(), t.expose().as_bytes()))
+                .is_some_and(|given| t.matches(given.as_bytes()))
         });
         let basic_ok = basic.is_some_and(|b| {
             let expected = format!("{}:{}", b.username, b.password.expose());
             header
                 .strip_prefix("Basic ")
                 .and_then(|encoded| BASE64.decode(encoded.trim()).ok())
-                .is_some_and(|given| same(&given, expected.as_bytes()))
+                .is_some_and(|given| constant_time_eq(&given, expected.as_bytes()))
         });
         bearer_ok || basic_ok
     }

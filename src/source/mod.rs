@@ -48,3 +48,10 @@ impl Series {
 pub fn align_down(ts: i64, step: i64) -> i64 {
     ts.div_euclid(step) * step
 }
+
+/// The current Unix time in seconds (0 if the clock is before 1970).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
