@@ -397,6 +397,18 @@ async fn run(via_alertmanager: bool) -> Run {
     run
 }
 
+/// `value V, expected L … U` from a message, as numbers.
+fn reading_in(text: &str) -> Option<(f64, f64, f64)> {
+    let line = text.lines().find(|l| l.starts_with("value "))?;
+    let (value, band) = line["value ".len()..].split_once(", expected ")?;
+    let (lower, upper) = band.split_once(" … ")?;
+    Some((
+        value.parse().ok()?,
+        lower.parse().ok()?,
+        upper.trim().parse().ok()?,
+    ))
+}
+
 /// Exactly one FIRING message for the spiky series, then exactly one RESOLVED replying to it.
 fn check(run: &Run, logs: &str) {
     let messages = &run.messages;
@@ -427,6 +439,14 @@ fn check(run: &Run, logs: &str) {
             .text
             .contains("http://127.0.0.1:3000/grafana/d/mad?var-detector=e2e&amp;var-series="),
         "drill-down link: {}",
+        firing.text
+    );
+    // The value against its band, read by the relay from VictoriaMetrics: outside it.
+    let (value, lower, upper) = reading_in(&firing.text)
+        .unwrap_or_else(|| panic!("no value against the band: {}\n{logs}", firing.text));
+    assert!(
+        lower <= upper && !(lower..=upper).contains(&value),
+        "{}",
         firing.text
     );
     assert!(resolved.text.contains("RESOLVED"), "{}", resolved.text);

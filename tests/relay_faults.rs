@@ -38,7 +38,8 @@ fn chat_of(team: usize) -> i64 {
     DEFAULT_CHAT + team as i64
 }
 
-fn config_text(dir: &Path, port: u16, telegram_url: &str) -> String {
+/// `postgres`: the outbox's database URL; `None` keeps it in the embedded redb file.
+fn config_text(dir: &Path, port: u16, telegram_url: &str, postgres: Option<&str>) -> String {
     let routes: String = (1..TEAMS)
         .map(|t| {
             format!(
@@ -47,10 +48,13 @@ fn config_text(dir: &Path, port: u16, telegram_url: &str) -> String {
             )
         })
         .collect();
+    let store = postgres.map_or(String::new(), |url| {
+        format!("store: {{ postgres: \"{url}\" }}\n")
+    });
     format!(
         r#"
 datasource: {{ url: http://127.0.0.1:1 }}
-detectors:
+{store}detectors:
   - {{ name: burst, query: up, step: 1m }}
 relay:
   listen: 127.0.0.1:{port}
@@ -204,13 +208,28 @@ fn count(outcomes: &[(Outcome, Instant)], kind: Outcome, from: Instant, to: Inst
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_survives_rate_limits_and_a_sigkill_exactly_once() {
+    burst_with_a_sigkill(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_outbox_in_postgres_too() {
+    let db = common::pg::TestDb::new().await;
+    burst_with_a_sigkill(Some(&db.url)).await;
+    db.drop().await;
+}
+
+async fn burst_with_a_sigkill(postgres: Option<&str>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let telegram = FakeTelegram::start().await;
     telegram.fail_percent(30);
     telegram.hold_call(HELD_CALL);
     let port = free_port().expect("port");
     let config = dir.path().join("relay.yaml");
-    std::fs::write(&config, config_text(dir.path(), port, &telegram.url)).expect("config");
+    std::fs::write(
+        &config,
+        config_text(dir.path(), port, &telegram.url, postgres),
+    )
+    .expect("config");
     let (first_log, second_log) = (dir.path().join("first.log"), dir.path().join("second.log"));
 
     let mut first = Relay(spawn_relay(&config, &first_log));
@@ -417,9 +436,10 @@ async fn a_burst_survives_rate_limits_and_a_sigkill_exactly_once() {
     drop(second);
 
     println!(
-        "burst of {ALERTS} alerts in {REQUESTS} requests to {TEAMS} chats: delivered in {:.1} s \
+        "outbox in {}: burst of {ALERTS} alerts in {REQUESTS} requests to {TEAMS} chats: delivered in {:.1} s \
          ({} messages, {calls} sendMessage calls, {all_429} answered 429, relay killed after \
          {delivered_by_first} messages and down {:.1} s; {} intake attempts refused, {} broken)",
+        if postgres.is_some() { "PostgreSQL" } else { "redb" },
         burst_took.as_secs_f64(),
         sent.len(),
         (restarted_at - killed_at).as_secs_f64(),

@@ -43,14 +43,14 @@ fn who(user: &User) -> String {
 /// Reads updates until `stop`; the offset is kept in the outbox's database.
 pub async fn handle_updates(
     bot: Bot,
-    outbox: Arc<Outbox>,
+    outbox: Arc<dyn Outbox>,
     templates: Arc<Templates>,
     settings: Telegram,
     token: Secret,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let offset = outbox.update_offset().unwrap_or_default();
+        let offset = outbox.update_offset().await.unwrap_or_default();
         let request = bot
             .get_updates()
             .offset(offset as i32)
@@ -72,12 +72,12 @@ pub async fn handle_updates(
         for update in updates {
             match update.kind {
                 UpdateKind::CallbackQuery(q) => {
-                    on_button(&bot, &outbox, &templates, &settings, q).await
+                    on_button(&bot, outbox.as_ref(), &templates, &settings, q).await
                 }
-                UpdateKind::Message(m) => on_message(&bot, &outbox, &settings, m).await,
+                UpdateKind::Message(m) => on_message(&bot, outbox.as_ref(), &settings, m).await,
                 _ => {}
             }
-            if let Err(e) = outbox.set_update_offset(u64::from(update.id.0) + 1) {
+            if let Err(e) = outbox.set_update_offset(u64::from(update.id.0) + 1).await {
                 tracing::error!(error = %e, "cannot record the Telegram update offset");
             }
         }
@@ -91,7 +91,7 @@ fn allowed(settings: &Telegram, chat: i64, user: Option<&User>) -> bool {
 
 async fn on_button(
     bot: &Bot,
-    outbox: &Outbox,
+    outbox: &dyn Outbox,
     templates: &Templates,
     settings: &Telegram,
     q: CallbackQuery,
@@ -107,6 +107,7 @@ async fn on_button(
     }
     let alerts = outbox
         .alerts_of_message(chat, message_id.0)
+        .await
         .unwrap_or_default();
     let by = who(&q.from);
     let note = match q.data.as_deref() {
@@ -114,8 +115,9 @@ async fn on_button(
             let secs: i64 = d.trim_start_matches("silence:").parse().unwrap_or(3600);
             let until = unix_now() + secs;
             for alert in &alerts {
-                if let Err(e) =
-                    outbox.add_silence(series_matchers(&alert.labels), until, &by, unix_now())
+                if let Err(e) = outbox
+                    .add_silence(series_matchers(&alert.labels), until, &by, unix_now())
+                    .await
                 {
                     tracing::error!(error = %e, "cannot store a silence");
                 }
@@ -135,7 +137,10 @@ async fn on_button(
             alerts,
             queued_at: 0,
         };
-        let text = format!("{}\n{note}", templates.render(&original));
+        let text = format!(
+            "{}\n{note}",
+            templates.render(&original, &Default::default())
+        );
         let _ = bot
             .edit_message_text(ChatId(chat), message_id, text)
             .parse_mode(ParseMode::Html)
@@ -144,7 +149,7 @@ async fn on_button(
     }
 }
 
-async fn on_message(bot: &Bot, outbox: &Outbox, settings: &Telegram, m: Message) {
+async fn on_message(bot: &Bot, outbox: &dyn Outbox, settings: &Telegram, m: Message) {
     let Some(text) = m.text() else {
         return;
     };
@@ -157,7 +162,7 @@ async fn on_message(bot: &Bot, outbox: &Outbox, settings: &Telegram, m: Message)
     let reply = if !allowed(settings, chat, m.from.as_ref()) {
         "You may not manage silences here.".to_string()
     } else if command == "/silences" {
-        match outbox.silences(unix_now()) {
+        match outbox.silences(unix_now()).await {
             Ok(list) if list.is_empty() => "No active silences.".to_string(),
             Ok(list) => list
                 .iter()
@@ -183,7 +188,7 @@ async fn on_message(bot: &Bot, outbox: &Outbox, settings: &Telegram, m: Message)
             .and_then(|id| id.trim_start_matches('#').parse::<u64>().ok())
         {
             None => "Usage: /unsilence ID (see /silences)".to_string(),
-            Some(id) => match outbox.remove_silence(id) {
+            Some(id) => match outbox.remove_silence(id).await {
                 Ok(true) => format!("Silence #{id} removed."),
                 Ok(false) => format!("No silence #{id}."),
                 Err(e) => format!("Cannot remove it: {}", escape(&e.to_string())),

@@ -1,6 +1,6 @@
 //! Telegram messages in HTML parse mode: escaped, and within Telegram's length limit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
 use super::outbox::{AlertView, Kind, Outgoing};
@@ -52,15 +52,39 @@ pub const DEFAULT_HEADER: &str = "{% if kind == 'firing' %}🔴 <b>FIRING</b>\
 {% if count > 1 %} ({{ count }} alerts){% endif %}";
 
 /// The default block per alert: name, detector, severity, since when, series, the rule's summary
-/// and description (which carry the score), and a link.
+/// and description (which carry the score), the value against the expected band when the relay
+/// could read it, and a link.
 pub const DEFAULT_ALERT: &str = "<b>{{ alertname }}</b>\
 {% if detector %} · detector <code>{{ detector }}</code>{% endif %}\
 {% if severity %} · {{ severity }}{% endif %}{% if since %} since {{ since }}{% endif %}
 {% if series %}<code>{{ series }}</code>
 {% endif %}{% if summary %}{{ summary }}
 {% endif %}{% if description %}{{ description }}
+{% endif %}{% if value %}value {{ value }}, expected {{ expected_lower }} … {{ expected_upper }}
 {% endif %}{% if link %}<a href=\"{{ link }}\">open</a>
 {% endif %}";
+
+/// The most anomalous recent point of an alert's series, read from the datasource.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub value: f64,
+    pub lower: f64,
+    pub upper: f64,
+}
+
+/// Four significant digits, no exponent for everyday magnitudes.
+fn number(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let magnitude = v.abs().log10().floor() as i32;
+    if (-3..6).contains(&magnitude) {
+        let decimals = (3 - magnitude).max(0) as usize;
+        format!("{v:.decimals$}")
+    } else {
+        format!("{v:.3e}")
+    }
+}
 
 /// Message templates (minijinja: Jinja2 syntax). Every value is HTML-escaped for Telegram's
 /// HTML parse mode; the template text itself is trusted HTML from the config.
@@ -107,7 +131,14 @@ impl Templates {
             .header(&sample)
             .map_err(|e| format!("relay.templates.header: {e}"))?;
         templates
-            .alert(&sample.alerts[0])
+            .alert(
+                &sample.alerts[0],
+                Some(&Reading {
+                    value: 2.0,
+                    lower: 0.0,
+                    upper: 1.0,
+                }),
+            )
             .map_err(|e| format!("relay.templates.alert: {e}"))?;
         Ok(templates)
     }
@@ -126,7 +157,11 @@ impl Templates {
             })
     }
 
-    fn alert(&self, alert: &AlertView) -> Result<String, minijinja::Error> {
+    fn alert(
+        &self,
+        alert: &AlertView,
+        reading: Option<&Reading>,
+    ) -> Result<String, minijinja::Error> {
         let get = |map: &BTreeMap<String, String>, key: &str| {
             map.get(key)
                 .map(|v| cut(v, MAX_VALUE_CHARS))
@@ -164,31 +199,36 @@ impl Templates {
             summary => get(&alert.annotations, "summary"),
             description => get(&alert.annotations, "description"),
             link => link,
+            value => reading.map(|r| number(r.value)),
+            expected_lower => reading.map(|r| number(r.lower)),
+            expected_upper => reading.map(|r| number(r.upper)),
             labels => labels,
             annotations => annotations,
         })
     }
 
-    /// The message text for `message`, under Telegram's length limit.
-    pub fn render(&self, message: &Outgoing) -> String {
+    /// The message text for `message`, under Telegram's length limit; `readings` by alert key.
+    pub fn render(&self, message: &Outgoing, readings: &HashMap<String, Reading>) -> String {
         let mut out = self.header(message).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "message header template failed");
             "<b>ALERT</b>".into()
         });
         out.push('\n');
         for (shown, alert) in message.alerts.iter().enumerate() {
-            let block = self.alert(alert).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "alert template failed");
-                format!(
-                    "<b>{}</b>\n",
-                    escape(
-                        alert
-                            .labels
-                            .get("alertname")
-                            .map_or("alert", String::as_str)
+            let block = self
+                .alert(alert, readings.get(&alert.key))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "alert template failed");
+                    format!(
+                        "<b>{}</b>\n",
+                        escape(
+                            alert
+                                .labels
+                                .get("alertname")
+                                .map_or("alert", String::as_str)
+                        )
                     )
-                )
-            });
+                });
             let rest = message.alerts.len() - shown;
             // Keep room for the "and N more" line.
             if out.chars().count() + block.chars().count() + 1 > MAX_MESSAGE_CHARS - 64 {
@@ -209,7 +249,7 @@ mod tests {
     fn render(message: &Outgoing) -> String {
         Templates::new(None, None)
             .expect("default templates")
-            .render(message)
+            .render(message, &HashMap::new())
     }
 
     fn view(i: usize, value: &str) -> AlertView {
@@ -255,6 +295,31 @@ mod tests {
     }
 
     #[test]
+    fn the_value_is_shown_against_the_expected_band_when_read() {
+        let alert = view(1, "/");
+        let readings = [(
+            alert.key.clone(),
+            Reading {
+                value: 97.25,
+                lower: 48.1,
+                upper: 52.5,
+            },
+        )]
+        .into();
+        let templates = Templates::new(None, None).expect("default templates");
+        let text = templates.render(&message(vec![alert.clone()]), &readings);
+        assert!(
+            text.contains("value 97.25, expected 48.10 … 52.50"),
+            "{text}"
+        );
+        let without = templates.render(&message(vec![alert]), &HashMap::new());
+        assert!(!without.contains("expected"), "{without}");
+        assert_eq!(number(1.5e9), "1.500e9");
+        assert_eq!(number(0.000_25), "2.500e-4");
+        assert_eq!(number(-3.0), "-3.000");
+    }
+
+    #[test]
     fn long_messages_stay_under_the_limit() {
         let huge = "x".repeat(10_000);
         let alerts: Vec<AlertView> = (0..200).map(|i| view(i, &huge)).collect();
@@ -294,7 +359,7 @@ mod template_tests {
             queued_at: 0,
         };
         assert_eq!(
-            t.render(&message),
+            t.render(&message, &HashMap::new()),
             "RESOLVED\n\n&lt;b&gt;x&lt;/b&gt; on a &amp; b"
         );
         let e = Templates::new(None, Some("{% if %}"))

@@ -1,9 +1,9 @@
 //! `mad relay`: alerts from vmalert (or Alertmanager) to Telegram, nothing lost, nothing doubled.
 //!
 //! ```text
-//! POST /api/v2/alerts ──> intake (parse, authenticate) ──> outbox (redb: dedupe + queue, synced
-//!                                                            before the 2xx) ──> telegram (send in
-//!                                                            order, rate limits, retry) ──> chat
+//! POST /api/v2/alerts ──> intake (parse, authenticate) ──> outbox (PostgreSQL or redb: dedupe +
+//!                                                            queue, committed before the 2xx)
+//!                         chat <── telegram (send in order, rate limits, retry) <──┘
 //! ```
 //! The same endpoint takes vmalert's bare array and Alertmanager's webhook object, so the relay
 //! works behind either.
@@ -34,7 +34,10 @@ use tokio::sync::{watch, Notify};
 
 pub use intake::{parse as parse_alerts, Alert, MAX_BODY_BYTES};
 pub use message::{escape as escape_html, Templates, MAX_MESSAGE_CHARS};
-pub use outbox::{Accepted, AlertView, Kind, Outbox, Outgoing};
+pub use outbox::{
+    open as open_outbox, Accepted, AlertView, EmbeddedOutbox, Kind, Outbox, OutboxError, Outgoing,
+    PgOutbox, Routed,
+};
 pub use silences::{series_matchers, Silence};
 pub use telegram::redact;
 
@@ -113,26 +116,54 @@ impl RelayMetrics {
 /// Intake, metrics and probes, behind the exporter's HTTP server.
 struct RelayHttp {
     settings: Relay,
-    outbox: Arc<Outbox>,
+    outbox: Arc<dyn Outbox>,
     metrics: RelayMetrics,
     wake: Arc<Notify>,
+    /// Why the outbox cannot be read, as of the last [`watch_backlog`] pass.
+    state_ok: watch::Receiver<Result<(), String>>,
+}
+
+/// How often the queue gauges and readiness are refreshed from the outbox.
+const BACKLOG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the queue gauges and readiness current: scrapes and probes must not wait on a database.
+async fn watch_backlog(
+    outbox: Arc<dyn Outbox>,
+    metrics: RelayMetrics,
+    state: watch::Sender<Result<(), String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let result = outbox.backlog().await;
+        match &result {
+            Ok((len, oldest)) => {
+                metrics.queued.set(*len as i64);
+                metrics
+                    .queue_age
+                    .set(oldest.map_or(0, |t| (unix_now() - t).max(0)));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the relay outbox"),
+        }
+        let _previous = state.send_replace(result.map(|_| ()).map_err(|e| e.to_string()));
+        tokio::select! {
+            () = tokio::time::sleep(BACKLOG_POLL) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 impl Probes for RelayHttp {
     fn metrics(&self) -> String {
-        if let Ok((len, oldest)) = self.outbox.backlog() {
-            self.metrics.queued.set(len as i64);
-            self.metrics
-                .queue_age
-                .set(oldest.map_or(0, |t| (unix_now() - t).max(0)));
-        }
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.metrics.registry.gather(), &mut buf);
         String::from_utf8_lossy(&buf).into_owned()
     }
 
     fn ready(&self) -> Result<(), String> {
-        self.outbox.backlog().map(|_| ()).map_err(|e| e.to_string())
+        match *self.state_ok.borrow() {
+            Ok(()) => Ok(()),
+            Err(ref e) => Err(e.clone()),
+        }
     }
 }
 
@@ -218,16 +249,17 @@ impl ApiHandler for RelayHttp {
             Ok(a) => a,
             Err(e) => return self.refuse(StatusCode::BAD_REQUEST, e),
         };
-        let outbox = self.outbox.clone();
-        let telegram = self.settings.telegram.clone();
+        let telegram = &self.settings.telegram;
+        let routed = alerts
+            .into_iter()
+            .map(|alert| Routed {
+                chat: telegram.chat_for(&alert.labels),
+                alert,
+            })
+            .collect();
         let renotify = self.settings.renotify.map(|d| d.0.as_secs() as i64);
-        // redb syncs on commit: off the async threads.
-        let accepted = tokio::task::spawn_blocking(move || {
-            outbox.accept(&alerts, now, renotify, |labels| telegram.chat_for(labels))
-        })
-        .await;
-        match accepted {
-            Ok(Ok(a)) => {
+        match self.outbox.accept(routed, now, renotify).await {
+            Ok(a) => {
                 self.metrics.received.inc_by(a.received as u64);
                 self.metrics.deduplicated.inc_by(a.duplicates as u64);
                 if a.queued_messages > 0 {
@@ -238,17 +270,13 @@ impl ApiHandler for RelayHttp {
                     serde_json::json!({ "received": a.received, "queued_messages": a.queued_messages }),
                 )
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::error!(error = %e, "cannot store alerts");
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     serde_json::json!({ "error": "cannot store alerts; retry" }),
                 )
             }
-            Err(e) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                serde_json::json!({ "error": e.to_string() }),
-            ),
         }
     }
 }
@@ -272,7 +300,7 @@ pub async fn run(
         )
         .map_err(|e| anyhow::anyhow!(e))?,
     );
-    let outbox = Arc::new(Outbox::open(&settings.state_path)?);
+    let outbox = outbox::open(&config.store, &settings.state_path).await?;
     let metrics = RelayMetrics::new().context("cannot set up relay metrics")?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -311,13 +339,21 @@ pub async fn run(
             charts,
         },
         wake.clone(),
-        stop_rx,
+        stop_rx.clone(),
+    ));
+    let (state_tx, state_ok) = watch::channel(Ok(()));
+    let backlog = tokio::spawn(watch_backlog(
+        outbox.clone(),
+        metrics.clone(),
+        state_tx,
+        stop_rx.clone(),
     ));
     let http = Arc::new(RelayHttp {
         settings: settings.clone(),
         outbox,
         metrics,
         wake,
+        state_ok,
     });
     tracing::info!(listen = %settings.listen, "relay accepting alerts on /api/v2/alerts");
     serve_http(
@@ -330,5 +366,6 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = worker.await;
     let _ = updates.await;
+    let _ = backlog.await;
     Ok(())
 }

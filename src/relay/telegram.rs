@@ -5,7 +5,7 @@
 //! Telegram refuses outright (400, 403) is tried a few times, then set aside as a dead letter so
 //! it cannot block the queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,9 @@ use teloxide::types::{MessageId, ParseMode, ReplyParameters};
 use teloxide::RequestError;
 use tokio::sync::{watch, Notify};
 
-use super::message::Templates;
-use super::outbox::{Kind, Outbox, Outgoing};
+use super::chart::ChartData;
+use super::message::{Reading, Templates};
+use super::outbox::{AlertView, Kind, Outbox, Outgoing};
 use super::RelayMetrics;
 use crate::config::Secret;
 
@@ -31,6 +32,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often an idle worker looks at the outbox even without a wake-up.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Pause before asking a failing outbox again: a database restart takes seconds.
+const STATE_RETRY: Duration = Duration::from_secs(1);
 
 /// Removes the bot token from text: Telegram puts it in every URL, so errors may carry it.
 pub fn redact(text: &str, token: &Secret) -> String {
@@ -70,31 +73,81 @@ const CHART_HEIGHT: u32 = 480;
 /// Points per chart; the step follows from the time range.
 const CHART_POINTS: i64 = 240;
 
+/// Alerts of one message whose values are looked up for the text: the rest only name theirs.
+const MAX_READINGS: usize = 5;
+/// The text must not wait long for a datasource that is slow or down.
+const READING_TIMEOUT: Duration = Duration::from_secs(3);
+/// vmalert's start of an alert is when its rule first matched; the points that made it match can
+/// be a little older.
+const READING_LOOKBACK: i64 = 60;
+
+impl Charts {
+    /// The alert's series from `before` seconds ahead of its start until now, with the anomaly
+    /// window set to the alert's.
+    async fn around(&self, alert: &AlertView, before: i64) -> Result<ChartData, String> {
+        let mut labels = alert.labels.clone();
+        labels.retain(|k, _| !self.extra_labels.contains(k));
+        let now = crate::source::unix_now();
+        let started = if alert.starts_at > 0 {
+            alert.starts_at
+        } else {
+            now
+        };
+        let from = started - before;
+        let step = ((now - from) / CHART_POINTS).max(1);
+        let mut data =
+            super::chart::fetch(&self.http, &self.datasource, &labels, from, now, step).await?;
+        data.anomaly_from = started;
+        data.anomaly_to = now;
+        Ok(data)
+    }
+}
+
+/// For the first alerts of a firing or reminder message: the most anomalous point of its series
+/// since it started, with the band it was expected in. Best effort: what cannot be read is left
+/// out of the text.
+async fn readings(charts: &Charts, message: &Outgoing) -> HashMap<String, Reading> {
+    if message.kind == Kind::Resolved {
+        return HashMap::new();
+    }
+    let lookups = message.alerts.iter().take(MAX_READINGS).map(|alert| async {
+        let data = charts
+            .around(alert, READING_LOOKBACK)
+            .await
+            .map_err(|e| tracing::debug!(error = %e, "no reading for the message text"))
+            .ok()?;
+        let worst = data
+            .points
+            .iter()
+            .filter(|p| p.y.is_some() && p.lower.is_some() && p.upper.is_some())
+            .max_by(|a, b| a.score.unwrap_or(0.0).total_cmp(&b.score.unwrap_or(0.0)))
+            // A quiet point would tell the reader the wrong story: say nothing instead.
+            .filter(|p| p.score.is_some_and(|s| s > 1.0))?;
+        Some((
+            alert.key.clone(),
+            Reading {
+                value: worst.y?,
+                lower: worst.lower?,
+                upper: worst.upper?,
+            },
+        ))
+    });
+    tokio::time::timeout(READING_TIMEOUT, futures_util::future::join_all(lookups))
+        .await
+        .map(|found| found.into_iter().flatten().collect())
+        .unwrap_or_default()
+}
+
 /// Sends a chart of the first alert of a firing message as a photo replying to it. Best effort:
 /// the text has already gone out, a chart that cannot be made is only logged.
 async fn send_chart(bot: &Bot, charts: &Charts, message: &Outgoing, reply_to: i32, token: &Secret) {
     let Some(alert) = message.alerts.first() else {
         return;
     };
-    let mut labels = alert.labels.clone();
-    labels.retain(|k, _| !charts.extra_labels.contains(k));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let started = if alert.starts_at > 0 {
-        alert.starts_at
-    } else {
-        now
-    };
-    let from = started - charts.window;
-    let step = ((now - from) / CHART_POINTS).max(1);
-    let data =
-        super::chart::fetch(&charts.http, &charts.datasource, &labels, from, now, step).await;
-    let png = data.and_then(|mut d| {
-        d.anomaly_from = started;
-        d.anomaly_to = now;
-        super::chart::render_png(&d, CHART_WIDTH, CHART_HEIGHT)
-    });
+    let png = charts
+        .around(alert, charts.window)
+        .await
+        .and_then(|d| super::chart::render_png(&d, CHART_WIDTH, CHART_HEIGHT));
     match png {
         Ok(png) => {
             let photo = teloxide::types::InputFile::memory(png).file_name("anomaly.png");
@@ -114,7 +167,7 @@ async fn send_chart(bot: &Bot, charts: &Charts, message: &Outgoing, reply_to: i3
 
 /// What the delivery worker works with.
 pub struct Delivery {
-    pub outbox: Arc<Outbox>,
+    pub outbox: Arc<dyn Outbox>,
     pub templates: Arc<Templates>,
     pub bot: Bot,
     pub token: Secret,
@@ -142,8 +195,12 @@ pub async fn deliver(delivery: Delivery, wake: Arc<Notify>, mut stop: watch::Rec
             return;
         }
         let now = Instant::now();
-        let message = match outbox.next_for(|chat| not_before.get(&chat).is_none_or(|t| *t <= now))
-        {
+        let waiting: HashSet<i64> = not_before
+            .iter()
+            .filter(|(_, t)| **t > now)
+            .map(|(chat, _)| *chat)
+            .collect();
+        let message = match outbox.next_for(&waiting).await {
             Ok(Some(m)) => m,
             Ok(None) => {
                 // Everything waiting belongs to chats that must wait: sleep until the first may go.
@@ -158,23 +215,33 @@ pub async fn deliver(delivery: Delivery, wake: Arc<Notify>, mut stop: watch::Rec
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the relay outbox");
-                tokio::time::sleep(BACKOFF_MAX).await;
+                tokio::select! {
+                    () = tokio::time::sleep(STATE_RETRY) => {}
+                    _ = stop.changed() => return,
+                }
                 continue;
             }
         };
         tokio::time::sleep_until((last_sent + GLOBAL_INTERVAL).into()).await;
         let chat = message.chat.to_string();
+        let readings = match &charts {
+            Some(charts) => readings(charts, &message).await,
+            None => HashMap::new(),
+        };
         let started = Instant::now();
-        let result = send(&bot, &outbox, &templates, &message).await;
+        let result = send(&bot, outbox.as_ref(), &templates, &message, &readings).await;
         last_sent = Instant::now();
         not_before.insert(message.chat, last_sent + PER_CHAT_INTERVAL);
         match result {
             Ok(telegram_id) => {
-                if let Err(e) = outbox.delivered(&message, telegram_id) {
-                    // Sent but not recorded: it would be sent again after a restart. Say so.
-                    tracing::error!(error = %e, id = message.id, "sent but cannot record delivery");
-                    tokio::time::sleep(BACKOFF_MIN).await;
-                    continue;
+                // Sent: until that is recorded, nothing else is sent, or this message would go
+                // out again as the oldest one.
+                while let Err(e) = outbox.delivered(&message, telegram_id).await {
+                    tracing::error!(error = %e, id = message.id, "sent but cannot record delivery; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(STATE_RETRY) => {}
+                        _ = stop.changed() => return,
+                    }
                 }
                 metrics.sent.with_label_values(&[&chat]).inc();
                 metrics.latency.observe(started.elapsed().as_secs_f64());
@@ -199,7 +266,7 @@ pub async fn deliver(delivery: Delivery, wake: Arc<Notify>, mut stop: watch::Rec
                     tracing::error!(chat = %chat, id = message.id, error = %shown, "Telegram refuses the message; moved to dead letters");
                     metrics.failed.with_label_values(&[&chat]).inc();
                     refusals.remove(&message.id);
-                    if let Err(e) = outbox.give_up(&message) {
+                    if let Err(e) = outbox.give_up(&message).await {
                         tracing::error!(error = %e, "cannot move the message to dead letters");
                     }
                 } else {
@@ -224,17 +291,18 @@ pub async fn deliver(delivery: Delivery, wake: Arc<Notify>, mut stop: watch::Rec
 
 async fn send(
     bot: &Bot,
-    outbox: &Outbox,
+    outbox: &dyn Outbox,
     templates: &Templates,
     message: &Outgoing,
+    readings: &HashMap<String, Reading>,
 ) -> Result<i32, RequestError> {
     let mut request = bot
-        .send_message(ChatId(message.chat), templates.render(message))
+        .send_message(ChatId(message.chat), templates.render(message, readings))
         .parse_mode(ParseMode::Html);
     if message.kind == Kind::Firing {
         request = request.reply_markup(super::bot::firing_buttons());
     } else {
-        if let Ok(Some(target)) = outbox.reply_target(message) {
+        if let Ok(Some(target)) = outbox.reply_target(message).await {
             let mut reply = ReplyParameters::new(MessageId(target));
             // Still send if the original message was deleted in the chat.
             reply.allow_sending_without_reply = Some(true);

@@ -16,6 +16,7 @@ use tokio::sync::broadcast;
 
 use crate::config;
 pub use dir::DirStore;
+pub(crate) use postgres::with_causes;
 pub use postgres::PgStore;
 
 /// One stored model version, without its bytes.

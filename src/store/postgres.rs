@@ -110,6 +110,11 @@ impl PgStore {
         }
     }
 
+    /// `user@host:port/db`, for messages: never the password.
+    pub(crate) fn target(&self) -> &str {
+        &self.target
+    }
+
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| self.error(e))
     }
@@ -210,7 +215,7 @@ async fn lock_detector(
 }
 
 /// An error with its causes: "error performing TLS handshake" alone does not say why.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
