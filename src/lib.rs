@@ -24,6 +24,7 @@
 //!   against a real VictoriaMetrics that the tests reuse.
 
 pub mod api;
+pub mod backtest;
 pub mod config;
 pub mod demo;
 pub mod expose;
