@@ -275,6 +275,20 @@ pub struct TrainingOverrides {
 }
 
 impl TrainingOverrides {
+    /// `base` with these overrides applied.
+    pub fn apply(&self, base: TrainOptions) -> TrainOptions {
+        TrainOptions {
+            hidden: self.hidden.unwrap_or(base.hidden),
+            max_epochs: self.max_epochs.unwrap_or(base.max_epochs),
+            patience: self.patience.unwrap_or(base.patience),
+            learning_rate: self.learning_rate.unwrap_or(base.learning_rate),
+            seed: self.seed.unwrap_or(base.seed),
+            band_quantile: self.band_quantile.map_or(base.band_quantile, |f| f.0),
+            band_margin: self.band_margin.unwrap_or(base.band_margin),
+            ..base
+        }
+    }
+
     fn or(&self, fallback: &TrainingOverrides) -> TrainingOverrides {
         TrainingOverrides {
             hidden: self.hidden.or(fallback.hidden),
@@ -499,18 +513,9 @@ impl Detector {
 
     /// Trainer options: the detector's overrides, then the config-wide ones, then defaults.
     pub fn train_options(&self, defaults: &TrainingOverrides) -> TrainOptions {
-        let o = self.training.or(defaults);
-        let base = TrainOptions::default();
         TrainOptions {
             window: self.window.0,
-            hidden: o.hidden.unwrap_or(base.hidden),
-            max_epochs: o.max_epochs.unwrap_or(base.max_epochs),
-            patience: o.patience.unwrap_or(base.patience),
-            learning_rate: o.learning_rate.unwrap_or(base.learning_rate),
-            seed: o.seed.unwrap_or(base.seed),
-            band_quantile: o.band_quantile.map_or(base.band_quantile, |f| f.0),
-            band_margin: o.band_margin.unwrap_or(base.band_margin),
-            ..base
+            ..self.training.or(defaults).apply(TrainOptions::default())
         }
     }
 }

@@ -23,6 +23,14 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum BacktestScoring {
+    /// |y - yhat| / band, as exported
+    Raw,
+    /// anomaly likelihood of the raw scores against the series' own error history
+    Likelihood,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -90,6 +98,28 @@ enum Command {
         /// Directory for the rules file.
         #[arg(long, short, value_name = "DIR", default_value = mad::rules::DEFAULT_DIR)]
         out: PathBuf,
+    },
+    /// Measure detection quality on recorded, labelled data, scoring it exactly as `mad serve`
+    /// would (a model trained on the past only, then one point per cycle).
+    Backtest {
+        /// A NAB-layout corpus (`data/<category>/<file>.csv`, `labels/combined_windows.json`):
+        /// each file's model learns from its first 15% only; prints NAB scores (standard, low FP,
+        /// low FN) after NAB's threshold sweep.
+        #[arg(long, value_name = "DIR")]
+        nab: PathBuf,
+        /// Only files whose name contains this (repeatable).
+        #[arg(long = "only", value_name = "TEXT")]
+        only: Vec<String>,
+        /// Write per-point scores (timestamp,value,anomaly_score,yhat,yhat_lower,yhat_upper,label)
+        /// under this directory, one CSV per file.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Training settings (`training:`) and `onnxruntime.library` from this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How forecast errors become scores.
+        #[arg(long, value_enum, default_value_t = BacktestScoring::Likelihood)]
+        scoring: BacktestScoring,
     },
     /// Check a config file and print what it defines.
     Check {
@@ -266,6 +296,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 trained?;
             }
         }
+        Command::Backtest {
+            nab,
+            only,
+            out,
+            config,
+            scoring,
+        } => {
+            let scoring = match scoring {
+                BacktestScoring::Raw => mad::backtest::corpus::Scoring::Raw,
+                BacktestScoring::Likelihood => mad::backtest::corpus::Scoring::Likelihood,
+            };
+            backtest(&nab, &only, out.as_deref(), config.as_deref(), scoring)?
+        }
         Command::Rules { config, out } => {
             let config = Config::load(&config)?;
             let path = mad::rules::write(&config, &out)?;
@@ -351,6 +394,61 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?;
         }
+    }
+    Ok(())
+}
+
+fn backtest(
+    nab: &std::path::Path,
+    only: &[String],
+    out: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+    scoring: mad::backtest::corpus::Scoring,
+) -> anyhow::Result<()> {
+    let config = config.map(Config::load).transpose()?;
+    let options = config.as_ref().map_or_else(Default::default, |c| {
+        c.training.apply(mad_training::TrainOptions::default())
+    });
+    let library = config.as_ref().and_then(|c| c.onnxruntime.library.clone());
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos} files {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix("backtest");
+    let report = mad::backtest::corpus::run_nab(
+        nab,
+        only,
+        &options,
+        scoring,
+        library.as_deref(),
+        out,
+        &mut |name| {
+            bar.inc(1);
+            bar.set_message(name.to_string());
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    println!(
+        "{:<58} {:>6} {:>8} {:>4} {:>7}",
+        "file", "rows", "windows", "FP", "train"
+    );
+    for f in &report.files {
+        println!(
+            "{:<58} {:>6} {:>4}/{:<3} {:>4} {:>6.1}s",
+            f.name, f.rows, f.windows_found, f.windows, f.false_positives, f.train_seconds
+        );
+        if let Some(note) = &f.note {
+            println!("    not scored: {note}");
+        }
+    }
+    println!();
+    for c in &report.corpus {
+        println!(
+            "NAB {:<20} {:>6.1}   (threshold {:.4}, raw {:.2})",
+            c.profile, c.normalized, c.threshold, c.raw
+        );
     }
     Ok(())
 }

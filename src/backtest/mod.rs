@@ -2,7 +2,9 @@
 //! `mad serve`, and the benchmarks' own scorers (NAB's windows and profiles; F1 with and without
 //! point-adjust).
 
+pub mod corpus;
 pub mod nab;
+pub mod replay;
 
 use std::path::{Path, PathBuf};
 

@@ -209,6 +209,21 @@ impl ScoredFile {
         out
     }
 
+    /// Windows with at least one detection at `threshold`.
+    pub fn windows_detected(&self, threshold: f64) -> usize {
+        let mut found: Vec<usize> = self
+            .places
+            .iter()
+            .zip(&self.scores)
+            .filter_map(|(place, score)| match place {
+                Place::Window(w) if *score >= threshold => Some(*w),
+                _ => None,
+            })
+            .collect();
+        found.dedup();
+        found.len()
+    }
+
     /// NAB's raw score of this file when rows scoring at least `threshold` are detections.
     pub fn raw_score(&self, profile: &Profile, threshold: f64) -> (f64, Counts) {
         let sigmas = self.sigmas(profile);

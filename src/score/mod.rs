@@ -6,6 +6,7 @@
 //! A point is scored against the forecast made one step earlier:
 //! `anomaly_score = |y - yhat| / band`, where `band` is the series' calibrated half-width.
 
+pub mod likelihood;
 mod state;
 
 use std::collections::HashMap;

@@ -1,0 +1,168 @@
+//! `mad backtest --nab DIR`: every file of a NAB-layout corpus replayed (learning from its
+//! probationary first 15% only), scored with NAB's own rules under all three profiles.
+
+use std::path::{Path, PathBuf};
+
+use mad_training::TrainOptions;
+
+use super::nab::{self, CorpusScore, ScoredFile, PROFILES};
+use super::replay::{output_path, replay, write_scores, Recording, Replayed};
+
+/// What a NAB run found, file by file and for the corpus.
+#[derive(Debug, Clone)]
+pub struct NabReport {
+    pub files: Vec<FileReport>,
+    /// One per profile, in [`PROFILES`] order.
+    pub corpus: Vec<CorpusScore>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    pub name: String,
+    pub rows: usize,
+    pub windows: usize,
+    pub train_seconds: f64,
+    /// Under the standard profile at the corpus threshold: windows detected.
+    pub windows_found: usize,
+    /// Detections outside every window, at the corpus threshold (standard profile).
+    pub false_positives: usize,
+    /// Why the file was not scored (no model could be trained from its first rows).
+    pub note: Option<String>,
+}
+
+/// A NAB file: `timestamp,value` rows.
+pub fn read_nab_csv(path: &Path, name: &str) -> Result<Recording, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let mut reader = csv::Reader::from_path(path).map_err(|e| fail(&e))?;
+    let (mut timestamps, mut values) = (Vec::new(), Vec::new());
+    for (i, record) in reader.records().enumerate() {
+        let record = record.map_err(|e| fail(&e))?;
+        let (Some(ts), Some(value)) = (record.get(0), record.get(1)) else {
+            return Err(fail(&format!("row {}: expected timestamp,value", i + 2)));
+        };
+        timestamps.push(nab::parse_timestamp(ts).map_err(|e| fail(&e))? / 1_000_000);
+        // A value that is not a number is a gap, as NaN is in the exporter.
+        values.push(value.trim().parse().unwrap_or(f64::NAN));
+    }
+    Ok(Recording {
+        name: name.to_string(),
+        timestamps,
+        values,
+    })
+}
+
+/// How per-point scores are made from the forecaster's errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// `|y - yhat| / band`, the exporter's score.
+    Raw,
+    /// The anomaly likelihood of the raw scores ([`crate::score::likelihood`]).
+    Likelihood,
+}
+
+/// Per-row scores under `scoring`, 1 = the edge of normal; `None` where nothing was scored.
+pub fn rescore(replayed: &Replayed, scoring: Scoring) -> Vec<Option<f64>> {
+    let raw = replayed.scores.iter().map(|s| s.map(|s| s.score));
+    match scoring {
+        Scoring::Raw => raw.collect(),
+        Scoring::Likelihood => {
+            let mut likelihood = crate::score::likelihood::Likelihood::default();
+            raw.map(|r| r.map(|r| likelihood.update(r))).collect()
+        }
+    }
+}
+
+/// MAD's score (1 = edge of the band) mapped into NAB's [0, 1], monotonically, so the sweep
+/// sees the same order: 1 maps to 0.5; unscored rows are 0.
+pub fn nab_score(score: Option<f64>) -> f64 {
+    match score {
+        Some(s) if s.is_finite() && s > 0.0 => s / (1.0 + s),
+        Some(s) if s == f64::INFINITY => 1.0,
+        _ => 0.0,
+    }
+}
+
+/// Runs the corpus at `dir` (`data/<category>/<file>.csv`, `labels/combined_windows.json`).
+/// `only` keeps the files whose name contains one of its entries (all when empty); per-file
+/// scores go under `out` when given. `progress` hears of each file as it is done.
+pub fn run_nab(
+    dir: &Path,
+    only: &[String],
+    options: &TrainOptions,
+    scoring: Scoring,
+    onnxruntime: Option<&Path>,
+    out: Option<&Path>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<NabReport, String> {
+    let windows = nab::read_windows(&dir.join("labels/combined_windows.json"))?;
+    let mut scored = Vec::new();
+    let mut files = Vec::new();
+    for (name, file_windows) in &windows {
+        if !only.is_empty() && !only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
+        }
+        let path: PathBuf = dir.join("data").join(name);
+        if !path.is_file() {
+            // The labels cover the full corpus; a subset holds fewer data files.
+            continue;
+        }
+        let recording = read_nab_csv(&path, name)?;
+        let rows = recording.timestamps.len();
+        let learn = nab::probation(rows);
+        // A file whose past is too short or too gappy to learn from scores nothing, like a
+        // metric the exporter has no model for yet; the report says so.
+        let (replayed, note) = match replay(&recording, learn, options, onnxruntime) {
+            Ok(r) => (r, None),
+            Err(e) => (
+                Replayed {
+                    scores: vec![None; rows],
+                    train_seconds: 0.0,
+                    epochs: 0,
+                },
+                Some(e),
+            ),
+        };
+        let micros: Vec<i64> = recording.timestamps.iter().map(|t| t * 1_000_000).collect();
+        let scores = rescore(&replayed, scoring)
+            .into_iter()
+            .map(nab_score)
+            .collect();
+        if let Some(out) = out {
+            let in_window: Vec<bool> = micros
+                .iter()
+                .map(|t| file_windows.iter().any(|(a, b)| a <= t && t <= b))
+                .collect();
+            write_scores(
+                &output_path(out, name),
+                &recording,
+                &replayed,
+                Some(&in_window),
+            )?;
+        }
+        scored.push(ScoredFile::new(name, &micros, scores, file_windows)?);
+        files.push(FileReport {
+            name: name.clone(),
+            rows,
+            windows: file_windows.len(),
+            train_seconds: replayed.train_seconds,
+            windows_found: 0,
+            false_positives: 0,
+            note,
+        });
+        progress(name);
+    }
+    if scored.is_empty() {
+        return Err(format!(
+            "{}: no NAB data files matched (looked for data/<category>/<file>.csv)",
+            dir.display()
+        ));
+    }
+    let corpus: Vec<CorpusScore> = PROFILES.iter().map(|p| nab::sweep(&scored, p)).collect();
+    let threshold = corpus[0].threshold;
+    for (report, file) in files.iter_mut().zip(&scored) {
+        let found = file.windows_detected(threshold);
+        report.windows_found = found;
+        report.false_positives = file.raw_score(&nab::STANDARD, threshold).1.fp;
+    }
+    Ok(NabReport { files, corpus })
+}

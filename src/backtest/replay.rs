@@ -1,0 +1,192 @@
+//! Replays a recording through the exporter's own scoring path: a model trained on the first
+//! rows only, then [`DetectorScorer`] fed one point per cycle, as `mad serve` would see the series
+//! arrive. Nothing ahead of a point is used to score it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mad_training::{SeriesHistory, TrainError, TrainOptions};
+
+use crate::model::Forecaster;
+use crate::score::{DetectorScorer, Score};
+use crate::source::{Labels, Series};
+
+/// The detector name models trained here carry.
+const DETECTOR: &str = "backtest";
+/// The shortest window a short recording's model is given.
+const MIN_WINDOW: usize = 8;
+/// Points handed to the scorer per cycle: enough to bridge the gaps it would interpolate.
+const POINTS_PER_CYCLE: usize = mad_training::contract::MAX_INTERPOLATED_GAP + 2;
+
+/// One recorded series: Unix seconds and values (NaN for missing).
+#[derive(Debug, Clone)]
+pub struct Recording {
+    pub name: String,
+    pub timestamps: Vec<i64>,
+    pub values: Vec<f64>,
+}
+
+impl Recording {
+    /// The sampling step: the most common spacing of consecutive points.
+    pub fn step(&self) -> Result<i64, String> {
+        let mut counts = std::collections::HashMap::new();
+        for w in self.timestamps.windows(2) {
+            *counts.entry(w[1] - w[0]).or_insert(0usize) += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(step, n)| (*n, -*step))
+            .map(|(step, _)| step)
+            .filter(|step| *step > 0)
+            .ok_or_else(|| format!("{}: timestamps must increase", self.name))
+    }
+}
+
+/// The replay of one recording.
+#[derive(Debug, Clone)]
+pub struct Replayed {
+    /// Per row of the recording; `None` before the model's warm-up or where the value is missing.
+    pub scores: Vec<Option<Score>>,
+    pub train_seconds: f64,
+    pub epochs: usize,
+}
+
+/// Trains on rows `..learn` of `recording`, then scores every row in order.
+pub fn replay(
+    recording: &Recording,
+    learn: usize,
+    options: &TrainOptions,
+    onnxruntime: Option<&Path>,
+) -> Result<Replayed, String> {
+    let name = &recording.name;
+    let step = recording.step()?;
+    let labels: Labels = [("series".to_string(), name.clone())].into();
+    // As a range query would see it: points on the step grid (multiples of the step, as the
+    // exporter expects), the last one in a slot winning.
+    let mut grid: Vec<(i64, f64)> = Vec::with_capacity(recording.timestamps.len());
+    let mut slot_of_row = Vec::with_capacity(recording.timestamps.len());
+    for (ts, value) in recording.timestamps.iter().zip(&recording.values) {
+        let slot = (*ts as f64 / step as f64).round() as i64 * step;
+        match grid.last_mut() {
+            Some(last) if last.0 >= slot => last.1 = *value,
+            _ => grid.push((slot, *value)),
+        }
+        slot_of_row.push(grid.len() - 1);
+    }
+    let learn = slot_of_row
+        .get(learn.min(recording.timestamps.len()).saturating_sub(1))
+        .map_or(0, |slot| slot + 1);
+    let history = SeriesHistory {
+        labels: labels.clone(),
+        timestamps: grid[..learn].iter().map(|p| p.0).collect(),
+        values: grid[..learn].iter().map(|p| p.1).collect(),
+    };
+    let started = Instant::now();
+    // A short past gets a shorter window rather than no model, as a new metric would.
+    let mut options = options.clone();
+    let model = loop {
+        match mad_training::train(
+            DETECTOR,
+            step as u64,
+            std::slice::from_ref(&history),
+            &options,
+            &mut |_| {},
+        ) {
+            Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
+                options.window /= 2;
+            }
+            result => {
+                break result
+                    .map_err(|e| format!("{name}: training on the first {learn} points: {e}"))?
+            }
+        }
+    };
+    let train_seconds = started.elapsed().as_secs_f64();
+    let epochs = model
+        .meta
+        .training
+        .get("epochs_run")
+        .and_then(|v| v.as_u64())
+        .unwrap_or_default() as usize;
+    let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
+        .map_err(|e| format!("{name}: {e}"))?;
+    // Never stale: the recording's clock, not the wall clock, drives the cycles.
+    let mut scorer = DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4);
+    let mut by_slot = vec![None; grid.len()];
+    for i in 0..grid.len() {
+        let from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
+        let series = Series {
+            labels: labels.clone(),
+            points: grid[from..=i].to_vec(),
+        };
+        let (_, scored) = scorer
+            .score_cycle(std::slice::from_ref(&series), grid[i].0)
+            .map_err(|e| format!("{name}: scoring point {i}: {e}"))?;
+        for score in scored.into_iter().flat_map(|(_, s)| s) {
+            if let Ok(slot) = grid.binary_search_by_key(&score.ts, |p| p.0) {
+                by_slot[slot] = Some(score);
+            }
+        }
+    }
+    let scores = slot_of_row.iter().map(|slot| by_slot[*slot]).collect();
+    Ok(Replayed {
+        scores,
+        train_seconds,
+        epochs,
+    })
+}
+
+/// Where the per-point scores of a replay go: `timestamp,value,anomaly_score,yhat,yhat_lower,
+/// yhat_upper[,label]`, empty cells where nothing was scored.
+pub fn write_scores(
+    path: &Path,
+    recording: &Recording,
+    replayed: &Replayed,
+    labels: Option<&[bool]>,
+) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    }
+    let mut out = csv::Writer::from_path(path).map_err(|e| fail(&e))?;
+    let mut header = vec![
+        "timestamp",
+        "value",
+        "anomaly_score",
+        "yhat",
+        "yhat_lower",
+        "yhat_upper",
+    ];
+    if labels.is_some() {
+        header.push("label");
+    }
+    out.write_record(&header).map_err(|e| fail(&e))?;
+    let cell = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+    for (i, (ts, value)) in recording
+        .timestamps
+        .iter()
+        .zip(&recording.values)
+        .enumerate()
+    {
+        let s = replayed.scores[i];
+        let mut row = vec![
+            ts.to_string(),
+            value.to_string(),
+            cell(s.map(|s| s.score)),
+            cell(s.map(|s| s.yhat)),
+            cell(s.map(|s| s.lower)),
+            cell(s.map(|s| s.upper)),
+        ];
+        if let Some(labels) = labels {
+            row.push(u8::from(labels[i]).to_string());
+        }
+        out.write_record(&row).map_err(|e| fail(&e))?;
+    }
+    out.flush().map_err(|e| fail(&e))
+}
+
+/// Where per-file output goes under `dir`: the recording's name with `/` kept as folders.
+pub fn output_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}

@@ -1,0 +1,88 @@
+//! Anomaly likelihood: how unusual a series' recent forecast errors are against its own error
+//! history (the idea behind the strongest NAB entries). A forecaster's raw error means different
+//! things on different series; a tail probability means the same everywhere, so one threshold
+//! fits all of them.
+
+use std::collections::VecDeque;
+
+/// Points averaged into the short-term error: a lone wobble is not an anomaly, a run is.
+pub const SHORT_WINDOW: usize = 6;
+/// Points of error history the distribution is estimated from.
+pub const LONG_WINDOW: usize = 2016;
+/// Below this much history the likelihood abstains (scores 0).
+pub const MIN_HISTORY: usize = 100;
+/// Tail probability at which the likelihood score reaches 1.
+pub const EDGE_TAIL: f64 = 1e-4;
+/// The spread assumed at least, so that a perfectly predictable series does not turn its first
+/// tiny error into certainty (in units of the raw score, where 1 is the calibrated band).
+const MIN_SPREAD: f64 = 0.02;
+
+/// Streaming per-series state.
+#[derive(Debug, Clone, Default)]
+pub struct Likelihood {
+    short: VecDeque<f64>,
+    long: VecDeque<f64>,
+    sum: f64,
+    sum_sq: f64,
+}
+
+impl Likelihood {
+    /// Takes the next raw score (`|y - yhat| / band`) and returns the likelihood score: 1 at a
+    /// tail probability of [`EDGE_TAIL`], 2 at its square, 0 while history is short.
+    pub fn update(&mut self, raw: f64) -> f64 {
+        if !raw.is_finite() {
+            return 0.0;
+        }
+        self.short.push_back(raw);
+        if self.short.len() > SHORT_WINDOW {
+            self.short.pop_front();
+        }
+        let recent = self.short.iter().sum::<f64>() / self.short.len() as f64;
+        let score = if self.long.len() >= MIN_HISTORY {
+            let n = self.long.len() as f64;
+            let mean = self.sum / n;
+            let variance = (self.sum_sq / n - mean * mean).max(0.0);
+            let spread = variance.sqrt().max(MIN_SPREAD);
+            let z = (recent - mean) / spread;
+            let tail = 0.5 * libm::erfc(z / std::f64::consts::SQRT_2);
+            (tail.max(f64::MIN_POSITIVE).log10() / EDGE_TAIL.log10()).max(0.0)
+        } else {
+            0.0
+        };
+        self.long.push_back(recent);
+        self.sum += recent;
+        self.sum_sq += recent * recent;
+        if self.long.len() > LONG_WINDOW {
+            if let Some(old) = self.long.pop_front() {
+                self.sum -= old;
+                self.sum_sq -= old * old;
+            }
+        }
+        score
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_history_then_a_run_of_errors_scores_above_one() {
+        let mut l = Likelihood::default();
+        let mut quiet_max: f64 = 0.0;
+        for i in 0..500 {
+            let raw = 0.2 + 0.1 * ((i * 37 % 11) as f64 / 11.0);
+            quiet_max = quiet_max.max(l.update(raw));
+        }
+        assert!(quiet_max < 1.0, "{quiet_max}");
+        let burst: Vec<f64> = (0..5).map(|_| l.update(3.0)).collect();
+        assert!(burst[burst.len() - 1] > 1.0, "{burst:?}");
+    }
+
+    #[test]
+    fn no_history_no_verdict_and_nan_is_ignored() {
+        let mut l = Likelihood::default();
+        assert_eq!(l.update(50.0), 0.0);
+        assert_eq!(l.update(f64::NAN), 0.0);
+    }
+}
