@@ -444,11 +444,22 @@ fn backtest(
         }
     }
     println!();
-    for c in &report.corpus {
+    for (i, c) in report.corpus.iter().enumerate() {
+        let htm = report.htm.as_ref().map_or(String::new(), |h| {
+            format!("   NAB's HTM on these files: {:.1}", h[i])
+        });
         println!(
-            "NAB {:<20} {:>6.1}   (threshold {:.4}, raw {:.2})",
+            "NAB {:<20} {:>6.1}   (threshold {:.4}, raw {:.2}){htm}",
             c.profile, c.normalized, c.threshold, c.raw
         );
     }
+    let mut train: Vec<f64> = report.files.iter().map(|f| f.train_seconds).collect();
+    train.sort_by(f64::total_cmp);
+    println!(
+        "training: {} models, median {:.2} s, longest {:.2} s",
+        train.len(),
+        train[train.len() / 2],
+        train.last().copied().unwrap_or_default()
+    );
     Ok(())
 }

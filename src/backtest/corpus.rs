@@ -1,6 +1,7 @@
 //! `mad backtest --nab DIR`: every file of a NAB-layout corpus replayed (learning from its
 //! probationary first 15% only), scored with NAB's own rules under all three profiles.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mad_training::TrainOptions;
@@ -14,6 +15,9 @@ pub struct NabReport {
     pub files: Vec<FileReport>,
     /// One per profile, in [`PROFILES`] order.
     pub corpus: Vec<CorpusScore>,
+    /// NAB's own HTM detector on the same files (from `reference/numenta/`, when present), one
+    /// normalised score per profile: the baseline to read ours against.
+    pub htm: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -164,5 +168,37 @@ pub fn run_nab(
         report.windows_found = found;
         report.false_positives = file.raw_score(&nab::STANDARD, threshold).1.fp;
     }
-    Ok(NabReport { files, corpus })
+    let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    let htm = reference_scores(dir, &names, &windows);
+    Ok(NabReport { files, corpus, htm })
+}
+
+/// NAB's stored per-file scores of its HTM detector, summed over `files` and normalised per
+/// profile; `None` when the corpus has no reference tables or lacks one of the files.
+fn reference_scores(dir: &Path, files: &[&str], windows: &nab::Windows) -> Option<Vec<f64>> {
+    let windows_total: usize = files
+        .iter()
+        .map(|f| windows.get(*f).map_or(0, Vec::len))
+        .sum();
+    PROFILES
+        .iter()
+        .map(|profile| {
+            let table = dir
+                .join("reference/numenta")
+                .join(format!("numenta_{}_scores.csv", profile.name));
+            let mut reader = csv::Reader::from_path(table).ok()?;
+            let mut raw = BTreeMap::new();
+            for row in reader.deserialize::<BTreeMap<String, String>>() {
+                let row = row.ok()?;
+                if let (Some(file), Some(score)) = (row.get("File"), row.get("Score")) {
+                    raw.insert(file.clone(), score.parse::<f64>().ok()?);
+                }
+            }
+            let total = files
+                .iter()
+                .map(|f| raw.get(*f).copied())
+                .sum::<Option<f64>>()?;
+            Some(nab::normalize(total, windows_total, profile))
+        })
+        .collect()
 }
