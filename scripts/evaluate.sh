@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Detection quality on the labelled datasets (../shared/datasets or $MAD_DATASETS): every NAB
-# file replayed through the exporter's scoring path with a model trained on its first 15% only,
-# scored by NAB's rules. Extra arguments go to `mad backtest` (try --scoring raw, --out DIR).
+# Detection quality on the labelled datasets (../shared/datasets or $MAD_DATASETS), through the
+# exporter's own scoring path: every NAB file with a model trained on its first 15% only, scored
+# by NAB's rules; then the SMD and ASD machines (one detector per machine), point-wise F1 without
+# point-adjust and attribution. Extra arguments go to every `mad backtest` (try --scoring raw).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -17,4 +18,11 @@ if [ -z "$datasets" ] || [ ! -d "$datasets/nab" ]; then
 fi
 [ -e .ort/libonnxruntime.so ] || scripts/fetch-onnxruntime.sh
 cargo build --release --quiet --bin mad
-exec target/release/mad backtest --nab "$datasets/nab" "$@"
+echo "== NAB (${datasets}/nab)"
+target/release/mad backtest --nab "$datasets/nab" "$@"
+echo
+echo "== SMD (${datasets}/smd)"
+target/release/mad backtest --machines "$datasets/smd" --step 1m "$@"
+echo
+echo "== ASD (${datasets}/asd)"
+target/release/mad backtest --machines "$datasets/asd" --step 5m "$@"

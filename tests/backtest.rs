@@ -103,3 +103,58 @@ fn a_missing_corpus_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// A slice of ASD's omi-1 (the end of its training data, the first 1,400 test rows with two
+/// labelled segments), laid out as the corpus is.
+fn asd_slice(dir: &std::path::Path) {
+    let asd = datasets_dir().expect("datasets").join("asd");
+    let lines = |path: std::path::PathBuf| -> Vec<String> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    let train = lines(asd.join("train/omi-1.txt"));
+    let test = lines(asd.join("test/omi-1.txt"));
+    let labels = lines(asd.join("test_label/omi-1.txt"));
+    let interpretation: Vec<String> = lines(asd.join("interpretation_label/omi-1.txt"))
+        .into_iter()
+        .filter(|l| {
+            l.split('-')
+                .next()
+                .and_then(|s| s.parse::<usize>().ok())
+                .is_some_and(|start| start < 1_300)
+        })
+        .collect();
+    for (folder, rows) in [
+        ("train", &train[train.len() - 2_000..]),
+        ("test", &test[..1_400]),
+        ("test_label", &labels[..1_400]),
+        ("interpretation_label", &interpretation[..]),
+    ] {
+        std::fs::create_dir_all(dir.join(folder)).expect("folder");
+        std::fs::write(dir.join(folder).join("omi-1.txt"), rows.join("\n")).expect("slice");
+    }
+}
+
+#[test]
+fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    asd_slice(dir.path());
+    let r = mad::backtest::machines::run_machine(
+        dir.path(),
+        "omi-1",
+        300,
+        &TrainOptions::default(),
+        Scoring::Likelihood,
+        None,
+    )
+    .expect("backtest");
+    println!("{r:?}");
+    assert_eq!((r.rows, r.metrics, r.segments), (1_400, 19, 2));
+    assert!(r.segments_found >= 1, "{r:?}");
+    assert!(r.best_f1 > 0.2 && r.default_f1 <= r.best_f1, "{r:?}");
+    assert_eq!(r.attribution_segments, 2);
+    assert!(r.attribution_hits >= 1, "{r:?}");
+}

@@ -3,6 +3,7 @@
 //! point-adjust).
 
 pub mod corpus;
+pub mod machines;
 pub mod nab;
 pub mod replay;
 

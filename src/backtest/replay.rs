@@ -52,6 +52,32 @@ pub struct Replayed {
     pub epochs: usize,
 }
 
+/// A recording on the step grid (multiples of the step, as the exporter expects, like a range
+/// query returns it): the last point in a slot wins.
+struct Gridded {
+    labels: Labels,
+    points: Vec<(i64, f64)>,
+    slot_of_row: Vec<usize>,
+}
+
+fn on_grid(recording: &Recording, step: i64) -> Gridded {
+    let mut points: Vec<(i64, f64)> = Vec::with_capacity(recording.timestamps.len());
+    let mut slot_of_row = Vec::with_capacity(recording.timestamps.len());
+    for (ts, value) in recording.timestamps.iter().zip(&recording.values) {
+        let slot = (*ts as f64 / step as f64).round() as i64 * step;
+        match points.last_mut() {
+            Some(last) if last.0 >= slot => last.1 = *value,
+            _ => points.push((slot, *value)),
+        }
+        slot_of_row.push(points.len() - 1);
+    }
+    Gridded {
+        labels: [("series".to_string(), recording.name.clone())].into(),
+        points,
+        slot_of_row,
+    }
+}
+
 /// Trains on rows `..learn` of `recording`, then scores every row in order.
 pub fn replay(
     recording: &Recording,
@@ -59,46 +85,48 @@ pub fn replay(
     options: &TrainOptions,
     onnxruntime: Option<&Path>,
 ) -> Result<Replayed, String> {
-    let name = &recording.name;
-    let step = recording.step()?;
-    let labels: Labels = [("series".to_string(), name.clone())].into();
-    // As a range query would see it: points on the step grid (multiples of the step, as the
-    // exporter expects), the last one in a slot winning.
-    let mut grid: Vec<(i64, f64)> = Vec::with_capacity(recording.timestamps.len());
-    let mut slot_of_row = Vec::with_capacity(recording.timestamps.len());
-    for (ts, value) in recording.timestamps.iter().zip(&recording.values) {
-        let slot = (*ts as f64 / step as f64).round() as i64 * step;
-        match grid.last_mut() {
-            Some(last) if last.0 >= slot => last.1 = *value,
-            _ => grid.push((slot, *value)),
-        }
-        slot_of_row.push(grid.len() - 1);
-    }
-    let learn = slot_of_row
-        .get(learn.min(recording.timestamps.len()).saturating_sub(1))
-        .map_or(0, |slot| slot + 1);
-    let history = SeriesHistory {
-        labels: labels.clone(),
-        timestamps: grid[..learn].iter().map(|p| p.0).collect(),
-        values: grid[..learn].iter().map(|p| p.1).collect(),
-    };
+    replay_many(std::slice::from_ref(recording), learn, options, onnxruntime)?
+        .pop()
+        .ok_or_else(|| format!("{}: nothing replayed", recording.name))
+}
+
+/// Several series of one detector (one model for all, as `mad serve` runs a detector): trains on
+/// rows `..learn` of each, then feeds all of them point by point, one cycle per step.
+pub fn replay_many(
+    recordings: &[Recording],
+    learn: usize,
+    options: &TrainOptions,
+    onnxruntime: Option<&Path>,
+) -> Result<Vec<Replayed>, String> {
+    let first = recordings.first().ok_or("no recordings to replay")?;
+    let name = &first.name;
+    let step = first.step()?;
+    let grids: Vec<Gridded> = recordings.iter().map(|r| on_grid(r, step)).collect();
+    let histories: Vec<SeriesHistory> = grids
+        .iter()
+        .map(|g| {
+            let learned = g
+                .slot_of_row
+                .get(learn.min(g.slot_of_row.len()).saturating_sub(1))
+                .map_or(0, |slot| slot + 1);
+            SeriesHistory {
+                labels: g.labels.clone(),
+                timestamps: g.points[..learned].iter().map(|p| p.0).collect(),
+                values: g.points[..learned].iter().map(|p| p.1).collect(),
+            }
+        })
+        .collect();
     let started = Instant::now();
     // A short past gets a shorter window rather than no model, as a new metric would.
     let mut options = options.clone();
     let model = loop {
-        match mad_training::train(
-            DETECTOR,
-            step as u64,
-            std::slice::from_ref(&history),
-            &options,
-            &mut |_| {},
-        ) {
+        match mad_training::train(DETECTOR, step as u64, &histories, &options, &mut |_| {}) {
             Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
                 options.window /= 2;
             }
             result => {
                 break result
-                    .map_err(|e| format!("{name}: training on the first {learn} points: {e}"))?
+                    .map_err(|e| format!("{name}: training on the first {learn} rows: {e}"))?
             }
         }
     };
@@ -113,28 +141,46 @@ pub fn replay(
         .map_err(|e| format!("{name}: {e}"))?;
     // Never stale: the recording's clock, not the wall clock, drives the cycles.
     let mut scorer = DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4);
-    let mut by_slot = vec![None; grid.len()];
-    for i in 0..grid.len() {
-        let from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
-        let series = Series {
-            labels: labels.clone(),
-            points: grid[from..=i].to_vec(),
-        };
+    let mut by_slot: Vec<Vec<Option<Score>>> =
+        grids.iter().map(|g| vec![None; g.points.len()]).collect();
+    let longest = grids.iter().map(|g| g.points.len()).max().unwrap_or(0);
+    for i in 0..longest {
+        let live: Vec<usize> = (0..grids.len())
+            .filter(|k| i < grids[*k].points.len())
+            .collect();
+        let fetched: Vec<Series> = live
+            .iter()
+            .map(|k| {
+                let g = &grids[*k];
+                let from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
+                Series {
+                    labels: g.labels.clone(),
+                    points: g.points[from..=i].to_vec(),
+                }
+            })
+            .collect();
+        let now = fetched.iter().map(|s| s.points[s.points.len() - 1].0).max();
         let (_, scored) = scorer
-            .score_cycle(std::slice::from_ref(&series), grid[i].0)
+            .score_cycle(&fetched, now.unwrap_or_default())
             .map_err(|e| format!("{name}: scoring point {i}: {e}"))?;
-        for score in scored.into_iter().flat_map(|(_, s)| s) {
-            if let Ok(slot) = grid.binary_search_by_key(&score.ts, |p| p.0) {
-                by_slot[slot] = Some(score);
+        for (index, scores) in scored {
+            let k = live[index];
+            for score in scores {
+                if let Ok(slot) = grids[k].points.binary_search_by_key(&score.ts, |p| p.0) {
+                    by_slot[k][slot] = Some(score);
+                }
             }
         }
     }
-    let scores = slot_of_row.iter().map(|slot| by_slot[*slot]).collect();
-    Ok(Replayed {
-        scores,
-        train_seconds,
-        epochs,
-    })
+    Ok(grids
+        .iter()
+        .zip(by_slot)
+        .map(|(g, slots)| Replayed {
+            scores: g.slot_of_row.iter().map(|slot| slots[*slot]).collect(),
+            train_seconds,
+            epochs,
+        })
+        .collect())
 }
 
 /// Where the per-point scores of a replay go: `timestamp,value,anomaly_score,yhat,yhat_lower,
