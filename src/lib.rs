@@ -20,6 +20,8 @@
 //!   anomalies, maintenance windows and retraining, on the PostgreSQL registry.
 //! - [`rules`]: the vmalert/Prometheus alerting rules `mad rules` generates from the config.
 //! - [`train`] and [`serve`]: the two subcommands that wire the pieces together.
+//! - [`backtest`]: detection quality on recorded, labelled data, through the same scorer as
+//!   `mad serve` (NAB's scorer, F1 without point-adjust, attribution).
 //! - [`synth`] and [`demo`]: synthetic metrics with known incidents, and the end-to-end demo
 //!   against a real VictoriaMetrics that the tests reuse.
 
