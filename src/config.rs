@@ -329,6 +329,11 @@ pub struct Detector {
     /// The generated `MadAnomaly` alerts for this detector (`mad rules`).
     #[serde(default)]
     pub alert: AlertRules,
+    /// Which deviations can be anomalous: `direction` (both, above, below) and the smallest
+    /// deviation that can be (`min_deviation` in the series' units, `min_relative_deviation`
+    /// as a share of the forecast).
+    #[serde(default)]
+    pub detection: crate::score::Detection,
 }
 
 /// Config-wide settings of the generated alerting rules (`mad rules`).

@@ -317,7 +317,7 @@ async fn detector_loop(
                 // "" means "anything may have changed" (missed notices after a reconnect).
                 if changed.is_empty() || changed == name {
                     if let Some(model) = reload(&exporter, &name, scorer.as_ref(), &mut rejected).await {
-                        scorer = Some(DetectorScorer::new(model, detector.staleness().as_secs() as i64));
+                        scorer = Some(scorer_for(&detector, model));
                     }
                 }
                 continue;
@@ -327,10 +327,7 @@ async fn detector_loop(
         if Instant::now() >= next_reload {
             next_reload = Instant::now() + reload_every;
             if let Some(model) = reload(&exporter, &name, scorer.as_ref(), &mut rejected).await {
-                scorer = Some(DetectorScorer::new(
-                    model,
-                    detector.staleness().as_secs() as i64,
-                ));
+                scorer = Some(scorer_for(&detector, model));
             }
         }
         if let Some(scorer) = scorer.as_mut() {
@@ -427,6 +424,12 @@ async fn reload(
             None
         }
     }
+}
+
+/// A fresh scorer for `detector` with the model it will run.
+fn scorer_for(detector: &Detector, model: Arc<Forecaster>) -> DetectorScorer {
+    DetectorScorer::new(model, detector.staleness().as_secs() as i64)
+        .with_detection(detector.detection)
 }
 
 async fn run_cycle(

@@ -291,3 +291,48 @@ fn failed_datasource_cycle_drops_scores_but_keeps_state() {
         "recovers within one cycle, no new warm-up"
     );
 }
+
+/// `detection:` shapes the score: with `direction: above` nothing below the forecast scores,
+/// and a minimum deviation widens the band the score and the exported bounds use.
+#[test]
+fn direction_and_minimum_deviation_shape_scores_and_bands() {
+    use mad::score::{Detection, Direction};
+    // A tiny band: every deviation of the untrained model is "anomalous" by default.
+    let model = Arc::new(common::forecaster("d", 1e-6));
+    let above = Detection {
+        direction: Direction::Above,
+        ..Detection::default()
+    };
+    let one_sided = score_incrementally(
+        &mut DetectorScorer::new(model.clone(), 3600).with_detection(above),
+        &["a"],
+    );
+    let (mut up, mut down) = (0, 0);
+    for s in one_sided.values() {
+        if s.y > s.yhat {
+            up += 1;
+            assert!(
+                s.score > 1.0,
+                "above the forecast, outside a tiny band: {s:?}"
+            );
+        } else {
+            down += 1;
+            assert_eq!(s.score, 0.0, "below the forecast: {s:?}");
+        }
+    }
+    assert!(
+        up > 0 && down > 0,
+        "the data goes both ways: {up} up, {down} down"
+    );
+
+    let wide: Detection =
+        serde_yaml::from_str("min_deviation: 1000\n").expect("detection settings");
+    let floored = score_incrementally(
+        &mut DetectorScorer::new(model, 3600).with_detection(wide),
+        &["a"],
+    );
+    for s in floored.values() {
+        assert!(s.score < 1.0, "within ±1000 of the forecast: {s:?}");
+        assert!((s.upper - s.yhat - 1000.0).abs() < 1e-6, "{s:?}");
+    }
+}

@@ -6,6 +6,7 @@
 //! A point is scored against the forecast made one step earlier:
 //! `anomaly_score = |y - yhat| / band`, where `band` is the series' calibrated half-width.
 
+pub mod detection;
 pub mod likelihood;
 mod state;
 
@@ -16,6 +17,7 @@ use mad_training::contract::{input_row, series_key, Feature, Scaler, MAX_INTERPO
 
 use crate::model::{Forecaster, ModelError};
 use crate::source::{Labels, Series};
+pub use detection::{Detection, Direction};
 pub use state::SeriesState;
 
 /// Series per ONNX Runtime run: bounds the tensors of a cold start with many new series.
@@ -33,16 +35,23 @@ pub struct Score {
 }
 
 impl Score {
-    fn new(ts: i64, y: f64, yhat_scaled: f32, scaler: &Scaler, band: f64) -> Score {
+    fn new(
+        ts: i64,
+        y: f64,
+        yhat_scaled: f32,
+        scaler: &Scaler,
+        band: f64,
+        detection: &Detection,
+    ) -> Score {
         let yhat = scaler.unscale(f64::from(yhat_scaled));
-        let half = band * scaler.scale;
+        let half = detection.half_width(yhat, band * scaler.scale);
         Score {
             ts,
             y,
             yhat,
             lower: yhat - half,
             upper: yhat + half,
-            score: (y - yhat).abs() / half,
+            score: detection.score(y, yhat, half),
         }
     }
 }
@@ -76,6 +85,7 @@ pub struct DetectorScorer {
     model: Arc<Forecaster>,
     step: i64,
     staleness: i64,
+    detection: Detection,
     series: HashMap<Labels, SeriesState>,
 }
 
@@ -85,8 +95,16 @@ impl DetectorScorer {
             step: model.meta.step_secs as i64,
             model,
             staleness: staleness_secs,
+            detection: Detection::default(),
             series: HashMap::new(),
         }
+    }
+
+    /// Scores by the detector's `detection:` settings (direction, minimum deviation) instead of
+    /// the defaults (both directions, the calibrated band alone).
+    pub fn with_detection(mut self, detection: Detection) -> DetectorScorer {
+        self.detection = detection;
+        self
     }
 
     pub fn model(&self) -> &Arc<Forecaster> {
@@ -319,7 +337,14 @@ impl DetectorScorer {
                 let p = steps[t];
                 let mut input = p.raw;
                 if let (true, Some(yhat), true) = (p.observed, pending[b], fed[b] >= warmup) {
-                    let score = Score::new(p.ts, p.raw, yhat, &state.scaler, state.band);
+                    let score = Score::new(
+                        p.ts,
+                        p.raw,
+                        yhat,
+                        &state.scaler,
+                        state.band,
+                        &self.detection,
+                    );
                     if score.score > 1.0 {
                         input = p.raw.clamp(score.lower, score.upper);
                     }
