@@ -272,6 +272,24 @@ pub struct TrainingOverrides {
     pub seed: Option<u64>,
     pub band_quantile: Option<Fraction>,
     pub band_margin: Option<f64>,
+    /// Hyperparameter search (off unless set): TPE over window, hidden size, learning rate and
+    /// epochs, the best trial's model kept.
+    pub search: Option<Search>,
+}
+
+/// `training.search`: how much searching a detector's training gets.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Search {
+    /// Trials at most (0 turns the search off, e.g. for one detector when it is on globally).
+    pub trials: usize,
+    /// No new trial starts after this long.
+    #[serde(default = "default_search_time")]
+    pub time: Duration,
+}
+
+fn default_search_time() -> Duration {
+    Duration(std::time::Duration::from_secs(600))
 }
 
 impl TrainingOverrides {
@@ -298,6 +316,7 @@ impl TrainingOverrides {
             seed: self.seed.or(fallback.seed),
             band_quantile: self.band_quantile.or(fallback.band_quantile),
             band_margin: self.band_margin.or(fallback.band_margin),
+            search: self.search.or(fallback.search),
         }
     }
 }
@@ -514,6 +533,21 @@ impl Detector {
     /// How long an anomaly alert waits (`alert.for`); default two intervals.
     pub fn alert_for(&self) -> std::time::Duration {
         self.alert.hold_for.map_or(self.interval() * 2, |d| d.0)
+    }
+
+    /// The hyperparameter search budget, if the detector (or the config) asks for one.
+    pub fn search_budget(
+        &self,
+        defaults: &TrainingOverrides,
+    ) -> Option<mad_training::search::Budget> {
+        self.training
+            .or(defaults)
+            .search
+            .filter(|s| s.trials > 0)
+            .map(|s| mad_training::search::Budget {
+                trials: s.trials,
+                wall_time: s.time.0,
+            })
     }
 
     /// Trainer options: the detector's overrides, then the config-wide ones, then defaults.
@@ -924,6 +958,25 @@ detectors:
         assert_eq!(d.staleness(), std::time::Duration::from_secs(300));
         assert_eq!(c.server.listen.port(), 9464);
         assert_eq!(c.datasource.url.0.as_str(), "http://127.0.0.1:8428/");
+    }
+
+    #[test]
+    fn hyperparameter_search_is_off_unless_asked_and_per_detector_wins() {
+        let c = parse(GOOD).expect("valid config");
+        assert!(c.detectors[0].search_budget(&c.training).is_none());
+        let on = format!("training: {{ search: {{ trials: 12, time: 2m }} }}\n{GOOD}");
+        let c = parse(&on).expect("valid config");
+        let budget = c.detectors[0]
+            .search_budget(&c.training)
+            .expect("on for every detector");
+        assert_eq!(budget.trials, 12);
+        assert_eq!(budget.wall_time, std::time::Duration::from_secs(120));
+        let off_here = on.replace(
+            "    window: 64",
+            "    window: 64\n    training: { search: { trials: 0 } }",
+        );
+        let c = parse(&off_here).expect("valid config");
+        assert!(c.detectors[0].search_budget(&c.training).is_none());
     }
 
     #[test]

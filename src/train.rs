@@ -234,15 +234,47 @@ async fn train_detector(
     let points = history.iter().map(|h| h.values.len()).sum();
     let series = history.len();
     let progress_bar = bar.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        let mut on_epoch = |p: &Progress| {
-            progress_bar.set_position(p.epoch as u64);
-            progress_bar.set_message(format!(
-                "train {:.4} val {:.4} (best epoch {})",
-                p.train_loss, p.val_loss, p.best_epoch
-            ));
-        };
-        mad_training::train(&name, step as u64, &history, &options, &mut on_epoch)
+    let budget = detector.search_budget(&config.training);
+    if let Some(budget) = budget {
+        bar.set_length(budget.trials as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] trial {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    }
+    let model = tokio::task::spawn_blocking(move || match budget {
+        Some(budget) => {
+            let mut on_trial = |t: &mad_training::search::Trial| {
+                progress_bar.inc(1);
+                progress_bar.set_message(match (t.val_loss, t.pruned_at_epoch) {
+                    (Some(loss), _) => format!(
+                        "window {} hidden {} lr {:.1e}: val {loss:.4}",
+                        t.window, t.hidden, t.learning_rate
+                    ),
+                    (None, Some(epoch)) => format!("pruned after epoch {epoch}"),
+                    (None, None) => "failed".to_string(),
+                });
+            };
+            mad_training::search::search(
+                &name,
+                step as u64,
+                &history,
+                &options,
+                budget,
+                &mut on_trial,
+            )
+            .map(|searched| searched.model)
+        }
+        None => {
+            let mut on_epoch = |p: &Progress| {
+                progress_bar.set_position(p.epoch as u64);
+                progress_bar.set_message(format!(
+                    "train {:.4} val {:.4} (best epoch {})",
+                    p.train_loss, p.val_loss, p.best_epoch
+                ));
+            };
+            mad_training::train(&name, step as u64, &history, &options, &mut on_epoch)
+        }
     })
     .await
     .context("training task failed")??;

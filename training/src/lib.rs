@@ -15,8 +15,11 @@ pub mod adam;
 pub mod contract;
 pub mod lstm;
 pub mod onnx;
+pub mod search;
 pub mod trainer;
 
 pub use contract::*;
 pub use lstm::{LstmOutput, LstmParams, LstmTape, Real, ShapeError};
-pub use trainer::{train, Progress, SeriesHistory, TrainError, TrainOptions, TrainedModel};
+pub use trainer::{
+    train, train_with, Control, Progress, SeriesHistory, TrainError, TrainOptions, TrainedModel,
+};

@@ -146,6 +146,8 @@ pub enum TrainError {
     },
     #[error("training loss became non-finite in epoch {epoch}; try a lower learning rate")]
     NonFiniteLoss { epoch: usize },
+    #[error("training abandoned after epoch {epoch}")]
+    Abandoned { epoch: usize },
 }
 
 /// One series on its regular grid, scaled, with its stream segments and split points.
@@ -630,6 +632,28 @@ pub fn train(
     opts: &TrainOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainedModel, TrainError> {
+    train_with(detector, step_secs, series, opts, &mut |p| {
+        progress(p);
+        Control::Continue
+    })
+}
+
+/// What a training run's observer wants after an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Give the run up (a hyperparameter search pruning a poor trial).
+    Abandon,
+}
+
+/// As [`train`], with an observer that may abandon the run after any epoch.
+pub fn train_with(
+    detector: &str,
+    step_secs: u64,
+    series: &[SeriesHistory],
+    opts: &TrainOptions,
+    progress: &mut dyn FnMut(&Progress) -> Control,
+) -> Result<TrainedModel, TrainError> {
     let started = Instant::now();
     validate_options(opts, step_secs)?;
     if series.is_empty() {
@@ -712,13 +736,16 @@ pub fn train(
             best_epoch = epoch;
             best.clone_from(&params);
         }
-        progress(&Progress {
+        let control = progress(&Progress {
             epoch,
             max_epochs: opts.max_epochs,
             train_loss,
             val_loss,
             best_epoch,
         });
+        if control == Control::Abandon {
+            return Err(TrainError::Abandoned { epoch });
+        }
         if epoch - best_epoch >= opts.patience {
             break;
         }
