@@ -129,6 +129,9 @@ enum Command {
         /// How forecast errors become scores.
         #[arg(long, value_enum, default_value_t = BacktestScoring::Likelihood)]
         scoring: BacktestScoring,
+        /// NAB: train again on the rows already seen each time they have doubled.
+        #[arg(long)]
+        retrain: bool,
     },
     /// Check a config file and print what it defines.
     Check {
@@ -313,15 +316,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             out,
             config,
             scoring,
+            retrain,
         } => {
+            let retrain = if retrain {
+                mad::backtest::replay::Retrain::WhenDoubled
+            } else {
+                mad::backtest::replay::Retrain::Never
+            };
             let scoring = match scoring {
                 BacktestScoring::Raw => mad::backtest::corpus::Scoring::Raw,
                 BacktestScoring::Likelihood => mad::backtest::corpus::Scoring::Likelihood,
             };
             match (nab, machines) {
-                (Some(nab), _) => {
-                    backtest(&nab, &only, out.as_deref(), config.as_deref(), scoring)?
-                }
+                (Some(nab), _) => backtest(
+                    &nab,
+                    &only,
+                    out.as_deref(),
+                    config.as_deref(),
+                    scoring,
+                    retrain,
+                )?,
                 (None, Some(dir)) => {
                     backtest_machines(&dir, &only, step, config.as_deref(), scoring)?
                 }
@@ -512,6 +526,7 @@ fn backtest(
     out: Option<&std::path::Path>,
     config: Option<&std::path::Path>,
     scoring: mad::backtest::corpus::Scoring,
+    retrain: mad::backtest::replay::Retrain,
 ) -> anyhow::Result<()> {
     let (options, library) = backtest_settings(config)?;
     let bar = indicatif::ProgressBar::new(0);
@@ -520,18 +535,18 @@ fn backtest(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_prefix("backtest");
-    let report = mad::backtest::corpus::run_nab(
-        nab,
+    let run = mad::backtest::corpus::NabRun {
         only,
-        &options,
+        options: &options,
         scoring,
-        library.as_deref(),
+        retrain,
+        onnxruntime: library.as_deref(),
         out,
-        &mut |name| {
-            bar.inc(1);
-            bar.set_message(name.to_string());
-        },
-    )
+    };
+    let report = mad::backtest::corpus::run_nab(nab, &run, &mut |name| {
+        bar.inc(1);
+        bar.set_message(name.to_string());
+    })
     .map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();
     println!(

@@ -2,9 +2,9 @@
 
 use std::process::Command;
 
-use mad::backtest::corpus::{read_nab_csv, run_nab, Scoring};
+use mad::backtest::corpus::{read_nab_csv, run_nab, NabRun, Scoring};
 use mad::backtest::datasets_dir;
-use mad::backtest::replay::{replay, Recording};
+use mad::backtest::replay::{replay, Recording, Retrain};
 use mad_training::TrainOptions;
 
 const JUMPS_UP: &str = "artificialWithAnomaly/art_daily_jumpsup.csv";
@@ -29,31 +29,38 @@ fn a_point_is_scored_from_the_past_only() {
     let full = truncated(&jumps_up(), 1_500);
     let cut = truncated(&full, 1_100);
     let options = TrainOptions::default();
-    let a = replay(&full, 600, &options, None).expect("replay");
-    let b = replay(&cut, 600, &options, None).expect("replay");
-    let scored = b.scores.iter().flatten().count();
-    assert!(scored > 900, "only {scored} of 1,100 rows scored");
-    assert_eq!(
-        a.scores[..1_100],
-        b.scores[..],
-        "the future leaked into the past"
-    );
+    // Retraining on what was seen (at 600 rows here) must not peek either.
+    for retrain in [Retrain::Never, Retrain::WhenDoubled] {
+        let a = replay(&full, 300, &options, retrain, None).expect("replay");
+        let b = replay(&cut, 300, &options, retrain, None).expect("replay");
+        let scored = b.scores.iter().flatten().count();
+        assert!(
+            scored > 900,
+            "{retrain:?}: only {scored} of 1,100 rows scored"
+        );
+        assert_eq!(
+            a.scores[..1_100],
+            b.scores[..],
+            "{retrain:?}: the future leaked into the past"
+        );
+    }
 }
 
 #[test]
 fn the_jump_is_found_and_every_row_is_written() {
     let nab = datasets_dir().expect("datasets").join("nab");
     let out = tempfile::tempdir().expect("tempdir");
-    let report = run_nab(
-        &nab,
-        &["art_daily_jumpsup".to_string()],
-        &TrainOptions::default(),
-        Scoring::Likelihood,
-        None,
-        Some(out.path()),
-        &mut |_| {},
-    )
-    .expect("backtest");
+    let options = TrainOptions::default();
+    let only = ["art_daily_jumpsup".to_string()];
+    let run = NabRun {
+        only: &only,
+        options: &options,
+        scoring: Scoring::Likelihood,
+        retrain: Retrain::Never,
+        onnxruntime: None,
+        out: Some(out.path()),
+    };
+    let report = run_nab(&nab, &run, &mut |_| {}).expect("backtest");
     assert_eq!(report.files.len(), 1);
     let file = &report.files[0];
     assert_eq!((file.windows_found, file.windows), (1, 1), "{file:?}");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use mad_training::TrainOptions;
 
 use super::nab::{self, CorpusScore, ScoredFile, PROFILES};
-use super::replay::{output_path, replay, write_scores, Recording, Replayed};
+use super::replay::{output_path, replay, write_scores, Recording, Replayed, Retrain};
 
 /// What a NAB run found, file by file and for the corpus.
 #[derive(Debug, Clone)]
@@ -76,6 +76,19 @@ pub fn rescore(replayed: &Replayed, scoring: Scoring) -> Vec<Option<f64>> {
     }
 }
 
+/// How a NAB run is made.
+#[derive(Debug, Clone, Copy)]
+pub struct NabRun<'a> {
+    /// Only files whose name contains one of these (all when empty).
+    pub only: &'a [String],
+    pub options: &'a TrainOptions,
+    pub scoring: Scoring,
+    pub retrain: Retrain,
+    pub onnxruntime: Option<&'a Path>,
+    /// Where per-file scores go, if anywhere.
+    pub out: Option<&'a Path>,
+}
+
 /// MAD's score (1 = edge of the band) mapped into NAB's [0, 1], monotonically, so the sweep
 /// sees the same order: 1 maps to 0.5; unscored rows are 0.
 pub fn nab_score(score: Option<f64>) -> f64 {
@@ -86,18 +99,21 @@ pub fn nab_score(score: Option<f64>) -> f64 {
     }
 }
 
-/// Runs the corpus at `dir` (`data/<category>/<file>.csv`, `labels/combined_windows.json`).
-/// `only` keeps the files whose name contains one of its entries (all when empty); per-file
-/// scores go under `out` when given. `progress` hears of each file as it is done.
+/// Runs the corpus at `dir` (`data/<category>/<file>.csv`, `labels/combined_windows.json`) as
+/// `run` says; `progress` hears of each file as it is done.
 pub fn run_nab(
     dir: &Path,
-    only: &[String],
-    options: &TrainOptions,
-    scoring: Scoring,
-    onnxruntime: Option<&Path>,
-    out: Option<&Path>,
+    run: &NabRun<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<NabReport, String> {
+    let NabRun {
+        only,
+        options,
+        scoring,
+        retrain,
+        onnxruntime,
+        out,
+    } = *run;
     let windows = nab::read_windows(&dir.join("labels/combined_windows.json"))?;
     let mut scored = Vec::new();
     let mut files = Vec::new();
@@ -115,7 +131,7 @@ pub fn run_nab(
         let learn = nab::probation(rows);
         // A file whose past is too short or too gappy to learn from scores nothing, like a
         // metric the exporter has no model for yet; the report says so.
-        let (replayed, note) = match replay(&recording, learn, options, onnxruntime) {
+        let (replayed, note) = match replay(&recording, learn, options, retrain, onnxruntime) {
             Ok(r) => (r, None),
             Err(e) => (
                 Replayed {

@@ -9,7 +9,7 @@ use std::path::Path;
 use mad_training::TrainOptions;
 
 use super::corpus::{rescore, Scoring};
-use super::replay::{replay_many, Recording};
+use super::replay::{replay_many, Recording, Retrain};
 
 /// Rows of `train/` a model learns from: the most recent ones, as a retrain would read them.
 pub const TRAIN_ROWS: usize = 5_000;
@@ -171,7 +171,13 @@ pub fn run_machine(
             values: rows.iter().map(|r| r[m]).collect(),
         })
         .collect();
-    let replayed = replay_many(&recordings, past.len(), options, onnxruntime)?;
+    let replayed = replay_many(
+        &recordings,
+        past.len(),
+        options,
+        Retrain::Never,
+        onnxruntime,
+    )?;
     let train_seconds = replayed.first().map_or(0.0, |r| r.train_seconds);
     // Per metric, the test rows' scores (0 where nothing was scored).
     let per_metric: Vec<Vec<f64>> = replayed

@@ -83,68 +83,107 @@ pub fn replay(
     recording: &Recording,
     learn: usize,
     options: &TrainOptions,
+    retrain: Retrain,
     onnxruntime: Option<&Path>,
 ) -> Result<Replayed, String> {
-    replay_many(std::slice::from_ref(recording), learn, options, onnxruntime)?
-        .pop()
-        .ok_or_else(|| format!("{}: nothing replayed", recording.name))
+    replay_many(
+        std::slice::from_ref(recording),
+        learn,
+        options,
+        retrain,
+        onnxruntime,
+    )?
+    .pop()
+    .ok_or_else(|| format!("{}: nothing replayed", recording.name))
+}
+
+/// When a replay trains its model again, on everything seen so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retrain {
+    Never,
+    /// Each time the points seen have doubled since the last training.
+    WhenDoubled,
 }
 
 /// Several series of one detector (one model for all, as `mad serve` runs a detector): trains on
-/// rows `..learn` of each, then feeds all of them point by point, one cycle per step.
+/// rows `..learn` of each, then feeds all of them point by point, one cycle per step, retraining
+/// on the points already seen as `retrain` says.
 pub fn replay_many(
     recordings: &[Recording],
     learn: usize,
     options: &TrainOptions,
+    retrain: Retrain,
     onnxruntime: Option<&Path>,
 ) -> Result<Vec<Replayed>, String> {
     let first = recordings.first().ok_or("no recordings to replay")?;
     let name = &first.name;
     let step = first.step()?;
     let grids: Vec<Gridded> = recordings.iter().map(|r| on_grid(r, step)).collect();
-    let histories: Vec<SeriesHistory> = grids
+    let learned = grids
         .iter()
         .map(|g| {
-            let learned = g
-                .slot_of_row
+            g.slot_of_row
                 .get(learn.min(g.slot_of_row.len()).saturating_sub(1))
-                .map_or(0, |slot| slot + 1);
-            SeriesHistory {
-                labels: g.labels.clone(),
-                timestamps: g.points[..learned].iter().map(|p| p.0).collect(),
-                values: g.points[..learned].iter().map(|p| p.1).collect(),
-            }
+                .map_or(0, |slot| slot + 1)
         })
-        .collect();
-    let started = Instant::now();
-    // A short past gets a shorter window rather than no model, as a new metric would.
+        .max()
+        .unwrap_or(0);
     let mut options = options.clone();
-    let model = loop {
-        match mad_training::train(DETECTOR, step as u64, &histories, &options, &mut |_| {}) {
-            Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
-                options.window /= 2;
+    let mut train_seconds = 0.0;
+    let mut epochs = 0;
+    let mut fit = |upto: usize, options: &mut TrainOptions| -> Result<DetectorScorer, String> {
+        let histories: Vec<SeriesHistory> = grids
+            .iter()
+            .map(|g| {
+                let end = upto.min(g.points.len());
+                SeriesHistory {
+                    labels: g.labels.clone(),
+                    timestamps: g.points[..end].iter().map(|p| p.0).collect(),
+                    values: g.points[..end].iter().map(|p| p.1).collect(),
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        // A short past gets a shorter window rather than no model, as a new metric would.
+        let model = loop {
+            match mad_training::train(DETECTOR, step as u64, &histories, options, &mut |_| {}) {
+                Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
+                    options.window /= 2;
+                }
+                result => {
+                    break result.map_err(|e| format!("{name}: training on {upto} points: {e}"))?
+                }
             }
-            result => {
-                break result
-                    .map_err(|e| format!("{name}: training on the first {learn} rows: {e}"))?
-            }
-        }
+        };
+        train_seconds += started.elapsed().as_secs_f64();
+        epochs += model
+            .meta
+            .training
+            .get("epochs_run")
+            .and_then(|v| v.as_u64())
+            .unwrap_or_default() as usize;
+        let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
+            .map_err(|e| format!("{name}: {e}"))?;
+        // Never stale: the recording's clock, not the wall clock, drives the cycles.
+        Ok(DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4))
     };
-    let train_seconds = started.elapsed().as_secs_f64();
-    let epochs = model
-        .meta
-        .training
-        .get("epochs_run")
-        .and_then(|v| v.as_u64())
-        .unwrap_or_default() as usize;
-    let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
-        .map_err(|e| format!("{name}: {e}"))?;
-    // Never stale: the recording's clock, not the wall clock, drives the cycles.
-    let mut scorer = DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4);
+    let mut scorer = fit(learned, &mut options)?;
+    let mut next_retrain = match retrain {
+        Retrain::Never => usize::MAX,
+        Retrain::WhenDoubled => learned.saturating_mul(2).max(1),
+    };
     let mut by_slot: Vec<Vec<Option<Score>>> =
         grids.iter().map(|g| vec![None; g.points.len()]).collect();
     let longest = grids.iter().map(|g| g.points.len()).max().unwrap_or(0);
     for i in 0..longest {
+        // Only what has been seen: the points before this one.
+        let mut from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
+        if i == next_retrain {
+            scorer = fit(i, &mut options)?;
+            next_retrain = next_retrain.saturating_mul(2);
+            // A fresh scorer warms up on the recent past, as the exporter's lookback does.
+            from = (i + 1).saturating_sub(scorer.warmup_points() + 1);
+        }
         let live: Vec<usize> = (0..grids.len())
             .filter(|k| i < grids[*k].points.len())
             .collect();
@@ -152,7 +191,6 @@ pub fn replay_many(
             .iter()
             .map(|k| {
                 let g = &grids[*k];
-                let from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
                 Series {
                     labels: g.labels.clone(),
                     points: g.points[from..=i].to_vec(),
@@ -167,7 +205,10 @@ pub fn replay_many(
             let k = live[index];
             for score in scores {
                 if let Ok(slot) = grids[k].points.binary_search_by_key(&score.ts, |p| p.0) {
-                    by_slot[k][slot] = Some(score);
+                    // A retrained scorer re-scores its warm-up: the earlier verdict stands.
+                    if by_slot[k][slot].is_none() || score.ts == grids[k].points[i].0 {
+                        by_slot[k][slot] = Some(score);
+                    }
                 }
             }
         }
