@@ -22,11 +22,13 @@
 //! - [`train`] and [`serve`]: the two subcommands that wire the pieces together.
 //! - [`backtest`]: detection quality on recorded, labelled data, through the same scorer as
 //!   `mad serve` (NAB's scorer, F1 without point-adjust, attribution).
+//! - [`chart`]: PNG charts of scored series (relay photos, backtest plots).
 //! - [`synth`] and [`demo`]: synthetic metrics with known incidents, and the end-to-end demo
 //!   against a real VictoriaMetrics that the tests reuse.
 
 pub mod api;
 pub mod backtest;
+pub mod chart;
 pub mod config;
 pub mod demo;
 pub mod expose;

@@ -132,6 +132,10 @@ enum Command {
         /// NAB: train again on the rows already seen each time they have doubled.
         #[arg(long)]
         retrain: bool,
+        /// NAB: draw every file (value and forecast band, score, labelled windows in green,
+        /// points scoring above 1 in red) into this PNG, one panel per file.
+        #[arg(long, value_name = "PNG")]
+        plot: Option<PathBuf>,
     },
     /// Check a config file and print what it defines.
     Check {
@@ -317,6 +321,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             scoring,
             retrain,
+            plot,
         } => {
             let retrain = if retrain {
                 mad::backtest::replay::Retrain::WhenDoubled
@@ -335,6 +340,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     config.as_deref(),
                     scoring,
                     retrain,
+                    plot.as_deref(),
                 )?,
                 (None, Some(dir)) => {
                     backtest_machines(&dir, &only, step, config.as_deref(), scoring)?
@@ -430,6 +436,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `mad backtest --plot`: pixels wide, and tall per file.
+const PLOT_WIDTH: u32 = 1600;
+const PLOT_PANEL_HEIGHT: u32 = 320;
 
 /// Training options and the ONNX Runtime library from an optional config.
 fn backtest_settings(
@@ -527,6 +537,7 @@ fn backtest(
     config: Option<&std::path::Path>,
     scoring: mad::backtest::corpus::Scoring,
     retrain: mad::backtest::replay::Retrain,
+    plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let (options, library) = backtest_settings(config)?;
     let bar = indicatif::ProgressBar::new(0);
@@ -542,6 +553,7 @@ fn backtest(
         retrain,
         onnxruntime: library.as_deref(),
         out,
+        charts: plot.is_some(),
     };
     let report = mad::backtest::corpus::run_nab(nab, &run, &mut |name| {
         bar.inc(1);
@@ -549,6 +561,13 @@ fn backtest(
     })
     .map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();
+    if let Some(path) = plot {
+        let png = mad::chart::render_stack_png(&report.charts, PLOT_WIDTH, PLOT_PANEL_HEIGHT)
+            .map_err(anyhow::Error::msg)?;
+        std::fs::write(path, png)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        println!("plot: {} ({} panels)", path.display(), report.charts.len());
+    }
     println!(
         "{:<58} {:>6} {:>8} {:>4} {:>7}",
         "file", "rows", "windows", "FP", "train"

@@ -59,6 +59,7 @@ fn the_jump_is_found_and_every_row_is_written() {
         retrain: Retrain::Never,
         onnxruntime: None,
         out: Some(out.path()),
+        charts: true,
     };
     let report = run_nab(&nab, &run, &mut |_| {}).expect("backtest");
     assert_eq!(report.files.len(), 1);
@@ -95,6 +96,14 @@ fn the_jump_is_found_and_every_row_is_written() {
     assert_eq!(rows.len(), file.rows);
     let labelled = rows.iter().filter(|r| &r[6] == "1").count();
     assert!(labelled > 100, "{labelled} rows inside the window");
+
+    // The plot: one chart per file, its labelled window in place, rendered as a PNG.
+    assert_eq!(report.charts.len(), 1);
+    let chart = &report.charts[0];
+    assert_eq!(chart.points.len(), file.rows);
+    assert_eq!(chart.labelled.len(), 1);
+    let png = mad::chart::render_stack_png(&report.charts, 800, 300).expect("plot");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! probationary first 15% only), scored with NAB's own rules under all three profiles.
 
 use std::collections::BTreeMap;
+
+use crate::chart::{ChartData, ChartPoint};
 use std::path::{Path, PathBuf};
 
 use mad_training::TrainOptions;
@@ -15,6 +17,8 @@ pub struct NabReport {
     pub files: Vec<FileReport>,
     /// One per profile, in [`PROFILES`] order.
     pub corpus: Vec<CorpusScore>,
+    /// One per file when asked for ([`NabRun::charts`]).
+    pub charts: Vec<ChartData>,
     /// NAB's own HTM detector on the same files (from `reference/numenta/`, when present), one
     /// normalised score per profile: the baseline to read ours against.
     pub htm: Option<Vec<f64>>,
@@ -87,6 +91,8 @@ pub struct NabRun<'a> {
     pub onnxruntime: Option<&'a Path>,
     /// Where per-file scores go, if anywhere.
     pub out: Option<&'a Path>,
+    /// Keep a chart of each file (value, band, score, labelled windows) in the report.
+    pub charts: bool,
 }
 
 /// MAD's score (1 = edge of the band) mapped into NAB's [0, 1], monotonically, so the sweep
@@ -113,7 +119,9 @@ pub fn run_nab(
         retrain,
         onnxruntime,
         out,
+        charts: with_charts,
     } = *run;
+    let mut charts = Vec::new();
     let windows = nab::read_windows(&dir.join("labels/combined_windows.json"))?;
     let mut scored = Vec::new();
     let mut files = Vec::new();
@@ -143,10 +151,11 @@ pub fn run_nab(
             ),
         };
         let micros: Vec<i64> = recording.timestamps.iter().map(|t| t * 1_000_000).collect();
-        let scores = rescore(&replayed, scoring)
-            .into_iter()
-            .map(nab_score)
-            .collect();
+        let rescored = rescore(&replayed, scoring);
+        if with_charts {
+            charts.push(chart(&recording, &replayed, &rescored, file_windows));
+        }
+        let scores = rescored.into_iter().map(nab_score).collect();
         if let Some(out) = out {
             let in_window: Vec<bool> = micros
                 .iter()
@@ -186,7 +195,46 @@ pub fn run_nab(
     }
     let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
     let htm = reference_scores(dir, &names, &windows);
-    Ok(NabReport { files, corpus, htm })
+    Ok(NabReport {
+        files,
+        corpus,
+        charts,
+        htm,
+    })
+}
+
+/// A file's chart: values against the forecast band, the score that is thresholded, and the
+/// labelled windows (timestamps in microseconds, as NAB's windows are read).
+fn chart(
+    recording: &Recording,
+    replayed: &Replayed,
+    scores: &[Option<f64>],
+    windows: &[(i64, i64)],
+) -> ChartData {
+    let points = recording
+        .timestamps
+        .iter()
+        .zip(&recording.values)
+        .zip(replayed.scores.iter().zip(scores))
+        .map(|((ts, y), (forecast, score))| ChartPoint {
+            ts: *ts,
+            y: Some(*y),
+            yhat: forecast.map(|f| f.yhat),
+            lower: forecast.map(|f| f.lower),
+            upper: forecast.map(|f| f.upper),
+            score: *score,
+        })
+        .collect();
+    ChartData {
+        title: recording.name.clone(),
+        points,
+        anomaly_from: i64::MIN,
+        anomaly_to: i64::MIN,
+        labelled: windows
+            .iter()
+            .map(|(a, b)| (a / 1_000_000, b / 1_000_000))
+            .collect(),
+    }
 }
 
 /// NAB's stored per-file scores of its HTM detector, summed over `files` and normalised per

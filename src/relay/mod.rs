@@ -9,7 +9,6 @@
 //! works behind either.
 
 mod bot;
-pub mod chart;
 mod intake;
 mod message;
 mod outbox;

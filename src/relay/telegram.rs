@@ -14,10 +14,10 @@ use teloxide::types::{MessageId, ParseMode, ReplyParameters};
 use teloxide::RequestError;
 use tokio::sync::{watch, Notify};
 
-use super::chart::ChartData;
 use super::message::{Reading, Templates};
 use super::outbox::{AlertView, Kind, Outbox, Outgoing};
 use super::RelayMetrics;
+use crate::chart::ChartData;
 use crate::config::Secret;
 
 /// Telegram allows about one message per second per chat…
@@ -96,7 +96,7 @@ impl Charts {
         let from = started - before;
         let step = ((now - from) / CHART_POINTS).max(1);
         let mut data =
-            super::chart::fetch(&self.http, &self.datasource, &labels, from, now, step).await?;
+            crate::chart::fetch(&self.http, &self.datasource, &labels, from, now, step).await?;
         data.anomaly_from = started;
         data.anomaly_to = now;
         Ok(data)
@@ -147,7 +147,7 @@ async fn send_chart(bot: &Bot, charts: &Charts, message: &Outgoing, reply_to: i3
     let png = charts
         .around(alert, charts.window)
         .await
-        .and_then(|d| super::chart::render_png(&d, CHART_WIDTH, CHART_HEIGHT));
+        .and_then(|d| crate::chart::render_png(&d, CHART_WIDTH, CHART_HEIGHT));
     match png {
         Ok(png) => {
             let photo = teloxide::types::InputFile::memory(png).file_name("anomaly.png");

@@ -1,4 +1,5 @@
-//! A PNG chart of the series behind an anomaly alert, for the Telegram message.
+//! PNG charts of scored series: for the relay's Telegram messages (one alert's series) and for
+//! `mad backtest --plot` (one panel per series, labelled anomaly windows shaded).
 //!
 //! [`fetch`] reads MAD's five series of one scored series (`y`, `yhat`, `yhat_lower`,
 //! `yhat_upper`, `anomaly_score`, each labelled like the input plus `for="<detector>"`) from
@@ -42,6 +43,8 @@ pub struct ChartData {
     /// The anomaly window (Unix seconds), shaded in both panels where it overlaps the data.
     pub anomaly_from: i64,
     pub anomaly_to: i64,
+    /// Labelled anomaly windows (a backtest's ground truth), shaded in another colour.
+    pub labelled: Vec<(i64, i64)>,
 }
 
 /// Alert labels that are not labels of MAD's series: vmalert's and the alert rule's own.
@@ -71,6 +74,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest image accepted, per side (Telegram photos: 10,000 px width + height).
 const MAX_SIDE: u32 = 4096;
 const MIN_SIDE: u32 = 64;
+/// Tallest stacked image (a backtest's panels): a PNG viewer's limit, not Telegram's.
+const MAX_STACK_HEIGHT: u32 = 32_768;
 /// Longest time range drawn (keeps the time axis' arithmetic far from overflow).
 const MAX_SPAN_SECONDS: i64 = 10 * 366 * 86_400;
 
@@ -101,6 +106,49 @@ pub fn text_available() -> bool {
 /// error when there is nothing to draw or the size is unreasonable.
 pub fn render_png(data: &ChartData, width: u32, height: u32) -> Result<Vec<u8>, String> {
     render_with(data, width, height, text_available())
+}
+
+/// Renders `charts` one below the other (each `panel_height` pixels tall, value and score
+/// panels as in [`render_png`]) into one PNG: a backtest's series at a glance.
+pub fn render_stack_png(
+    charts: &[ChartData],
+    width: u32,
+    panel_height: u32,
+) -> Result<Vec<u8>, String> {
+    let count = u32::try_from(charts.len()).map_err(|_| "too many charts".to_string())?;
+    let height = panel_height
+        .checked_mul(count)
+        .filter(|h| (MIN_SIDE..=MAX_STACK_HEIGHT).contains(h))
+        .ok_or_else(|| {
+            format!("{count} panels of {panel_height} px do not fit in {MAX_STACK_HEIGHT} px")
+        })?;
+    if !(MIN_SIDE..=MAX_SIDE).contains(&width) {
+        return Err(format!(
+            "chart width {width} outside {MIN_SIDE}..={MAX_SIDE} pixels"
+        ));
+    }
+    let text = text_available();
+    let prepared = charts
+        .iter()
+        .map(Prepared::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_error)?;
+        for (area, (data, chart)) in root
+            .split_evenly((charts.len(), 1))
+            .iter()
+            .zip(prepared.iter().zip(charts))
+        {
+            let split = (panel_height as f64 * 0.62) as u32;
+            let (top, bottom) = area.split_vertically(split);
+            draw_value_panel(&top, data, &chart.title, text)?;
+            draw_score_panel(&bottom, data, text)?;
+        }
+        root.present().map_err(draw_error)?;
+    }
+    encode_png(&rgb, width, height)
 }
 
 fn render_with(data: &ChartData, width: u32, height: u32, text: bool) -> Result<Vec<u8>, String> {
@@ -155,6 +203,7 @@ struct Prepared {
     max_gap: i64,
     /// The anomaly window clipped to `x`, if it overlaps.
     window: Option<(i64, i64)>,
+    labelled: Vec<(i64, i64)>,
 }
 
 fn finite(v: Option<f64>) -> Option<f64> {
@@ -246,7 +295,15 @@ impl Prepared {
             data.anomaly_from.min(data.anomaly_to),
             data.anomaly_from.max(data.anomaly_to),
         );
-        let window = (to >= x.0 && from <= x.1).then(|| (from.max(x.0), to.min(x.1)));
+        let clip = |(from, to): (i64, i64)| {
+            (to >= x.0 && from <= x.1).then(|| (from.max(x.0), to.min(x.1)))
+        };
+        let window = clip((from, to));
+        let labelled = data
+            .labelled
+            .iter()
+            .filter_map(|(a, b)| clip((*a.min(b), *a.max(b))))
+            .collect();
         Ok(Prepared {
             points,
             x,
@@ -254,6 +311,7 @@ impl Prepared {
             score_y,
             max_gap,
             window,
+            labelled,
         })
     }
 
@@ -366,7 +424,30 @@ const VALUE_COLOR: RGBColor = RGBColor(33, 33, 33);
 const FORECAST_COLOR: RGBColor = RGBColor(30, 100, 200);
 const SCORE_COLOR: RGBColor = RGBColor(120, 60, 160);
 const ANOMALY_COLOR: RGBColor = RGBColor(220, 30, 30);
+const LABELLED_COLOR: RGBColor = RGBColor(0, 150, 80);
 const LEFT_AREA: u32 = 64;
+
+/// The anomaly window in red and labelled windows in green, behind everything else.
+fn shade(
+    chart: &mut Chart<'_, '_>,
+    data: &Prepared,
+    (low, high): (f64, f64),
+) -> Result<(), String> {
+    let windows = data
+        .labelled
+        .iter()
+        .map(|w| (*w, LABELLED_COLOR.mix(0.15)))
+        .chain(data.window.map(|w| (w, ANOMALY_COLOR.mix(0.10))));
+    for ((from, to), colour) in windows {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(from, low), (to, high)],
+                colour.filled(),
+            )))
+            .map_err(draw_error)?;
+    }
+    Ok(())
+}
 
 fn draw_value_panel(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
@@ -401,14 +482,7 @@ fn draw_value_panel(
     }
     mesh.draw().map_err(draw_error)?;
 
-    if let Some((from, to)) = data.window {
-        chart
-            .draw_series(std::iter::once(Rectangle::new(
-                [(from, data.value_y.0), (to, data.value_y.1)],
-                ANOMALY_COLOR.mix(0.10).filled(),
-            )))
-            .map_err(draw_error)?;
-    }
+    shade(&mut chart, data, data.value_y)?;
     let band = data.runs(|p| Some((p.lower?, p.upper?)));
     chart
         .draw_series(band.iter().filter(|r| r.len() > 1).map(|run| {
@@ -497,14 +571,7 @@ fn draw_score_panel(
     }
     mesh.draw().map_err(draw_error)?;
 
-    if let Some((from, to)) = data.window {
-        chart
-            .draw_series(std::iter::once(Rectangle::new(
-                [(from, data.score_y.0), (to, data.score_y.1)],
-                ANOMALY_COLOR.mix(0.10).filled(),
-            )))
-            .map_err(draw_error)?;
-    }
+    shade(&mut chart, data, data.score_y)?;
     chart
         .draw_series(DashedLineSeries::new(
             [(data.x.0, 1.0), (data.x.1, 1.0)],
@@ -791,6 +858,7 @@ pub async fn fetch(
         points,
         anomaly_from,
         anomaly_to,
+        labelled: Vec::new(),
     })
 }
 
@@ -839,6 +907,7 @@ mod tests {
             title: r#"cpu · instance="web-1:9100", job="node""#.into(),
             anomaly_from: start + 240 * 60,
             anomaly_to: start + 251 * 60,
+            labelled: vec![(start + 230 * 60, start + 260 * 60)],
             points,
         }
     }
@@ -899,6 +968,7 @@ mod tests {
                 .collect(),
             anomaly_from: i64::MIN,
             anomaly_to: i64::MAX,
+            labelled: vec![(i64::MIN, i64::MAX)],
         };
         for data in [
             flat(50, Some(3.0), Some(0.0)),
