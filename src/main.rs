@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use mad::config::Config;
 
@@ -113,6 +114,19 @@ enum Command {
         /// point-adjust), F1 at the default threshold and how often the labelled metric is named.
         #[arg(long, value_name = "DIR", group = "corpus")]
         machines: Option<PathBuf>,
+        /// A detector of `--config`, replayed over `--from`..`--to` read from its datasource:
+        /// trained on the range before `--train-until`, the rest scored point by point.
+        #[arg(long, value_name = "NAME", group = "corpus", requires_all = ["config", "from", "to"])]
+        detector: Option<String>,
+        /// Start of the range (RFC 3339 or Unix seconds).
+        #[arg(long, value_parser = parse_time)]
+        from: Option<i64>,
+        /// End of the range.
+        #[arg(long, value_parser = parse_time)]
+        to: Option<i64>,
+        /// Where training stops and scoring starts; default the middle of the range.
+        #[arg(long, value_parser = parse_time)]
+        train_until: Option<i64>,
         /// Time between rows of a `--machines` corpus (SMD: 1m, ASD: 5m).
         #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
         step: std::time::Duration,
@@ -315,6 +329,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Backtest {
             nab,
             machines,
+            detector,
+            from,
+            to,
+            train_until,
             step,
             only,
             out,
@@ -345,7 +363,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 (None, Some(dir)) => {
                     backtest_machines(&dir, &only, step, config.as_deref(), scoring)?
                 }
-                (None, None) => anyhow::bail!("give --nab DIR or --machines DIR"),
+                (None, None) => match (detector, config, from, to) {
+                    (Some(name), Some(config), Some(from), Some(to)) => {
+                        let range = (from, to, train_until.unwrap_or(from + (to - from) / 2));
+                        backtest_range(&config, &name, range, plot.as_deref()).await?
+                    }
+                    _ => anyhow::bail!(
+                        "give --nab DIR, --machines DIR, or --detector NAME with --config, --from \
+                         and --to"
+                    ),
+                },
             }
         }
         Command::Rules { config, out } => {
@@ -434,6 +461,57 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await?;
         }
     }
+    Ok(())
+}
+
+async fn backtest_range(
+    config: &std::path::Path,
+    name: &str,
+    (from, to, train_until): (i64, i64, i64),
+    plot: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let detector = config
+        .detectors
+        .iter()
+        .find(|d| d.name.0 == name)
+        .with_context(|| format!("no detector {name:?} in the config"))?;
+    let report =
+        mad::backtest::range::run_range(&config, detector, from, to, train_until, plot.is_some())
+            .await?;
+    if let Some(path) = plot {
+        write_plot(path, &report.charts)?;
+    }
+    println!(
+        "{:<60} {:>7} {:>9} {:>8} {:>9}  highest at",
+        "series", "scored", "above 1", "episodes", "max score"
+    );
+    for s in &report.series {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max_at.max(0) as u64);
+        println!(
+            "{:<60} {:>7} {:>9} {:>8} {:>9.2}  {}",
+            s.series,
+            s.scored,
+            s.anomalous,
+            s.episodes,
+            s.max_score,
+            humantime::format_rfc3339_seconds(at)
+        );
+    }
+    println!(
+        "\n{} series; model trained in {:.1} s on the range before --train-until",
+        report.series.len(),
+        report.train_seconds
+    );
+    Ok(())
+}
+
+fn write_plot(path: &std::path::Path, charts: &[mad::chart::ChartData]) -> anyhow::Result<()> {
+    let png = mad::chart::render_stack_png(charts, PLOT_WIDTH, PLOT_PANEL_HEIGHT)
+        .map_err(anyhow::Error::msg)?;
+    std::fs::write(path, png)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    println!("plot: {} ({} panels)", path.display(), charts.len());
     Ok(())
 }
 
@@ -562,11 +640,7 @@ fn backtest(
     .map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();
     if let Some(path) = plot {
-        let png = mad::chart::render_stack_png(&report.charts, PLOT_WIDTH, PLOT_PANEL_HEIGHT)
-            .map_err(anyhow::Error::msg)?;
-        std::fs::write(path, png)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-        println!("plot: {} ({} panels)", path.display(), report.charts.len());
+        write_plot(path, &report.charts)?;
     }
     println!(
         "{:<58} {:>6} {:>8} {:>4} {:>7}",

@@ -174,3 +174,83 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
     assert_eq!(r.attribution_segments, 2);
     assert!(r.attribution_hits >= 1, "{r:?}");
 }
+
+/// A detector replayed over a time range of a real VictoriaMetrics: trained on the first two
+/// days, it fires on the third day's incident and keeps quiet on the other series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_from_victoriametrics_is_replayed_and_the_incident_found() {
+    use mad::demo::VictoriaMetrics;
+    use mad::synth::{Incident, IncidentKind, Profile, Synth};
+
+    const STEP: i64 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vm = VictoriaMetrics::start(&dir.path().join("vm"), None)
+        .await
+        .expect("start victoria-metrics");
+    let end = mad::source::align_down(mad::source::unix_now() - 3_600, STEP);
+    let start = end - 3 * 86_400;
+    let profile = |instance: &str| Profile {
+        metric: "backtest_rate".into(),
+        labels: [("instance".to_string(), instance.to_string())].into(),
+        base: 100.0,
+        daily: 0.4,
+        weekend_dip: 0.0,
+        fast: 0.0,
+        fast_period_secs: 1.0,
+        trend_per_week: 0.0,
+        noise: 0.03,
+    };
+    let incident = (end - 6 * 3_600, end - 5 * 3_600);
+    let synth = Synth {
+        profiles: vec![profile("a"), profile("b")],
+        incidents: vec![Incident {
+            series: 0,
+            start: incident.0,
+            end: incident.1,
+            kind: IncidentKind::Spike { factor: 1.5 },
+            description: "spike".into(),
+        }],
+        seed: 5,
+        origin: start,
+    };
+    let mut body = String::new();
+    for ts in (start..=end).step_by(STEP as usize) {
+        synth.exposition_at(ts, &mut body);
+    }
+    vm.import(body).await.expect("import");
+    let text = format!(
+        "datasource: {{ url: \"{}\" }}\ntraining: {{ max_epochs: 30 }}\ndetectors:\n  \
+         - {{ name: rate, query: backtest_rate, step: 5m, window: 32 }}\n",
+        vm.url
+    );
+    let config =
+        mad::config::Config::parse(&text, std::path::Path::new("range.yaml")).expect("config");
+    let report = mad::backtest::range::run_range(
+        &config,
+        &config.detectors[0],
+        start,
+        end,
+        end - 86_400,
+        true,
+    )
+    .await
+    .expect("range backtest");
+    vm.stop().await;
+    println!("{:?}", report.series);
+    assert_eq!(report.series.len(), 2);
+    assert_eq!(report.charts.len(), 2);
+    let of = |instance: &str| {
+        report
+            .series
+            .iter()
+            .find(|s| s.series.contains(&format!("\"{instance}\"")))
+            .unwrap_or_else(|| panic!("series {instance}: {:?}", report.series))
+    };
+    let (a, b) = (of("a"), of("b"));
+    assert!(a.scored > 250, "a day at 5 minutes is scored: {a:?}");
+    assert!(
+        a.max_score > 1.0 && (incident.0..=incident.1).contains(&a.max_at),
+        "the highest score is in the incident: {a:?}"
+    );
+    assert!(b.anomalous < a.anomalous, "{a:?} vs {b:?}");
+}

@@ -176,6 +176,7 @@ pub fn run_machine(
         past.len(),
         options,
         Retrain::Never,
+        crate::score::Detection::default(),
         onnxruntime,
     )?;
     let train_seconds = replayed.first().map_or(0.0, |r| r.train_seconds);

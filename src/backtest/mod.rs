@@ -5,6 +5,7 @@
 pub mod corpus;
 pub mod machines;
 pub mod nab;
+pub mod range;
 pub mod replay;
 
 use std::path::{Path, PathBuf};

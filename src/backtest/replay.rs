@@ -9,7 +9,7 @@ use std::time::Instant;
 use mad_training::{SeriesHistory, TrainError, TrainOptions};
 
 use crate::model::Forecaster;
-use crate::score::{DetectorScorer, Score};
+use crate::score::{Detection, DetectorScorer, Score};
 use crate::source::{Labels, Series};
 
 /// The detector name models trained here carry.
@@ -91,6 +91,7 @@ pub fn replay(
         learn,
         options,
         retrain,
+        Detection::default(),
         onnxruntime,
     )?
     .pop()
@@ -107,12 +108,13 @@ pub enum Retrain {
 
 /// Several series of one detector (one model for all, as `mad serve` runs a detector): trains on
 /// rows `..learn` of each, then feeds all of them point by point, one cycle per step, retraining
-/// on the points already seen as `retrain` says.
+/// on the points already seen as `retrain` says, scoring by the detector's `detection`.
 pub fn replay_many(
     recordings: &[Recording],
     learn: usize,
     options: &TrainOptions,
     retrain: Retrain,
+    detection: Detection,
     onnxruntime: Option<&Path>,
 ) -> Result<Vec<Replayed>, String> {
     let first = recordings.first().ok_or("no recordings to replay")?;
@@ -165,7 +167,7 @@ pub fn replay_many(
         let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
             .map_err(|e| format!("{name}: {e}"))?;
         // Never stale: the recording's clock, not the wall clock, drives the cycles.
-        Ok(DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4))
+        Ok(DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4).with_detection(detection))
     };
     let mut scorer = fit(learned, &mut options)?;
     let mut next_retrain = match retrain {
