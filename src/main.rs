@@ -29,6 +29,8 @@ enum BacktestScoring {
     Raw,
     /// anomaly likelihood of the raw scores against the series' own error history
     Likelihood,
+    /// raw scores standardised against all of the series' earlier raw scores
+    Standardized,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -349,6 +351,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let scoring = match scoring {
                 BacktestScoring::Raw => mad::backtest::corpus::Scoring::Raw,
                 BacktestScoring::Likelihood => mad::backtest::corpus::Scoring::Likelihood,
+                BacktestScoring::Standardized => mad::backtest::corpus::Scoring::Standardized,
             };
             match (nab, machines) {
                 (Some(nab), _) => backtest(

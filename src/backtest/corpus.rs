@@ -66,6 +66,8 @@ pub enum Scoring {
     Raw,
     /// The anomaly likelihood of the raw scores ([`crate::score::likelihood`]).
     Likelihood,
+    /// Raw scores standardised against the series' own earlier raw scores.
+    Standardized,
 }
 
 /// Per-row scores under `scoring`, 1 = the edge of normal; `None` where nothing was scored.
@@ -76,6 +78,10 @@ pub fn rescore(replayed: &Replayed, scoring: Scoring) -> Vec<Option<f64>> {
         Scoring::Likelihood => {
             let mut likelihood = crate::score::likelihood::Likelihood::default();
             raw.map(|r| r.map(|r| likelihood.update(r))).collect()
+        }
+        Scoring::Standardized => {
+            let mut standardized = crate::score::likelihood::Standardized::default();
+            raw.map(|r| r.map(|r| standardized.update(r))).collect()
         }
     }
 }
