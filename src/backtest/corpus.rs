@@ -3,13 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::chart::{ChartData, ChartPoint};
+use crate::chart::ChartData;
 use std::path::{Path, PathBuf};
 
 use mad_training::TrainOptions;
 
 use super::nab::{self, CorpusScore, ScoredFile, PROFILES};
-use super::replay::{output_path, replay, write_scores, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay, write_scores, Recording, Replayed, Retrain};
 
 /// What a NAB run found, file by file and for the corpus.
 #[derive(Debug, Clone)]
@@ -167,12 +167,7 @@ pub fn run_nab(
                 .iter()
                 .map(|t| file_windows.iter().any(|(a, b)| a <= t && t <= b))
                 .collect();
-            write_scores(
-                &output_path(out, name),
-                &recording,
-                &replayed,
-                Some(&in_window),
-            )?;
+            write_scores(&out.join(name), &recording, &replayed, Some(&in_window))?;
         }
         scored.push(ScoredFile::new(name, &micros, scores, file_windows)?);
         files.push(FileReport {
@@ -217,20 +212,7 @@ fn chart(
     scores: &[Option<f64>],
     windows: &[(i64, i64)],
 ) -> ChartData {
-    let points = recording
-        .timestamps
-        .iter()
-        .zip(&recording.values)
-        .zip(replayed.scores.iter().zip(scores))
-        .map(|((ts, y), (forecast, score))| ChartPoint {
-            ts: *ts,
-            y: Some(*y),
-            yhat: forecast.map(|f| f.yhat),
-            lower: forecast.map(|f| f.lower),
-            upper: forecast.map(|f| f.upper),
-            score: *score,
-        })
-        .collect();
+    let points = chart_points(recording, replayed, scores);
     ChartData {
         title: recording.name.clone(),
         points,

@@ -3,11 +3,11 @@
 //! `--train-until`, then every later point scored one cycle at a time. There are no labels in a
 //! datasource, so the report says where and how long the detector fired.
 
-use crate::chart::{ChartData, ChartPoint};
+use crate::chart::ChartData;
 use crate::config::{Config, Detector};
 use crate::source::{align_down, Client};
 
-use super::replay::{replay_many, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay_many, Recording, Replayed, Retrain};
 
 /// What the detector did on one series after `train_until`.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,20 +148,8 @@ fn summarize(recording: &Recording, replayed: &Replayed, learn: usize) -> Series
 
 /// One series' chart; its title says until when the model learned.
 fn chart(recording: &Recording, replayed: &Replayed, train_until: i64) -> ChartData {
-    let points = recording
-        .timestamps
-        .iter()
-        .zip(&recording.values)
-        .zip(&replayed.scores)
-        .map(|((ts, y), s)| ChartPoint {
-            ts: *ts,
-            y: Some(*y),
-            yhat: s.map(|s| s.yhat),
-            lower: s.map(|s| s.lower),
-            upper: s.map(|s| s.upper),
-            score: s.map(|s| s.score),
-        })
-        .collect();
+    let scores: Vec<Option<f64>> = replayed.scores.iter().map(|s| s.map(|s| s.score)).collect();
+    let points = chart_points(recording, replayed, &scores);
     let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(train_until.max(0) as u64);
     ChartData {
         title: format!(

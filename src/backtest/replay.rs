@@ -2,12 +2,13 @@
 //! rows only, then [`DetectorScorer`] fed one point per cycle, as `mad serve` would see the series
 //! arrive. Nothing ahead of a point is used to score it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use mad_training::{SeriesHistory, TrainError, TrainOptions};
 
+use crate::chart::ChartPoint;
 use crate::model::Forecaster;
 use crate::score::{Detection, DetectorScorer, Score};
 use crate::source::{Labels, Series};
@@ -275,7 +276,25 @@ pub fn write_scores(
     out.flush().map_err(|e| fail(&e))
 }
 
-/// Where per-file output goes under `dir`: the recording's name with `/` kept as folders.
-pub fn output_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
+/// Chart points of a replay: each row's value and forecast band, with `scores` (the scores
+/// actually thresholded, row by row).
+pub fn chart_points(
+    recording: &Recording,
+    replayed: &Replayed,
+    scores: &[Option<f64>],
+) -> Vec<ChartPoint> {
+    recording
+        .timestamps
+        .iter()
+        .zip(&recording.values)
+        .zip(replayed.scores.iter().zip(scores))
+        .map(|((ts, y), (forecast, score))| ChartPoint {
+            ts: *ts,
+            y: Some(*y),
+            yhat: forecast.map(|f| f.yhat),
+            lower: forecast.map(|f| f.lower),
+            upper: forecast.map(|f| f.upper),
+            score: *score,
+        })
+        .collect()
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_postgres::types::Json;
-use tokio_postgres::Row;
+use tokio_postgres::{GenericClient, Row};
 
 use super::{plan, Accepted, AlertRecord, AlertView, Kind, Outbox, OutboxError, Outgoing, Routed};
 use crate::relay::silences::Silence;
@@ -66,6 +66,23 @@ fn silence(row: &Row) -> Result<Silence, tokio_postgres::Error> {
 
 const SILENCE_COLUMNS: &str = "id, matchers, ends_at, created_by, created_at";
 
+/// Silences still in force at `now`, oldest first: intake checks them inside its transaction,
+/// `/silences` lists them.
+async fn active_silences(
+    client: &impl GenericClient,
+    now: i64,
+) -> Result<Vec<Silence>, tokio_postgres::Error> {
+    client
+        .query(
+            &format!("SELECT {SILENCE_COLUMNS} FROM relay_silences WHERE ends_at > $1 ORDER BY id"),
+            &[&now],
+        )
+        .await?
+        .iter()
+        .map(silence)
+        .collect()
+}
+
 #[async_trait]
 impl Outbox for PgOutbox {
     async fn accept(
@@ -101,17 +118,7 @@ impl Outbox for PgOutbox {
                 },
             );
         }
-        let silences = tx
-            .query(
-                &format!("SELECT {SILENCE_COLUMNS} FROM relay_silences WHERE ends_at > $1"),
-                &[&now],
-            )
-            .await
-            .map_err(|e| self.fail(e))?
-            .iter()
-            .map(silence)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.fail(e))?;
+        let silences = active_silences(&*tx, now).await.map_err(|e| self.fail(e))?;
         let plan = plan(&alerts, previous, &silences, now, renotify);
         if !plan.records.is_empty() {
             let (mut keys, mut firing, mut notified, mut chats, mut ids) =
@@ -260,19 +267,9 @@ impl Outbox for PgOutbox {
     }
 
     async fn silences(&self, now: i64) -> Result<Vec<Silence>, OutboxError> {
-        self.client()
-            .await?
-            .query(
-                &format!(
-                    "SELECT {SILENCE_COLUMNS} FROM relay_silences WHERE ends_at > $1 ORDER BY id"
-                ),
-                &[&now],
-            )
+        let client = self.client().await?;
+        active_silences(&**client, now)
             .await
-            .map_err(|e| self.fail(e))?
-            .iter()
-            .map(silence)
-            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.fail(e))
     }
 
