@@ -128,7 +128,7 @@ detectors:
     train_range: 2h
     interval: 1s
     staleness: 10s
-    alert: {{ for: 2s, severity: {{ warning: 1, critical: 1000 }} }}
+    alert: {{ for: 4s, severity: {{ warning: 1, critical: 1000 }} }}
 relay:
   listen: "127.0.0.1:{relay_port}"
   intake_token: "{INTAKE}"
