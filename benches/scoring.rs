@@ -503,12 +503,12 @@ fn render_and_memory(model: &Arc<Forecaster>) {
     let mut exposition = Exposition::default();
     trim_heap();
     let rss_before_expo = rss_bytes();
-    let ((), cold) = measure(thread_cpu, || exposition.update(DETECTOR, &scorer));
+    let ((), cold) = measure(thread_cpu, || exposition.update(DETECTOR, &scorer, false));
     trim_heap();
     let rss_after_expo = rss_bytes();
     let mut updates = Vec::new();
     for round in 0..WARMUP_ROUNDS + TIMED_ROUNDS {
-        let ((), t) = measure(thread_cpu, || exposition.update(DETECTOR, &scorer));
+        let ((), t) = measure(thread_cpu, || exposition.update(DETECTOR, &scorer, false));
         if round >= WARMUP_ROUNDS {
             updates.push(t);
         }

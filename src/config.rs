@@ -321,12 +321,21 @@ impl TrainingOverrides {
     }
 }
 
-/// One PromQL query whose series are modelled together.
+/// One PromQL query whose series are modelled together (univariate), or several queries joined
+/// on labels whose series are scored as one group (multivariate). Exactly one of `query` and
+/// `inputs` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Detector {
     pub name: DetectorName,
-    pub query: NonEmpty,
+    #[serde(default)]
+    pub query: Option<NonEmpty>,
+    /// A multivariate detector's queries by input name: `{cpu: '…', memory: '…'}`.
+    #[serde(default)]
+    pub inputs: BTreeMap<InputName, NonEmpty>,
+    /// The labels the inputs' series are joined on (`[instance]`): one group per value set.
+    #[serde(default)]
+    pub join_on: Vec<LabelName>,
     /// Resolution of the data the model reads and forecasts.
     pub step: Duration,
     /// Points the model reads before its forecasts count (warm-up) and its training window.
@@ -513,7 +522,72 @@ pub struct EpisodeRules {
     pub quiet: Option<Duration>,
 }
 
+/// What a detector reads, resolved from `query` / `inputs` / `join_on`.
+#[derive(Debug, Clone, Copy)]
+pub enum Queries<'a> {
+    Single(&'a str),
+    Joined {
+        inputs: &'a BTreeMap<InputName, NonEmpty>,
+        join_on: &'a [LabelName],
+    },
+}
+
 impl Detector {
+    /// The detector's queries; [`Detector::check_queries`] has made sure exactly one form is set.
+    pub fn queries(&self) -> Queries<'_> {
+        match &self.query {
+            Some(q) if self.inputs.is_empty() => Queries::Single(&q.0),
+            _ => Queries::Joined {
+                inputs: &self.inputs,
+                join_on: &self.join_on,
+            },
+        }
+    }
+
+    pub fn is_multivariate(&self) -> bool {
+        matches!(self.queries(), Queries::Joined { .. })
+    }
+
+    /// The queries for listings: the query, or `name=query` per input and the join labels.
+    pub fn describe_queries(&self) -> String {
+        match self.queries() {
+            Queries::Single(q) => q.to_string(),
+            Queries::Joined { inputs, join_on } => {
+                let joined: Vec<&str> = join_on.iter().map(|l| l.0.as_str()).collect();
+                let each: Vec<String> = inputs
+                    .iter()
+                    .map(|(name, q)| format!("{}={}", name.0, q.0))
+                    .collect();
+                format!("on ({}) {}", joined.join(", "), each.join("; "))
+            }
+        }
+    }
+
+    /// Exactly one of `query` and `inputs`; a multivariate detector joins on at least one label
+    /// and not on the label that names the input. Returns the field and what is wrong.
+    pub fn check_queries(&self) -> Result<(), (&'static str, String)> {
+        match (&self.query, self.inputs.is_empty()) {
+            (Some(_), false) => Err((
+                "inputs",
+                "set either query (one series set) or inputs (several joined), not both".into(),
+            )),
+            (None, true) => Err(("query", "a query (or inputs) is required".into())),
+            (Some(_), true) if !self.join_on.is_empty() => Err((
+                "join_on",
+                "join_on needs inputs: a single query has nothing to join".into(),
+            )),
+            (None, false) if self.join_on.is_empty() => Err((
+                "join_on",
+                "name the labels the inputs are joined on, e.g. [instance]".into(),
+            )),
+            (None, false) if self.join_on.iter().any(|l| l.0 == INPUT_LABEL) => Err((
+                "join_on",
+                format!("{INPUT_LABEL:?} names the input in the output; join on other labels"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn episode_for(&self) -> std::time::Duration {
         self.episode.hold_for.map_or(self.interval(), |d| d.0)
     }
@@ -670,6 +744,31 @@ impl<'de> Deserialize<'de> for DetectorName {
 impl fmt::Display for DetectorName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The label that names a multivariate detector's input on its per-input series.
+pub const INPUT_LABEL: &str = "input";
+
+/// A multivariate detector's input name, used as the value of its `input` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InputName(pub String);
+
+impl<'de> Deserialize<'de> for InputName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if valid {
+            Ok(InputName(text))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid input name {text:?}: use 1-64 characters from [A-Za-z0-9_.-]"
+            )))
+        }
     }
 }
 
@@ -848,6 +947,9 @@ impl Config {
                     ),
                 ));
             }
+            if let Err((field, message)) = d.check_queries() {
+                return Err(invalid(format!("detectors[{i}].{field}"), message));
+            }
             if !seen.insert(&d.name) {
                 return Err(invalid(
                     format!("detectors[{i}].name"),
@@ -943,8 +1045,53 @@ detectors:
             Path::new("docs/mad.example.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.detectors.len(), 2);
+        assert_eq!(c.detectors.len(), 3);
         assert_eq!(c.detectors[1].train_options(&c.training).hidden, 16);
+        assert!(c.detectors[2].is_multivariate());
+    }
+
+    #[test]
+    fn a_detector_reads_one_query_or_joined_inputs() {
+        let detector = |keys: &str| {
+            GOOD.split("detectors:")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+                + &format!("detectors:\n  - {{ name: d, step: 1m, {keys} }}\n")
+        };
+        let joined = parse(&detector(
+            "inputs: { cpu: 'rate(cpu[5m])', mem: mem_used }, join_on: [instance]",
+        ))
+        .expect("valid multivariate detector");
+        let d = &joined.detectors[0];
+        assert!(d.is_multivariate());
+        assert_eq!(
+            d.describe_queries(),
+            "on (instance) cpu=rate(cpu[5m]); mem=mem_used"
+        );
+        for (keys, field, says) in [
+            ("", "query", "query (or inputs) is required"),
+            (
+                "query: up, inputs: { a: up }, join_on: [instance]",
+                "inputs",
+                "not both",
+            ),
+            ("inputs: { a: up }", "join_on", "name the labels"),
+            ("query: up, join_on: [instance]", "join_on", "needs inputs"),
+            (
+                "inputs: { a: up }, join_on: [input]",
+                "join_on",
+                "names the input",
+            ),
+            (
+                "inputs: { 'a b': up }, join_on: [instance]",
+                "inputs",
+                "invalid input name",
+            ),
+        ] {
+            let err = error(&detector(keys));
+            assert!(err.contains(field) && err.contains(says), "{keys}: {err}");
+        }
     }
 
     #[test]

@@ -408,7 +408,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     source,
                     humantime::format_duration(d.step.0).to_string(),
                     d.window.0,
-                    d.query.0
+                    d.describe_queries()
                 );
             }
         }
@@ -443,7 +443,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     d.window.0,
                     humantime::format_duration(d.train_range.0),
                     humantime::format_duration(d.interval()),
-                    d.query.0
+                    d.describe_queries()
                 );
             }
         }

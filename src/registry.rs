@@ -94,6 +94,8 @@ pub struct EpisodeRow {
     pub started_at: i64,
     pub ended_at: Option<i64>,
     pub peak_score: f64,
+    /// A multivariate detector's inputs that drove the peak, strongest first.
+    pub drivers: Vec<String>,
 }
 
 /// Filter and page of an anomaly listing: newest first, continue with `before_id`.
@@ -350,7 +352,7 @@ impl Registry {
             .client()
             .await?
             .query(
-                "SELECT id, detector, labels, started_at, ended_at, peak_score FROM anomaly_episodes \
+                "SELECT id, detector, labels, started_at, ended_at, peak_score, drivers FROM anomaly_episodes \
                  WHERE ($1::text IS NULL OR detector = $1) \
                    AND labels @> $2 \
                    AND ($3::timestamptz IS NULL OR coalesce(ended_at, 'infinity') >= $3) \
@@ -370,6 +372,10 @@ impl Registry {
                     started_at: from_time(r.try_get(3)?),
                     ended_at: r.try_get::<_, Option<SystemTime>>(4)?.map(from_time),
                     peak_score: r.try_get(5)?,
+                    drivers: r
+                        .try_get::<_, Option<serde_json::Value>>(6)?
+                        .and_then(|v| serde_json::from_value(v).ok())
+                        .unwrap_or_default(),
                 })
             })
             .collect::<Result<_, tokio_postgres::Error>>()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
-use crate::config::{Config, Detector};
+use crate::config::{Config, Detector, Queries};
 
 /// Where `mad rules` writes by default.
 pub const DEFAULT_DIR: &str = "vmalert-rules";
@@ -170,6 +170,9 @@ fn detector_group(config: &Config, d: &Detector) -> RuleGroup {
                 template_literal(&hold_for_text),
             ),
         );
+        if let Some(driver) = driver_template(d) {
+            annotations.push("driver", driver);
+        }
         if let Some(link) = dashboard_link(config, d, true) {
             annotations.push("dashboard", link);
         }
@@ -388,6 +391,25 @@ fn series_template(d: &Detector) -> String {
          {{{{ end }}}}{{{{ end }}}}",
         quoted_list(&non_series_labels(d))
     )
+}
+
+/// For a multivariate detector: the input with the highest `anomaly_contribution` in the
+/// alert's group, looked up when the alert is rendered (empty if the exporter has none).
+fn driver_template(d: &Detector) -> Option<String> {
+    let Queries::Joined { join_on, .. } = d.queries() else {
+        return None;
+    };
+    // Detector and label names are plain identifiers: nothing in them needs escaping.
+    let mut matchers = format!("for=\\\"{}\\\"", d.name.0);
+    for label in join_on {
+        matchers.push_str(&format!(",{0}=%q", label.0));
+    }
+    let args: Vec<String> = join_on.iter().map(|l| format!("$labels.{}", l.0)).collect();
+    Some(format!(
+        "{{{{ with query (printf \"topk(1, anomaly_contribution{{{matchers}}})\" {}) }}}}\
+         {{{{ . | first | label \"input\" }}}}{{{{ end }}}}",
+        args.join(" ")
+    ))
 }
 
 /// `<grafana_url>/d/<uid>?var-detector=<detector>`, plus with `series` one `var-series` per

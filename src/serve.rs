@@ -18,8 +18,8 @@ use crate::expose::{serve_http, Exposition, Probes, Telemetry};
 use crate::history::{EpisodeTracker, Recorder};
 use crate::model::Forecaster;
 use crate::registry::{merged_detectors, MaintenanceWindow, Registry};
-use crate::score::{DetectorScorer, Score};
-use crate::source::{align_down, unix_now, Client, Series, SourceError};
+use crate::score::{group, DetectorScorer, Score};
+use crate::source::{align_down, unix_now, Client, Labels, Series, SourceError};
 use crate::store::{ModelStore, PgStore};
 
 /// Everything the detector loops and the HTTP server share.
@@ -461,24 +461,39 @@ async fn run_cycle(
         .observe(inference.elapsed().as_secs_f64());
     match result {
         Ok((stats, scored)) => {
-            exporter.with_exposition(|x| x.update(name, scorer));
+            exporter.with_exposition(|x| x.update(name, scorer, detector.is_multivariate()));
             if let Some(history) = &exporter.history {
-                for (index, scores) in &scored {
-                    let labels = &fetched[*index].labels;
-                    // Inside a maintenance window a point counts as normal: nothing opens there.
-                    let scores: Vec<Score> = scores
+                // Inside a maintenance window a point counts as normal: nothing opens there.
+                let scored: Vec<(&Labels, Vec<Score>)> = scored
+                    .iter()
+                    .map(|(index, scores)| {
+                        let labels = &fetched[*index].labels;
+                        let scores = scores
+                            .iter()
+                            .map(|s| {
+                                if exporter.in_maintenance(name, labels, s.ts) {
+                                    Score { score: 0.0, ..*s }
+                                } else {
+                                    *s
+                                }
+                            })
+                            .collect();
+                        (labels, scores)
+                    })
+                    .collect();
+                let changed = if detector.is_multivariate() {
+                    let points = scored
                         .iter()
-                        .map(|s| {
-                            if exporter.in_maintenance(name, labels, s.ts) {
-                                Score { score: 0.0, ..*s }
-                            } else {
-                                *s
-                            }
-                        })
-                        .collect();
-                    for episode in episodes.observe(labels, &scores) {
-                        history.record(episode);
-                    }
+                        .flat_map(|(labels, scores)| scores.iter().map(|s| (*labels, s)));
+                    episodes.observe_groups(&group::combine(points))
+                } else {
+                    scored
+                        .iter()
+                        .flat_map(|(labels, scores)| episodes.observe(labels, scores))
+                        .collect()
+                };
+                for episode in changed {
+                    history.record(episode);
                 }
                 t.episodes_pending.set(history.pending() as i64);
                 Telemetry::catch_up(&t.episodes_written, history.written());
@@ -518,7 +533,7 @@ async fn fetch(
     end: i64,
     step: i64,
 ) -> Result<Vec<Series>, SourceError> {
-    let query = &detector.query.0;
+    let queries = detector.queries();
     let timer = exporter
         .telemetry
         .query_duration
@@ -527,13 +542,13 @@ async fn fetch(
     let started = Instant::now();
     let mut fetched = exporter
         .client
-        .query_range(query, end - (lookback - 1) * step, end, step)
+        .query_detector(queries, end - (lookback - 1) * step, end, step)
         .await?;
     let full = scorer.warmup_points() as i64 + 1;
     if lookback < full && scorer.has_unknown(&fetched) {
         fetched = exporter
             .client
-            .query_range(query, end - (full - 1) * step, end, step)
+            .query_detector(queries, end - (full - 1) * step, end, step)
             .await?;
     }
     timer.observe(started.elapsed().as_secs_f64());

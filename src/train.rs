@@ -193,7 +193,7 @@ async fn train_detector(
     let end = align_down(end, step);
     let start = end - detector.train_range.0.as_secs() as i64;
     let fetched = client
-        .query_range(&detector.query.0, start, end, step)
+        .query_detector(detector.queries(), start, end, step)
         .await?;
     let min_points = detector.window.0 * 4;
     let mut excluded = 0;

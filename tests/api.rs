@@ -495,6 +495,46 @@ async fn models_are_listed_activated_and_rolled_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multivariate_episode_lists_the_inputs_that_drove_it() {
+    let db = TestDb::new().await;
+    let store = std::sync::Arc::new(db.store().await);
+    store.migrate().await.expect("migrate");
+    let recorder = mad::history::Recorder::start(store);
+    let mut tracker = mad::history::EpisodeTracker::new("node", 0, 60);
+    let group: mad::source::Labels = [("instance".to_string(), "a".to_string())].into();
+    let point = |ts: i64, inputs: &[(&str, f64)]| mad::score::group::GroupScore {
+        labels: group.clone(),
+        ts,
+        score: inputs.iter().map(|i| i.1).fold(0.0, f64::max),
+        inputs: inputs.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+    };
+    let episodes = tracker.observe_groups(&[
+        point(1_000, &[("memory", 3.0), ("cpu", 1.5), ("latency", 0.2)]),
+        point(1_060, &[("cpu", 0.3)]),
+    ]);
+    assert_eq!(episodes.len(), 2, "opened and closed: {episodes:?}");
+    for e in episodes {
+        assert!(recorder.record(e));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorder.written() < 2 {
+        assert!(Instant::now() < deadline, "episodes not written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let api = Harness::with_db(&db, &closed_datasource(), "").await;
+    let (status, v) = api.get("/api/v1/anomalies?detector=node").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["anomalies"][0]["drivers"],
+        json!(["memory", "cpu"]),
+        "{v}"
+    );
+    assert_eq!(v["anomalies"][0]["ended_at"], 1_000, "{v}");
+    api.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomalies_are_filtered_and_paginated_newest_first() {
     let db = TestDb::new().await;
     db.store().await.migrate().await.expect("migrate");

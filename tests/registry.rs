@@ -147,7 +147,7 @@ async fn database_detectors_join_the_config_file_which_wins_on_a_clash() {
         .expect("merge");
     let shown: Vec<(String, DetectorSource, String)> = merged
         .iter()
-        .map(|(d, s)| (d.name.0.clone(), *s, d.query.0.clone()))
+        .map(|(d, s)| (d.name.0.clone(), *s, d.describe_queries()))
         .collect();
     assert_eq!(
         shown,

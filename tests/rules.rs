@@ -85,7 +85,7 @@ fn mad_rules_writes_the_same_file() {
         .expect("run mad rules");
     assert_success(&out, "mad rules");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("3 groups"), "{stdout}");
+    assert!(stdout.contains("4 groups"), "{stdout}");
     let written = std::fs::read_to_string(tmp.path().join("out").join(mad::rules::FILE_NAME))
         .expect("mad rules wrote the file");
     let shipped = std::fs::read_to_string(shipped_rules()).expect("read the shipped rules");
@@ -112,8 +112,16 @@ fn vmalert_accepts_the_shipped_rules() {
 fn the_rules_cover_every_detector_and_mad_itself() {
     let rules = mad::rules::generate(&example_config());
     let names: Vec<&str> = rules.groups.iter().map(|g| g.name.as_str()).collect();
-    assert_eq!(names, ["mad-cpu", "mad-http_errors", "mad-self-monitoring"]);
-    let alerts: Vec<&str> = rules.groups[2]
+    assert_eq!(
+        names,
+        [
+            "mad-cpu",
+            "mad-http_errors",
+            "mad-node",
+            "mad-self-monitoring"
+        ]
+    );
+    let alerts: Vec<&str> = rules.groups[3]
         .rules
         .iter()
         .map(|r| r.alert.as_str())

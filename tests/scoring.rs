@@ -252,7 +252,7 @@ fn stale_series_disappear_from_the_exposition() {
         )
         .expect("cycle");
     let mut exposition = Exposition::default();
-    exposition.update("d", &scorer);
+    exposition.update("d", &scorer, false);
     assert_eq!(exposition.series_count(), 2);
     // "b" stops reporting; after the staleness period it is gone, "a" stays.
     for i in WINDOW + 1..WINDOW + 8 {
@@ -260,7 +260,7 @@ fn stale_series_disappear_from_the_exposition() {
             .score_cycle(&[series("a", 0, i - 1..i + 1)], now_after(i))
             .expect("cycle");
     }
-    exposition.update("d", &scorer);
+    exposition.update("d", &scorer, false);
     let mut out = String::new();
     exposition.write_to(&mut out);
     assert_eq!(exposition.series_count(), 1, "{out}");
@@ -280,7 +280,7 @@ fn failed_datasource_cycle_drops_scores_but_keeps_state() {
         .expect("cycle");
     scorer.clear_latest();
     let mut exposition = Exposition::default();
-    exposition.update("d", &scorer);
+    exposition.update("d", &scorer, false);
     assert_eq!(exposition.series_count(), 0);
     let (stats, scored) = scorer
         .score_cycle(&[series("a", 0, WINDOW..WINDOW + 2)], now_after(WINDOW + 1))

@@ -4,7 +4,7 @@ use hyper::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::{detector_name, json, no_content, Api, ApiError, Reply};
-use crate::config::Detector;
+use crate::config::{Detector, Queries};
 use crate::source::SourceError;
 
 fn duration(d: std::time::Duration) -> Value {
@@ -14,7 +14,20 @@ fn duration(d: std::time::Duration) -> Value {
 /// A config-file detector with the same keys as in the YAML file.
 fn config_spec(d: &Detector) -> Value {
     let mut spec = Map::new();
-    spec.insert("query".into(), d.query.0.clone().into());
+    match d.queries() {
+        Queries::Single(q) => {
+            spec.insert("query".into(), q.into());
+        }
+        Queries::Joined { inputs, join_on } => {
+            let inputs: Map<String, Value> = inputs
+                .iter()
+                .map(|(name, q)| (name.0.clone(), q.0.clone().into()))
+                .collect();
+            spec.insert("inputs".into(), inputs.into());
+            let join_on: Vec<Value> = join_on.iter().map(|l| l.0.clone().into()).collect();
+            spec.insert("join_on".into(), join_on.into());
+        }
+    }
     spec.insert("step".into(), duration(d.step.0));
     spec.insert("window".into(), d.window.0.into());
     spec.insert("train_range".into(), duration(d.train_range.0));
@@ -160,18 +173,30 @@ async fn validate(api: &Api, name: &str, body: Value) -> Result<Value, ApiError>
             humantime::format_duration(detector.step.0)
         )));
     }
-    match api.datasource.check_query(&detector.query.0).await {
-        Ok(()) => {}
-        Err(SourceError::Query { message, .. }) => {
-            return Err(ApiError::bad_request(format!(
-                "query: the datasource rejected it: {message}"
-            )))
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("cannot check the query with the datasource: {e}"),
-            ))
+    if let Err((field, message)) = detector.check_queries() {
+        return Err(ApiError::bad_request(format!("{field}: {message}")));
+    }
+    let queries: Vec<(String, &str)> = match detector.queries() {
+        Queries::Single(q) => vec![("query".to_string(), q)],
+        Queries::Joined { inputs, .. } => inputs
+            .iter()
+            .map(|(name, q)| (format!("inputs.{}", name.0), q.0.as_str()))
+            .collect(),
+    };
+    for (field, query) in queries {
+        match api.datasource.check_query(query).await {
+            Ok(()) => {}
+            Err(SourceError::Query { message, .. }) => {
+                return Err(ApiError::bad_request(format!(
+                    "{field}: the datasource rejected it: {message}"
+                )))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("cannot check the query with the datasource: {e}"),
+                ))
+            }
         }
     }
     spec.remove("name");

@@ -58,12 +58,12 @@ pub async fn run_range(
     );
     let client = Client::new(&config.datasource)?;
     let fetched = client
-        .query_range(&detector.query.0, from, to, step)
+        .query_detector(detector.queries(), from, to, step)
         .await?;
     anyhow::ensure!(
         !fetched.is_empty(),
         "the query {:?} returned no series between --from and --to",
-        detector.query.0
+        detector.describe_queries()
     );
     let timestamps: Vec<i64> = (from..=to).step_by(step as usize).collect();
     let learn = timestamps.iter().filter(|t| **t < train_until).count();

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
-use crate::score::{DetectorScorer, Score};
+use crate::score::{group, DetectorScorer, Score};
 use crate::source::Labels;
 
 /// The label MAD adds: the detector that produced the score.
@@ -22,11 +22,22 @@ pub struct Family {
     pub value: fn(&Score) -> f64,
 }
 
+/// Index in [`FAMILIES`] of the score that alerts: per series, or per group of a multivariate
+/// detector.
+const SCORE: usize = 0;
+/// Index of a multivariate detector's per-input scores.
+const CONTRIBUTION: usize = 1;
+
 /// The families in exposition order (DESIGN.md, Contract 1).
-pub const FAMILIES: [Family; 5] = [
+pub const FAMILIES: [Family; 6] = [
     Family {
         name: "anomaly_score",
         help: "0 when the value equals the forecast, 1 at the edge of the expected band, above 1 outside it.",
+        value: |s| s.score,
+    },
+    Family {
+        name: "anomaly_contribution",
+        help: "A multivariate detector's per-input score; the group's anomaly_score is the highest of them.",
         value: |s| s.score,
     },
     Family {
@@ -58,14 +69,19 @@ pub struct Exposition {
     blocks: BTreeMap<String, [String; FAMILIES.len()]>,
     /// detector → input labels → rendered `{...}` label set.
     label_cache: HashMap<String, HashMap<Labels, String>>,
+    /// The same for the groups of multivariate detectors.
+    group_cache: HashMap<String, HashMap<Labels, String>>,
 }
 
 impl Exposition {
-    /// Re-renders one detector's series from its scorer.
-    pub fn update(&mut self, detector: &str, scorer: &DetectorScorer) {
+    /// Re-renders one detector's series from its scorer. A multivariate detector's series are
+    /// its inputs: they get `anomaly_contribution` instead of `anomaly_score`, which goes to
+    /// their group.
+    pub fn update(&mut self, detector: &str, scorer: &DetectorScorer, multivariate: bool) {
         let cache = self.label_cache.entry(detector.to_string()).or_default();
         // Series the scorer dropped (stale) leave the cache too.
         cache.retain(|labels, _| scorer.tracks(labels));
+        let skipped = if multivariate { SCORE } else { CONTRIBUTION };
         let mut block: [String; FAMILIES.len()] = Default::default();
         for (labels, _, score) in scorer.latest() {
             if !cache.contains_key(labels) {
@@ -73,13 +89,25 @@ impl Exposition {
                 cache.insert(labels.clone(), rendered);
             }
             let rendered = &cache[labels];
-            for (out, family) in block.iter_mut().zip(&FAMILIES) {
-                out.push_str(family.name);
-                out.push_str(rendered);
-                out.push(' ');
-                write_value((family.value)(score), out);
-                out.push('\n');
+            for (i, (out, family)) in block.iter_mut().zip(&FAMILIES).enumerate() {
+                if i != skipped {
+                    write_sample(out, family.name, rendered, (family.value)(score));
+                }
             }
+        }
+        if multivariate {
+            let old = self.group_cache.remove(detector).unwrap_or_default();
+            let mut cache = HashMap::with_capacity(old.len());
+            let groups = group::latest(scorer.latest().map(|(labels, _, score)| (labels, score)));
+            for g in groups {
+                let rendered = old
+                    .get(&g.labels)
+                    .cloned()
+                    .unwrap_or_else(|| render_label_set(&exposed_labels(&g.labels, detector)));
+                write_sample(&mut block[SCORE], FAMILIES[SCORE].name, &rendered, g.score);
+                cache.insert(g.labels, rendered);
+            }
+            self.group_cache.insert(detector.to_string(), cache);
         }
         self.blocks.insert(detector.to_string(), block);
     }
@@ -103,9 +131,9 @@ impl Exposition {
         }
     }
 
-    /// Number of series exposed, for readiness and tests.
+    /// Number of scored series (or groups) exposed, for readiness and tests.
     pub fn series_count(&self) -> usize {
-        self.blocks.values().map(|b| b[0].lines().count()).sum()
+        self.blocks.values().map(|b| b[SCORE].lines().count()).sum()
     }
 }
 
@@ -171,6 +199,14 @@ pub fn escape_label_value(value: &str, out: &mut String) {
             c => out.push(c),
         }
     }
+}
+
+fn write_sample(out: &mut String, family: &str, labels: &str, value: f64) {
+    out.push_str(family);
+    out.push_str(labels);
+    out.push(' ');
+    write_value(value, out);
+    out.push('\n');
 }
 
 fn write_value(v: f64, out: &mut String) {

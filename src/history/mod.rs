@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use mad_training::contract::series_key;
 
+use crate::score::group::{GroupScore, MAX_DRIVERS};
 use crate::score::Score;
 use crate::source::Labels;
 pub use recorder::{Recorder, RECORDER_BUFFER};
@@ -24,6 +25,8 @@ pub struct Episode {
     pub started_at: i64,
     pub ended_at: Option<i64>,
     pub peak_score: f64,
+    /// A multivariate detector's inputs that drove the peak, strongest first; empty otherwise.
+    pub drivers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +47,8 @@ pub struct EpisodeTracker {
     hold_for: i64,
     quiet: i64,
     series: HashMap<Labels, Phase>,
+    /// The drivers at each tracked group's peak so far.
+    peak_drivers: HashMap<Labels, Vec<String>>,
 }
 
 impl EpisodeTracker {
@@ -53,7 +58,28 @@ impl EpisodeTracker {
             hold_for: hold_for_secs,
             quiet: quiet_secs,
             series: HashMap::new(),
+            peak_drivers: HashMap::new(),
         }
+    }
+
+    /// Feeds a multivariate detector's group scores (as [`group::combine`] orders them: by
+    /// group, then time); the episodes name the inputs that drove their peak.
+    pub fn observe_groups(&mut self, groups: &[GroupScore]) -> Vec<Episode> {
+        let mut changed = Vec::new();
+        for run in groups.chunk_by(|a, b| a.labels == b.labels) {
+            let labels = &run[0].labels;
+            for g in run {
+                let peak = match self.series.get(labels) {
+                    Some(Phase::Pending { peak, .. } | Phase::Open { peak, .. }) => *peak,
+                    None => 0.0,
+                };
+                if g.score > 1.0 && g.score > peak {
+                    self.peak_drivers.insert(labels.clone(), drivers(g));
+                }
+                changed.extend(self.observe(labels, &[g.as_score()]));
+            }
+        }
+        changed
     }
 
     /// Feeds one series' newly scored points (in time order); returns episodes that opened or
@@ -96,8 +122,13 @@ impl EpisodeTracker {
                 }
             };
         }
-        if let Some(p) = phase {
-            self.series.insert(labels.clone(), p);
+        match phase {
+            Some(p) => {
+                self.series.insert(labels.clone(), p);
+            }
+            None => {
+                self.peak_drivers.remove(labels);
+            }
         }
         changed
     }
@@ -131,8 +162,19 @@ impl EpisodeTracker {
             started_at: start,
             ended_at: end,
             peak_score: peak,
+            drivers: self.peak_drivers.get(labels).cloned().unwrap_or_default(),
         }
     }
+}
+
+/// The inputs above 1 at a group's point, strongest first (at most [`MAX_DRIVERS`]).
+fn drivers(g: &GroupScore) -> Vec<String> {
+    g.inputs
+        .iter()
+        .filter(|(_, score)| *score > 1.0)
+        .take(MAX_DRIVERS)
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -181,6 +223,33 @@ mod tests {
         // The blip at 300 keeps it open; quiet from 300 to 480.
         assert_eq!((events[1].started_at, events[1].ended_at), (60, Some(300)));
         assert_eq!(events[1].peak_score, 3.0);
+    }
+
+    #[test]
+    fn a_group_episode_names_the_inputs_that_drove_its_peak() {
+        let mut t = EpisodeTracker::new("d", 60, 60);
+        let group: Labels = [("instance".to_string(), "a".to_string())].into();
+        let point = |ts: i64, inputs: &[(&str, f64)]| GroupScore {
+            labels: group.clone(),
+            ts,
+            score: inputs.iter().map(|i| i.1).fold(0.0, f64::max),
+            inputs: inputs.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+        };
+        let events = t.observe_groups(&[
+            point(0, &[("cpu", 1.5), ("mem", 0.2)]),
+            point(60, &[("mem", 4.0), ("cpu", 2.0), ("disk", 0.5)]),
+            point(120, &[("cpu", 1.2), ("mem", 0.1)]),
+            point(180, &[("cpu", 0.1)]),
+        ]);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].drivers, vec!["mem", "cpu"]);
+        assert_eq!(events[1].ended_at, Some(120));
+        assert_eq!(
+            events[1].drivers,
+            vec!["mem", "cpu"],
+            "the peak's, not the last point's"
+        );
+        assert_eq!(events[1].peak_score, 4.0);
     }
 
     #[test]

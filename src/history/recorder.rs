@@ -21,11 +21,12 @@ const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 const UPSERT: &str = "INSERT INTO anomaly_episodes \
-     (detector, series, labels, started_at, ended_at, peak_score) \
-     VALUES ($1, $2, $3, $4, $5, $6) \
+     (detector, series, labels, started_at, ended_at, peak_score, drivers) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
      ON CONFLICT (detector, series, started_at) DO UPDATE SET \
      ended_at = COALESCE(EXCLUDED.ended_at, anomaly_episodes.ended_at), \
-     peak_score = GREATEST(anomaly_episodes.peak_score, EXCLUDED.peak_score)";
+     peak_score = GREATEST(anomaly_episodes.peak_score, EXCLUDED.peak_score), \
+     drivers = COALESCE(EXCLUDED.drivers, anomaly_episodes.drivers)";
 
 #[derive(Clone)]
 pub struct Recorder {
@@ -132,13 +133,22 @@ async fn write(store: &PgStore, batch: &[Episode]) -> Result<(), crate::store::S
     let statement = tx.prepare(UPSERT).await.map_err(fail)?;
     for e in batch {
         let labels = serde_json::to_value(&e.labels).unwrap_or_default();
+        let drivers = (!e.drivers.is_empty()).then(|| serde_json::Value::from(e.drivers.clone()));
         let start = UNIX_EPOCH + Duration::from_secs(e.started_at.max(0) as u64);
         let end = e
             .ended_at
             .map(|t| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64));
         tx.execute(
             &statement,
-            &[&e.detector, &e.series, &labels, &start, &end, &e.peak_score],
+            &[
+                &e.detector,
+                &e.series,
+                &labels,
+                &start,
+                &end,
+                &e.peak_score,
+                &drivers,
+            ],
         )
         .await
         .map_err(fail)?;

@@ -7,6 +7,7 @@
 //! `anomaly_score = |y - yhat| / band`, where `band` is the series' calibrated half-width.
 
 pub mod detection;
+pub mod group;
 pub mod likelihood;
 mod state;
 

@@ -39,6 +39,8 @@ pub enum SourceError {
     Malformed { url: String, message: String },
     #[error("invalid datasource setting: {0}")]
     Setup(String),
+    #[error("input {input}: {message}")]
+    Join { input: String, message: String },
 }
 
 impl SourceError {
@@ -50,6 +52,7 @@ impl SourceError {
             SourceError::Query { .. } => "datasource_query",
             SourceError::Malformed { .. } => "datasource_malformed",
             SourceError::Setup(_) => "datasource_setup",
+            SourceError::Join { .. } => "join_conflict",
         }
     }
 

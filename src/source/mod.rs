@@ -2,10 +2,12 @@
 //! serve it, and the series it returns put on a regular time grid.
 
 mod client;
+mod joined;
 
 use std::collections::BTreeMap;
 
 pub use client::{Client, SourceError};
+pub use joined::group_of;
 
 /// Labels of one series, sorted by name.
 pub type Labels = BTreeMap<String, String>;

@@ -1,0 +1,152 @@
+//! Multivariate detectors: the per-input scores of one group combined into the group's score.
+//!
+//! The group's `anomaly_score` is the highest of its inputs' scores at a timestamp, so it keeps
+//! the meaning "above 1 = anomalous" (at least one input is outside its band), and the inputs
+//! ranked by score say which drove it.
+
+use std::collections::BTreeMap;
+
+use super::Score;
+use crate::source::{group_of, Labels};
+
+/// How many inputs an episode names as its drivers.
+pub const MAX_DRIVERS: usize = 3;
+
+/// One group's combined score at one timestamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupScore {
+    /// The join labels (the input's labels without `input`).
+    pub labels: Labels,
+    pub ts: i64,
+    pub score: f64,
+    /// Every input's score at `ts`, highest first (ties by name).
+    pub inputs: Vec<(String, f64)>,
+}
+
+impl GroupScore {
+    /// The input that drove the score.
+    pub fn driver(&self) -> Option<&str> {
+        self.inputs.first().map(|(name, _)| name.as_str())
+    }
+
+    /// The group score as a [`Score`] for the episode tracker (only `ts` and `score` matter).
+    pub fn as_score(&self) -> Score {
+        Score {
+            ts: self.ts,
+            y: f64::NAN,
+            yhat: f64::NAN,
+            lower: f64::NAN,
+            upper: f64::NAN,
+            score: self.score,
+        }
+    }
+}
+
+/// Combines per-input scores into group scores, one per (group, timestamp), in group then time
+/// order. Scores of series without an input label are their own group of one.
+pub fn combine<'a>(scores: impl IntoIterator<Item = (&'a Labels, &'a Score)>) -> Vec<GroupScore> {
+    let mut groups: BTreeMap<(Labels, i64), Vec<(String, f64)>> = BTreeMap::new();
+    for (labels, score) in scores {
+        let (group, input) = group_of(labels);
+        groups
+            .entry((group, score.ts))
+            .or_default()
+            .push((input.unwrap_or_default().to_string(), score.score));
+    }
+    groups
+        .into_iter()
+        .map(|((labels, ts), mut inputs)| {
+            inputs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            let score = inputs.first().map_or(0.0, |(_, s)| *s);
+            GroupScore {
+                labels,
+                ts,
+                score,
+                inputs,
+            }
+        })
+        .collect()
+}
+
+/// The latest group score of each group: per input its newest score, combined. An input that
+/// missed the newest cycle still counts with its last score until it goes stale.
+pub fn latest<'a>(scores: impl IntoIterator<Item = (&'a Labels, &'a Score)>) -> Vec<GroupScore> {
+    let newest: Vec<(&Labels, Score)> =
+        scores.into_iter().map(|(labels, s)| (labels, *s)).collect();
+    let mut by_group: BTreeMap<Labels, i64> = BTreeMap::new();
+    for (labels, s) in &newest {
+        let ts = by_group.entry(group_of(labels).0).or_insert(s.ts);
+        *ts = (*ts).max(s.ts);
+    }
+    // Aligned on the group's newest timestamp, so every input lands in one combined score.
+    let aligned: Vec<(&Labels, Score)> = newest
+        .into_iter()
+        .map(|(labels, s)| {
+            let ts = by_group.get(&group_of(labels).0).copied().unwrap_or(s.ts);
+            (labels, Score { ts, ..s })
+        })
+        .collect();
+    combine(aligned.iter().map(|(l, s)| (*l, s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(instance: &str, input: &str) -> Labels {
+        [
+            ("instance".to_string(), instance.to_string()),
+            ("input".to_string(), input.to_string()),
+        ]
+        .into()
+    }
+
+    fn at(ts: i64, score: f64) -> Score {
+        Score {
+            ts,
+            y: 0.0,
+            yhat: 0.0,
+            lower: 0.0,
+            upper: 0.0,
+            score,
+        }
+    }
+
+    #[test]
+    fn the_group_scores_its_highest_input_and_names_it() {
+        let (a_cpu, a_mem, b_cpu) = (labels("a", "cpu"), labels("a", "mem"), labels("b", "cpu"));
+        let points = [
+            (&a_cpu, at(60, 0.4)),
+            (&a_mem, at(60, 2.5)),
+            (&a_cpu, at(120, 0.3)),
+            (&a_mem, at(120, 0.2)),
+            (&b_cpu, at(60, 0.9)),
+        ];
+        let groups = combine(points.iter().map(|(l, s)| (*l, s)));
+        assert_eq!(groups.len(), 3);
+        assert_eq!(
+            groups[0].labels.get("instance").map(String::as_str),
+            Some("a")
+        );
+        assert!(!groups[0].labels.contains_key("input"));
+        assert_eq!((groups[0].ts, groups[0].score), (60, 2.5));
+        assert_eq!(groups[0].driver(), Some("mem"));
+        assert_eq!(
+            groups[0].inputs,
+            vec![("mem".to_string(), 2.5), ("cpu".to_string(), 0.4)]
+        );
+        assert_eq!((groups[1].ts, groups[1].score), (120, 0.3));
+        assert_eq!(groups[1].driver(), Some("cpu"));
+        assert_eq!((groups[2].score, groups[2].driver()), (0.9, Some("cpu")));
+    }
+
+    #[test]
+    fn latest_aligns_an_input_that_missed_a_cycle() {
+        let (cpu, mem) = (labels("a", "cpu"), labels("a", "mem"));
+        let (late, fresh) = (at(60, 3.0), at(120, 0.5));
+        let groups = latest([(&cpu, &late), (&mem, &fresh)]);
+        assert_eq!(groups.len(), 1);
+        assert_eq!((groups[0].ts, groups[0].score), (120, 3.0));
+        assert_eq!(groups[0].driver(), Some("cpu"));
+    }
+}
