@@ -23,13 +23,14 @@ struct Cli {
     command: Command,
 }
 
+/// `detection.scoring` for `mad backtest --nab/--machines` (a `--detector` replay uses its own).
 #[derive(Clone, Copy, ValueEnum)]
 enum BacktestScoring {
-    /// |y - yhat| / band, as exported
-    Raw,
-    /// anomaly likelihood of the raw scores against the series' own error history
+    /// |y - yhat| / band: 1 at the edge of the calibrated band
+    Band,
+    /// anomaly likelihood of the deviations against the series' own history (the default)
     Likelihood,
-    /// raw scores standardised against all of the series' earlier raw scores
+    /// deviations standardised against all of the series' earlier ones
     Standardized,
 }
 
@@ -116,6 +117,14 @@ enum Command {
         /// point-adjust), F1 at the default threshold and how often the labelled metric is named.
         #[arg(long, value_name = "DIR", group = "corpus")]
         machines: Option<PathBuf>,
+        /// Single labelled series (`timestamp,value[,label]`, the KPI layout; repeatable): each
+        /// trained on its first `--train-share`, the rest scored; prints point-wise and
+        /// per-event precision, recall and F1.
+        #[arg(long, value_name = "FILE", group = "corpus")]
+        csv: Vec<PathBuf>,
+        /// `--csv`: the share of each file's rows the model learns from.
+        #[arg(long, default_value_t = 0.5)]
+        train_share: f64,
         /// A detector of `--config`, replayed over `--from`..`--to` read from its datasource:
         /// trained on the range before `--train-until`, the rest scored point by point.
         #[arg(long, value_name = "NAME", group = "corpus", requires_all = ["config", "from", "to"])]
@@ -143,13 +152,14 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// How forecast errors become scores.
-        #[arg(long, value_enum, default_value_t = BacktestScoring::Likelihood)]
-        scoring: BacktestScoring,
+        #[arg(long, value_enum)]
+        scoring: Option<BacktestScoring>,
         /// NAB: train again on the rows already seen each time they have doubled.
         #[arg(long)]
         retrain: bool,
-        /// NAB: draw every file (value and forecast band, score, labelled windows in green,
-        /// points scoring above 1 in red) into this PNG, one panel per file.
+        /// Draw the series (value and forecast band, score, labelled windows in green, points
+        /// scoring above 1 in red) into this PNG, one panel per series: every NAB or `--csv`
+        /// file, a machine's most often labelled metrics, a detector's series.
         #[arg(long, value_name = "PNG")]
         plot: Option<PathBuf>,
     },
@@ -331,6 +341,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Backtest {
             nab,
             machines,
+            csv,
+            train_share,
             detector,
             from,
             to,
@@ -348,10 +360,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 mad::backtest::replay::Retrain::Never
             };
-            let scoring = match scoring {
-                BacktestScoring::Raw => mad::backtest::corpus::Scoring::Raw,
-                BacktestScoring::Likelihood => mad::backtest::corpus::Scoring::Likelihood,
-                BacktestScoring::Standardized => mad::backtest::corpus::Scoring::Standardized,
+            let detection = mad::score::Detection {
+                scoring: match scoring {
+                    None => mad::score::Scoring::default(),
+                    Some(BacktestScoring::Band) => mad::score::Scoring::Band,
+                    Some(BacktestScoring::Likelihood) => mad::score::Scoring::Likelihood,
+                    Some(BacktestScoring::Standardized) => mad::score::Scoring::Standardized,
+                },
+                ..mad::score::Detection::default()
             };
             match (nab, machines) {
                 (Some(nab), _) => backtest(
@@ -359,12 +375,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     &only,
                     out.as_deref(),
                     config.as_deref(),
-                    scoring,
+                    detection,
                     retrain,
                     plot.as_deref(),
                 )?,
-                (None, Some(dir)) => {
-                    backtest_machines(&dir, &only, step, config.as_deref(), scoring)?
+                (None, Some(dir)) => backtest_machines(
+                    &dir,
+                    &only,
+                    step,
+                    config.as_deref(),
+                    detection,
+                    plot.as_deref(),
+                )?,
+                (None, None) if !csv.is_empty() => {
+                    let report = BacktestOutput {
+                        out: out.as_deref(),
+                        plot: plot.as_deref(),
+                    };
+                    backtest_csv(&csv, train_share, config.as_deref(), detection, report)?
                 }
                 (None, None) => match (detector, config, from, to) {
                     (Some(name), Some(config), Some(from), Some(to)) => {
@@ -533,12 +561,89 @@ fn backtest_settings(
     Ok((options, config.and_then(|c| c.onnxruntime.library)))
 }
 
+/// Where a backtest writes what it did besides its table.
+struct BacktestOutput<'a> {
+    out: Option<&'a std::path::Path>,
+    plot: Option<&'a std::path::Path>,
+}
+
+fn backtest_csv(
+    files: &[PathBuf],
+    train_share: f64,
+    config: Option<&std::path::Path>,
+    detection: mad::score::Detection,
+    output: BacktestOutput<'_>,
+) -> anyhow::Result<()> {
+    use mad::backtest::labelled::{chart, read_labelled_csv, run_labelled};
+    anyhow::ensure!(
+        train_share > 0.0 && train_share < 1.0,
+        "--train-share must lie between 0 and 1"
+    );
+    let (options, library) = backtest_settings(config)?;
+    println!(
+        "{:<40} {:>6} {:>8} {:>10} {:>11} {:>12} {:>15} {:>7}",
+        "file", "rows", "best F1", "F1 at 1", "P / R", "events found", "detections right", "train"
+    );
+    let mut charts = Vec::new();
+    for path in files {
+        let labelled = read_labelled_csv(path).map_err(anyhow::Error::msg)?;
+        let r = run_labelled(
+            &labelled,
+            train_share,
+            &options,
+            detection,
+            library.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let (f1, precision, recall) = r.default;
+        println!(
+            "{:<40} {:>6} {:>8.3} {:>10.3} {:>5.2}/{:<5.2} {:>6}/{:<5} {:>8}/{:<6} {:>6.1}s",
+            r.name,
+            r.rows,
+            r.best_f1,
+            f1,
+            precision,
+            recall,
+            r.events.found,
+            r.events.events,
+            r.events.right,
+            r.events.detections,
+            r.train_seconds
+        );
+        println!(
+            "    per event at 1: precision {:.2}, recall {:.2}, F1 {:.3}; best point-wise threshold {:.2}",
+            r.events.precision(),
+            r.events.recall(),
+            r.events.f1(),
+            r.best_threshold
+        );
+        if let Some(dir) = output.out {
+            let file = dir.join(format!("{}.csv", r.name));
+            mad::backtest::replay::write_scores(
+                &file,
+                &labelled.recording,
+                &r.replayed,
+                Some(&labelled.labels),
+            )
+            .map_err(anyhow::Error::msg)?;
+        }
+        if output.plot.is_some() {
+            charts.push(chart(&labelled, &r));
+        }
+    }
+    if let Some(path) = output.plot {
+        write_plot(path, &charts)?;
+    }
+    Ok(())
+}
+
 fn backtest_machines(
     dir: &std::path::Path,
     only: &[String],
     step: std::time::Duration,
     config: Option<&std::path::Path>,
-    scoring: mad::backtest::corpus::Scoring,
+    detection: mad::score::Detection,
+    plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use mad::backtest::machines::{machines, run_machine, NAMED};
     let (options, library) = backtest_settings(config)?;
@@ -550,11 +655,11 @@ fn backtest_machines(
     anyhow::ensure!(!names.is_empty(), "{}: no machines in test/", dir.display());
     let bar = indicatif::ProgressBar::new(names.len() as u64);
     println!(
-        "{:<14} {:>6} {:>7} {:>8} {:>10} {:>8} {:>10} {:>12} {:>7}",
+        "{:<14} {:>6} {:>7} {:>16} {:>10} {:>8} {:>10} {:>12} {:>7}",
         "machine",
         "rows",
         "metrics",
-        "best F1",
+        "best F1 (at)",
         "F1 at 1",
         "P / R",
         "segments",
@@ -569,18 +674,20 @@ fn backtest_machines(
             name,
             step.as_secs() as i64,
             &options,
-            scoring,
+            detection,
             library.as_deref(),
+            plot.is_some(),
         )
         .map_err(anyhow::Error::msg)?;
         bar.inc(1);
         bar.suspend(|| {
             println!(
-                "{:<14} {:>6} {:>7} {:>8.3} {:>10.3} {:>4.2}/{:<4.2} {:>5}/{:<4} {:>6}/{:<5} {:>6.1}s",
+                "{:<14} {:>6} {:>7} {:>8.3} ({:>5.2}) {:>10.3} {:>4.2}/{:<4.2} {:>5}/{:<4} {:>6}/{:<5} {:>6.1}s",
                 r.name,
                 r.rows,
                 r.metrics,
                 r.best_f1,
+                r.best_threshold,
                 r.default_f1,
                 r.default_precision,
                 r.default_recall,
@@ -594,6 +701,11 @@ fn backtest_machines(
         reports.push(r);
     }
     bar.finish_and_clear();
+    if let Some(path) = plot {
+        let charts: Vec<mad::chart::ChartData> =
+            reports.iter().flat_map(|r| r.charts.clone()).collect();
+        write_plot(path, &charts)?;
+    }
     let mean = |f: fn(&mad::backtest::machines::MachineReport) -> f64| {
         reports.iter().map(f).sum::<f64>() / reports.len() as f64
     };
@@ -616,7 +728,7 @@ fn backtest(
     only: &[String],
     out: Option<&std::path::Path>,
     config: Option<&std::path::Path>,
-    scoring: mad::backtest::corpus::Scoring,
+    detection: mad::score::Detection,
     retrain: mad::backtest::replay::Retrain,
     plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
@@ -630,7 +742,7 @@ fn backtest(
     let run = mad::backtest::corpus::NabRun {
         only,
         options: &options,
-        scoring,
+        detection,
         retrain,
         onnxruntime: library.as_deref(),
         out,

@@ -163,8 +163,8 @@ fn detector_group(config: &Config, d: &Detector) -> RuleGroup {
         annotations.push(
             "description",
             format!(
-                "Detector {} scores the series{series} at {score} (1 is the edge of its expected \
-                 band); it has stayed above the {severity} threshold {} for {}.",
+                "Detector {} scores the series{series} at {score} (above 1 is \
+                 anomalous); it has stayed above the {severity} threshold {} for {}.",
                 template_literal(name),
                 number(threshold),
                 template_literal(&hold_for_text),

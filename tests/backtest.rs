@@ -2,9 +2,10 @@
 
 use std::process::Command;
 
-use mad::backtest::corpus::{read_nab_csv, run_nab, NabRun, Scoring};
+use mad::backtest::corpus::{read_nab_csv, run_nab, NabRun};
 use mad::backtest::datasets_dir;
 use mad::backtest::replay::{replay, Recording, Retrain};
+use mad::score::Detection;
 use mad_training::TrainOptions;
 
 const JUMPS_UP: &str = "artificialWithAnomaly/art_daily_jumpsup.csv";
@@ -31,8 +32,8 @@ fn a_point_is_scored_from_the_past_only() {
     let options = TrainOptions::default();
     // Retraining on what was seen (at 600 rows here) must not peek either.
     for retrain in [Retrain::Never, Retrain::WhenDoubled] {
-        let a = replay(&full, 300, &options, retrain, None).expect("replay");
-        let b = replay(&cut, 300, &options, retrain, None).expect("replay");
+        let a = replay(&full, 300, &options, retrain, Detection::default(), None).expect("replay");
+        let b = replay(&cut, 300, &options, retrain, Detection::default(), None).expect("replay");
         let scored = b.scores.iter().flatten().count();
         assert!(
             scored > 900,
@@ -55,7 +56,7 @@ fn the_jump_is_found_and_every_row_is_written() {
     let run = NabRun {
         only: &only,
         options: &options,
-        scoring: Scoring::Likelihood,
+        detection: Detection::default(),
         retrain: Retrain::Never,
         onnxruntime: None,
         out: Some(out.path()),
@@ -163,8 +164,9 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         "omi-1",
         300,
         &TrainOptions::default(),
-        Scoring::Likelihood,
+        Detection::default(),
         None,
+        true,
     )
     .expect("backtest");
     println!("{r:?}");
@@ -172,6 +174,15 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
     assert!(r.segments_found >= 1, "{r:?}");
     assert!(r.best_f1 > 0.2 && r.default_f1 <= r.best_f1, "{r:?}");
     assert_eq!(r.attribution_segments, 2);
+    assert_eq!(
+        r.charts.len(),
+        3,
+        "the most often labelled metrics are plotted"
+    );
+    assert!(r
+        .charts
+        .iter()
+        .all(|c| c.points.len() == r.rows && c.labelled.len() == 2));
     assert!(r.attribution_hits >= 1, "{r:?}");
 }
 
@@ -253,4 +264,57 @@ async fn a_range_from_victoriametrics_is_replayed_and_the_incident_found() {
         "the highest score is in the incident: {a:?}"
     );
     assert!(b.anomalous < a.anomalous, "{a:?} vs {b:?}");
+}
+
+/// `mad backtest --csv` on a KPI file (`timestamp,value,label`): the second half is scored, the
+/// labelled events there are counted per event, and every row is written with its label.
+#[test]
+fn a_labelled_csv_is_scored_per_point_and_per_event() {
+    let file = datasets_dir().expect("datasets").join("kpi/cpu4.csv");
+    let text = std::fs::read_to_string(&file).expect("read the KPI file");
+    let labels: Vec<bool> = text.lines().skip(1).map(|l| l.ends_with(",1")).collect();
+    let half = labels.len() / 2;
+    let events_in_scored_half = labels[half..]
+        .iter()
+        .zip(std::iter::once(&false).chain(&labels[half..]))
+        .filter(|(now, before)| **now && !**before)
+        .count();
+    let out = tempfile::tempdir().expect("tempdir");
+    let plot = out.path().join("kpi.png");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_mad"))
+        .args(["backtest", "--csv"])
+        .arg(&file)
+        .arg("--out")
+        .arg(out.path())
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .expect("run mad backtest");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("cpu4 "))
+        .unwrap_or_else(|| panic!("no row for cpu4: {stdout}"));
+    let (found, events) = row
+        .split_whitespace()
+        .filter_map(|cell| cell.split_once('/'))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no events column: {row}"));
+    assert_eq!(events, events_in_scored_half.to_string(), "{row}");
+    let found: usize = found.parse().expect("events found");
+    assert!(found >= 1, "no labelled event found: {stdout}");
+    assert!(stdout.contains("per event at 1: precision"), "{stdout}");
+    let written = std::fs::read_to_string(out.path().join("cpu4.csv")).expect("scores written");
+    let rows: Vec<&str> = written.lines().skip(1).collect();
+    assert_eq!(rows.len(), labels.len());
+    assert!(rows
+        .iter()
+        .zip(&labels)
+        .all(|(r, l)| r.ends_with(if *l { ",1" } else { ",0" })));
+    assert!(std::fs::metadata(&plot).expect("plot written").len() > 10_000);
 }

@@ -233,8 +233,8 @@ fn hostile_values_stay_literal_text() {
                             "exp_annotations": {
                                 "summary": format!("MAD {detector}: anomaly score 2.00 on instance=\"i\""),
                                 "description": format!(
-                                    "Detector {detector} scores the series instance=\"i\" at 2.00 (1 is \
-                                     the edge of its expected band); it has stayed above the warning \
+                                    "Detector {detector} scores the series instance=\"i\" at 2.00 (above 1 is \
+                                     anomalous); it has stayed above the warning \
                                      threshold 1.5 for 1m."
                                 ),
                                 "dashboard": dashboard,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{STEP, WINDOW};
 use mad::expose::Exposition;
-use mad::score::{CycleStats, DetectorScorer, Score};
+use mad::score::{CycleStats, Detection, DetectorScorer, Score, Scoring};
 use mad::source::{Labels, Series};
 use mad_training::contract::{input_row, Feature, Scaler};
 
@@ -32,6 +32,15 @@ fn series(instance: &str, index: usize, points: std::ops::Range<usize>) -> Serie
             .map(|i| (T0 + i as i64 * STEP, value(index, i)))
             .collect(),
     }
+}
+
+/// A scorer whose scores are the band deviations themselves: the stream mechanics below are
+/// easiest to check on those (the likelihood is checked on its own at the end).
+fn band_scorer(model: Arc<mad::model::Forecaster>, staleness: i64) -> DetectorScorer {
+    DetectorScorer::new(model, staleness).with_detection(Detection {
+        scoring: Scoring::Band,
+        ..Detection::default()
+    })
 }
 
 fn now_after(i: usize) -> i64 {
@@ -89,7 +98,7 @@ fn score_incrementally(
 fn carried_state_matches_one_run_over_the_same_history() {
     // A band so wide nothing is anomalous, so no input is clipped and a plain run is the reference.
     let model = Arc::new(common::forecaster("d", 1e9));
-    let mut scorer = DetectorScorer::new(model.clone(), 3600);
+    let mut scorer = band_scorer(model.clone(), 3600);
     let scores = score_incrementally(&mut scorer, &["a"]);
     assert_eq!(
         scores.len(),
@@ -130,9 +139,9 @@ fn carried_state_matches_one_run_over_the_same_history() {
 #[test]
 fn many_points_in_one_cycle_equal_one_point_per_cycle() {
     let model = Arc::new(common::forecaster("d", 0.05));
-    let mut stepwise = DetectorScorer::new(model.clone(), 3600);
+    let mut stepwise = band_scorer(model.clone(), 3600);
     let one_by_one = score_incrementally(&mut stepwise, &["a", "b"]);
-    let mut bulk = DetectorScorer::new(model, 3600);
+    let mut bulk = band_scorer(model, 3600);
     let mut all = BTreeMap::new();
     let fetch =
         |range: std::ops::Range<usize>| vec![series("a", 0, range.clone()), series("b", 1, range)];
@@ -158,10 +167,10 @@ fn many_points_in_one_cycle_equal_one_point_per_cycle() {
 #[test]
 fn batching_series_together_changes_no_score() {
     let model = Arc::new(common::forecaster("d", 0.5));
-    let mut together = DetectorScorer::new(model.clone(), 3600);
+    let mut together = band_scorer(model.clone(), 3600);
     let joint = score_incrementally(&mut together, &["a", "b", "c"]);
     for (k, name) in ["a", "b", "c"].iter().enumerate() {
-        let mut alone = DetectorScorer::new(model.clone(), 3600);
+        let mut alone = band_scorer(model.clone(), 3600);
         // Same data as in the joint run: series index k under its own name.
         let mut scores = BTreeMap::new();
         cycle(
@@ -191,7 +200,7 @@ fn batching_series_together_changes_no_score() {
 #[test]
 fn new_series_score_on_their_first_cycle() {
     let model = Arc::new(common::forecaster("d", 1.0));
-    let mut scorer = DetectorScorer::new(model, 3600);
+    let mut scorer = band_scorer(model, 3600);
     let (stats, scored) = scorer
         .score_cycle(&[series("a", 0, 0..50)], now_after(49))
         .expect("cycle");
@@ -209,7 +218,7 @@ fn new_series_score_on_their_first_cycle() {
 #[test]
 fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
     let model = Arc::new(common::forecaster("d", 1.0));
-    let mut scorer = DetectorScorer::new(model, 3600);
+    let mut scorer = band_scorer(model, 3600);
     scorer
         .score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW))
         .expect("warm-up");
@@ -244,7 +253,7 @@ fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
 fn stale_series_disappear_from_the_exposition() {
     let model = Arc::new(common::forecaster("d", 1.0));
     let staleness = 5 * STEP;
-    let mut scorer = DetectorScorer::new(model, staleness);
+    let mut scorer = band_scorer(model, staleness);
     scorer
         .score_cycle(
             &[series("a", 0, 0..WINDOW + 1), series("b", 1, 0..WINDOW + 1)],
@@ -274,7 +283,7 @@ fn stale_series_disappear_from_the_exposition() {
 #[test]
 fn failed_datasource_cycle_drops_scores_but_keeps_state() {
     let model = Arc::new(common::forecaster("d", 1.0));
-    let mut scorer = DetectorScorer::new(model, 3600);
+    let mut scorer = band_scorer(model, 3600);
     scorer
         .score_cycle(&[series("a", 0, 0..WINDOW + 1)], now_after(WINDOW))
         .expect("cycle");
@@ -296,11 +305,12 @@ fn failed_datasource_cycle_drops_scores_but_keeps_state() {
 /// and a minimum deviation widens the band the score and the exported bounds use.
 #[test]
 fn direction_and_minimum_deviation_shape_scores_and_bands() {
-    use mad::score::{Detection, Direction};
+    use mad::score::Direction;
     // A tiny band: every deviation of the untrained model is "anomalous" by default.
     let model = Arc::new(common::forecaster("d", 1e-6));
     let above = Detection {
         direction: Direction::Above,
+        scoring: Scoring::Band,
         ..Detection::default()
     };
     let one_sided = score_incrementally(
@@ -326,7 +336,7 @@ fn direction_and_minimum_deviation_shape_scores_and_bands() {
     );
 
     let wide: Detection =
-        serde_yaml::from_str("min_deviation: 1000\n").expect("detection settings");
+        serde_yaml::from_str("{min_deviation: 1000, scoring: band}").expect("detection settings");
     let floored = score_incrementally(
         &mut DetectorScorer::new(model, 3600).with_detection(wide),
         &["a"],
@@ -335,4 +345,38 @@ fn direction_and_minimum_deviation_shape_scores_and_bands() {
         assert!(s.score < 1.0, "within ±1000 of the forecast: {s:?}");
         assert!((s.upper - s.yhat - 1000.0).abs() < 1e-6, "{s:?}");
     }
+}
+
+/// The default scoring (the anomaly likelihood) needs a history of deviations: a new series is
+/// primed from its fetched past and scores on its first cycle, and a stream that restarts after
+/// a long gap keeps that history (it is the same series).
+#[test]
+fn the_likelihood_is_primed_from_history_and_survives_a_restart() {
+    let model = Arc::new(common::forecaster("d", 1.0));
+    let mut scorer = DetectorScorer::new(model, 3600);
+    let warmup = scorer.warmup_points();
+    assert_eq!(warmup, WINDOW + mad::score::likelihood::MIN_HISTORY);
+    let end = warmup + 20;
+    let (stats, scored) = scorer
+        .score_cycle(&[series("a", 0, 0..end + 1)], now_after(end))
+        .expect("cycle");
+    assert_eq!(
+        stats.points_fed,
+        warmup + 1,
+        "primed on its warm-up, not all history"
+    );
+    assert_eq!(scored[0].1.len(), 1, "the newest point is scored at once");
+    // A gap longer than the interpolation limit restarts the stream: the LSTM warms up again
+    // on a window, and the likelihood goes on from its history, so scores resume after it.
+    let restart = end + 20;
+    let fetched = series("a", 0, restart..restart + WINDOW + 2);
+    let (stats, scored) = scorer
+        .score_cycle(&[fetched], now_after(restart + WINDOW + 1))
+        .expect("cycle after the gap");
+    assert_eq!(stats.new_series, 0);
+    assert_eq!(
+        scored.first().map(|s| s.1.len()),
+        Some(2),
+        "scores resume one window after the gap: {scored:?}"
+    );
 }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::chart::ChartData;
+use crate::score::Detection;
 use std::path::{Path, PathBuf};
 
 use mad_training::TrainOptions;
@@ -59,40 +60,14 @@ pub fn read_nab_csv(path: &Path, name: &str) -> Result<Recording, String> {
     })
 }
 
-/// How per-point scores are made from the forecaster's errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scoring {
-    /// `|y - yhat| / band`, the exporter's score.
-    Raw,
-    /// The anomaly likelihood of the raw scores ([`crate::score::likelihood`]).
-    Likelihood,
-    /// Raw scores standardised against the series' own earlier raw scores.
-    Standardized,
-}
-
-/// Per-row scores under `scoring`, 1 = the edge of normal; `None` where nothing was scored.
-pub fn rescore(replayed: &Replayed, scoring: Scoring) -> Vec<Option<f64>> {
-    let raw = replayed.scores.iter().map(|s| s.map(|s| s.score));
-    match scoring {
-        Scoring::Raw => raw.collect(),
-        Scoring::Likelihood => {
-            let mut likelihood = crate::score::likelihood::Likelihood::default();
-            raw.map(|r| r.map(|r| likelihood.update(r))).collect()
-        }
-        Scoring::Standardized => {
-            let mut standardized = crate::score::likelihood::Standardized::default();
-            raw.map(|r| r.map(|r| standardized.update(r))).collect()
-        }
-    }
-}
-
 /// How a NAB run is made.
 #[derive(Debug, Clone, Copy)]
 pub struct NabRun<'a> {
     /// Only files whose name contains one of these (all when empty).
     pub only: &'a [String],
     pub options: &'a TrainOptions,
-    pub scoring: Scoring,
+    /// How the files are scored (`detection.scoring` and the rest), as a detector would be.
+    pub detection: Detection,
     pub retrain: Retrain,
     pub onnxruntime: Option<&'a Path>,
     /// Where per-file scores go, if anywhere.
@@ -121,7 +96,7 @@ pub fn run_nab(
     let NabRun {
         only,
         options,
-        scoring,
+        detection,
         retrain,
         onnxruntime,
         out,
@@ -145,23 +120,27 @@ pub fn run_nab(
         let learn = nab::probation(rows);
         // A file whose past is too short or too gappy to learn from scores nothing, like a
         // metric the exporter has no model for yet; the report says so.
-        let (replayed, note) = match replay(&recording, learn, options, retrain, onnxruntime) {
-            Ok(r) => (r, None),
-            Err(e) => (
-                Replayed {
-                    scores: vec![None; rows],
-                    train_seconds: 0.0,
-                    epochs: 0,
-                },
-                Some(e),
-            ),
-        };
+        let (replayed, note) =
+            match replay(&recording, learn, options, retrain, detection, onnxruntime) {
+                Ok(r) => (r, None),
+                Err(e) => (
+                    Replayed {
+                        scores: vec![None; rows],
+                        train_seconds: 0.0,
+                        epochs: 0,
+                    },
+                    Some(e),
+                ),
+            };
         let micros: Vec<i64> = recording.timestamps.iter().map(|t| t * 1_000_000).collect();
-        let rescored = rescore(&replayed, scoring);
         if with_charts {
-            charts.push(chart(&recording, &replayed, &rescored, file_windows));
+            charts.push(chart(&recording, &replayed, file_windows));
         }
-        let scores = rescored.into_iter().map(nab_score).collect();
+        let scores = replayed
+            .scores
+            .iter()
+            .map(|s| nab_score(s.map(|s| s.score)))
+            .collect();
         if let Some(out) = out {
             let in_window: Vec<bool> = micros
                 .iter()
@@ -206,13 +185,8 @@ pub fn run_nab(
 
 /// A file's chart: values against the forecast band, the score that is thresholded, and the
 /// labelled windows (timestamps in microseconds, as NAB's windows are read).
-fn chart(
-    recording: &Recording,
-    replayed: &Replayed,
-    scores: &[Option<f64>],
-    windows: &[(i64, i64)],
-) -> ChartData {
-    let points = chart_points(recording, replayed, scores);
+fn chart(recording: &Recording, replayed: &Replayed, windows: &[(i64, i64)]) -> ChartData {
+    let points = chart_points(recording, replayed);
     ChartData {
         title: recording.name.clone(),
         points,

@@ -8,13 +8,18 @@ use std::path::Path;
 
 use mad_training::TrainOptions;
 
-use super::corpus::{rescore, Scoring};
-use super::replay::{replay_many, Recording, Retrain};
+use crate::score::Detection;
+
+use super::metrics::{best_f1, f1, runs};
+use super::replay::{chart_points, replay_many, Recording, Replayed, Retrain};
+use crate::chart::ChartData;
 
 /// Rows of `train/` a model learns from: the most recent ones, as a retrain would read them.
 pub const TRAIN_ROWS: usize = 5_000;
 /// Metrics named per anomalous row, as the attribution check counts them.
 pub const NAMED: usize = 3;
+/// Panels per machine in a plot: the metrics the interpretation labels name most often.
+pub const PLOTTED_METRICS: usize = 3;
 
 /// One machine's result.
 #[derive(Debug, Clone)]
@@ -37,6 +42,8 @@ pub struct MachineReport {
     pub attribution_hits: usize,
     pub attribution_segments: usize,
     pub train_seconds: f64,
+    /// With `charts`: the test rows of the [`PLOTTED_METRICS`] most often labelled metrics.
+    pub charts: Vec<ChartData>,
 }
 
 fn read_matrix(path: &Path) -> Result<Vec<Vec<f64>>, String> {
@@ -87,62 +94,15 @@ fn read_interpretation(path: &Path) -> Result<Vec<(usize, usize, Vec<usize>)>, S
         .collect()
 }
 
-/// Point-wise F1 of `detected` against `labels`, with precision and recall.
-fn f1(detected: impl Iterator<Item = bool>, labels: &[bool]) -> (f64, f64, f64) {
-    let (mut tp, mut fp, mut fn_) = (0.0, 0.0, 0.0);
-    for (d, l) in detected.zip(labels) {
-        match (d, *l) {
-            (true, true) => tp += 1.0,
-            (true, false) => fp += 1.0,
-            (false, true) => fn_ += 1.0,
-            _ => {}
-        }
-    }
-    let precision = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
-    let recall = if tp + fn_ > 0.0 { tp / (tp + fn_) } else { 0.0 };
-    let f1 = if tp > 0.0 {
-        2.0 * tp / (2.0 * tp + fp + fn_)
-    } else {
-        0.0
-    };
-    (f1, precision, recall)
-}
-
-/// The best point-wise F1 over every threshold (each distinct score), and that threshold.
-pub fn best_f1(scores: &[f64], labels: &[bool]) -> (f64, f64) {
-    let positives = labels.iter().filter(|l| **l).count() as f64;
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
-    let (mut tp, mut fp) = (0.0, 0.0);
-    let mut best = (0.0, f64::INFINITY);
-    for (rank, &i) in order.iter().enumerate() {
-        if labels[i] {
-            tp += 1.0;
-        } else {
-            fp += 1.0;
-        }
-        // Only at the end of a run of equal scores is this a threshold one could set.
-        let last_of_tie = order
-            .get(rank + 1)
-            .is_none_or(|next| scores[*next] != scores[i]);
-        if last_of_tie && tp > 0.0 {
-            let f = 2.0 * tp / (tp + fp + positives);
-            if f > best.0 {
-                best = (f, scores[i]);
-            }
-        }
-    }
-    best
-}
-
 /// Runs the machine `name` of the corpus at `dir`, one row every `step_secs`.
 pub fn run_machine(
     dir: &Path,
     name: &str,
     step_secs: i64,
     options: &TrainOptions,
-    scoring: Scoring,
+    detection: Detection,
     onnxruntime: Option<&Path>,
+    charts: bool,
 ) -> Result<MachineReport, String> {
     let file = format!("{name}.txt");
     let train = read_matrix(&dir.join("train").join(&file))?;
@@ -176,7 +136,7 @@ pub fn run_machine(
         past.len(),
         options,
         Retrain::Never,
-        crate::score::Detection::default(),
+        detection,
         onnxruntime,
     )?;
     let train_seconds = replayed.first().map_or(0.0, |r| r.train_seconds);
@@ -184,9 +144,9 @@ pub fn run_machine(
     let per_metric: Vec<Vec<f64>> = replayed
         .iter()
         .map(|r| {
-            rescore(r, scoring)[past.len()..]
+            r.scores[past.len()..]
                 .iter()
-                .map(|s| s.unwrap_or(0.0))
+                .map(|s| s.map_or(0.0, |s| s.score))
                 .collect()
         })
         .collect();
@@ -196,19 +156,7 @@ pub fn run_machine(
     let (best_f1, best_threshold) = best_f1(&combined, &labels);
     let (default_f1, default_precision, default_recall) =
         f1(combined.iter().map(|s| *s > 1.0), &labels);
-    let mut segments = Vec::new();
-    let mut i = 0;
-    while i < labels.len() {
-        if labels[i] {
-            let start = i;
-            while i < labels.len() && labels[i] {
-                i += 1;
-            }
-            segments.push((start, i));
-        } else {
-            i += 1;
-        }
-    }
+    let segments = runs(&labels);
     let segments_found = segments
         .iter()
         .filter(|(a, b)| combined[*a..*b].iter().any(|s| *s > 1.0))
@@ -229,6 +177,39 @@ pub fn run_machine(
             attribution_hits += 1;
         }
     }
+    let charts = if charts {
+        let test_rows = past.len()..rows.len();
+        let labelled: Vec<(i64, i64)> = segments
+            .iter()
+            .map(|(a, b)| {
+                let ts = |row: usize| (past.len() + row) as i64 * step_secs;
+                (ts(*a), ts(*b - 1))
+            })
+            .collect();
+        most_labelled(&interpretation, metrics)
+            .into_iter()
+            .map(|m| {
+                let test_part = |r: &Recording| Recording {
+                    name: r.name.clone(),
+                    timestamps: r.timestamps[test_rows.clone()].to_vec(),
+                    values: r.values[test_rows.clone()].to_vec(),
+                };
+                let scored = Replayed {
+                    scores: replayed[m].scores[test_rows.clone()].to_vec(),
+                    ..replayed[m].clone()
+                };
+                ChartData {
+                    title: format!("{name}, metric {}", m + 1),
+                    points: chart_points(&test_part(&recordings[m]), &scored),
+                    anomaly_from: i64::MIN,
+                    anomaly_to: i64::MIN,
+                    labelled: labelled.clone(),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(MachineReport {
         name: name.to_string(),
         rows: test.len(),
@@ -243,7 +224,23 @@ pub fn run_machine(
         attribution_hits,
         attribution_segments: interpretation.len(),
         train_seconds,
+        charts,
     })
+}
+
+/// The (0-based) metrics the interpretation labels name most often, at most
+/// [`PLOTTED_METRICS`]; the first metrics when there are no labels.
+fn most_labelled(interpretation: &[(usize, usize, Vec<usize>)], metrics: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; metrics];
+    for m in interpretation.iter().flat_map(|(_, _, named)| named) {
+        if let Some(count) = m.checked_sub(1).and_then(|i| counts.get_mut(i)) {
+            *count += 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..metrics).collect();
+    order.sort_by(|a, b| counts[*b].cmp(&counts[*a]).then(a.cmp(b)));
+    order.truncate(PLOTTED_METRICS);
+    order
 }
 
 /// The machines of a corpus: the files of its `test/` folder, sorted.
@@ -261,27 +258,4 @@ pub fn machines(dir: &Path) -> Result<Vec<String>, String> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn best_f1_picks_the_separating_threshold_and_respects_ties() {
-        let scores = [0.9, 0.8, 0.8, 0.1];
-        let labels = [true, true, false, false];
-        let (f, t) = best_f1(&scores, &labels);
-        // At 0.9: tp 1, fp 0, fn 1 -> 2/3. At 0.8 (both tied rows): tp 2, fp 1 -> 0.8.
-        assert!((f - 0.8).abs() < 1e-12, "{f}");
-        assert_eq!(t, 0.8);
-        assert_eq!(best_f1(&[0.5], &[false]), (0.0, f64::INFINITY));
-    }
-
-    #[test]
-    fn f1_at_a_threshold() {
-        let (f, p, r) = f1([true, false, true].into_iter(), &[true, true, false]);
-        assert_eq!((p, r), (0.5, 0.5));
-        assert!((f - 0.5).abs() < 1e-12);
-    }
 }

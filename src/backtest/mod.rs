@@ -3,7 +3,9 @@
 //! point-adjust).
 
 pub mod corpus;
+pub mod labelled;
 pub mod machines;
+pub mod metrics;
 pub mod nab;
 pub mod range;
 pub mod replay;

@@ -148,8 +148,7 @@ fn summarize(recording: &Recording, replayed: &Replayed, learn: usize) -> Series
 
 /// One series' chart; its title says until when the model learned.
 fn chart(recording: &Recording, replayed: &Replayed, train_until: i64) -> ChartData {
-    let scores: Vec<Option<f64>> = replayed.scores.iter().map(|s| s.map(|s| s.score)).collect();
-    let points = chart_points(recording, replayed, &scores);
+    let points = chart_points(recording, replayed);
     let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(train_until.max(0) as u64);
     ChartData {
         title: format!(

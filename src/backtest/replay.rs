@@ -85,6 +85,7 @@ pub fn replay(
     learn: usize,
     options: &TrainOptions,
     retrain: Retrain,
+    detection: Detection,
     onnxruntime: Option<&Path>,
 ) -> Result<Replayed, String> {
     replay_many(
@@ -92,7 +93,7 @@ pub fn replay(
         learn,
         options,
         retrain,
-        Detection::default(),
+        detection,
         onnxruntime,
     )?
     .pop()
@@ -276,25 +277,20 @@ pub fn write_scores(
     out.flush().map_err(|e| fail(&e))
 }
 
-/// Chart points of a replay: each row's value and forecast band, with `scores` (the scores
-/// actually thresholded, row by row).
-pub fn chart_points(
-    recording: &Recording,
-    replayed: &Replayed,
-    scores: &[Option<f64>],
-) -> Vec<ChartPoint> {
+/// Chart points of a replay: each row's value, forecast band and score.
+pub fn chart_points(recording: &Recording, replayed: &Replayed) -> Vec<ChartPoint> {
     recording
         .timestamps
         .iter()
         .zip(&recording.values)
-        .zip(replayed.scores.iter().zip(scores))
-        .map(|((ts, y), (forecast, score))| ChartPoint {
+        .zip(&replayed.scores)
+        .map(|((ts, y), scored)| ChartPoint {
             ts: *ts,
             y: Some(*y),
-            yhat: forecast.map(|f| f.yhat),
-            lower: forecast.map(|f| f.lower),
-            upper: forecast.map(|f| f.upper),
-            score: *score,
+            yhat: scored.map(|s| s.yhat),
+            lower: scored.map(|s| s.lower),
+            upper: scored.map(|s| s.upper),
+            score: scored.map(|s| s.score),
         })
         .collect()
 }

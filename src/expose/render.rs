@@ -32,7 +32,7 @@ const CONTRIBUTION: usize = 1;
 pub const FAMILIES: [Family; 6] = [
     Family {
         name: "anomaly_score",
-        help: "0 when the value equals the forecast, 1 at the edge of the expected band, above 1 outside it.",
+        help: "Above 1 = anomalous: how unusual the value's deviation from the forecast is (detection.scoring).",
         value: |s| s.score,
     },
     Family {

@@ -17,6 +17,21 @@ pub enum Direction {
     Below,
 }
 
+/// How a point's deviation (in band half-widths) becomes its `anomaly_score`. Whichever is
+/// chosen, above 1 means anomalous.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scoring {
+    /// The deviation itself: 1 at the edge of the calibrated band.
+    Band,
+    /// The anomaly likelihood of recent deviations against the series' own history
+    /// ([`super::likelihood::Likelihood`]).
+    #[default]
+    Likelihood,
+    /// Standard deviations above the series' mean deviation ([`super::likelihood::Standardized`]).
+    Standardized,
+}
+
 /// A finite number ≥ 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct NonNegative(pub f64);
@@ -43,6 +58,7 @@ pub struct Detection {
     pub min_deviation: NonNegative,
     /// The same as a share of the forecast's magnitude (0.1 = 10%).
     pub min_relative_deviation: NonNegative,
+    pub scoring: Scoring,
 }
 
 impl Detection {
@@ -108,5 +124,8 @@ mod tests {
         assert_eq!(parsed.direction, Direction::Above);
         assert!(serde_yaml::from_str::<Detection>("min_deviation: -1\n").is_err());
         assert!(serde_yaml::from_str::<Detection>("direction: up\n").is_err());
+        let band: Detection = serde_yaml::from_str("scoring: band\n").expect("valid");
+        assert_eq!(band.scoring, Scoring::Band);
+        assert!(serde_yaml::from_str::<Detection>("scoring: magic\n").is_err());
     }
 }

@@ -3,13 +3,16 @@
 //! things on different series; a tail probability means the same everywhere, so one threshold
 //! fits all of them.
 
-use std::collections::VecDeque;
+use super::detection::Scoring;
 
 /// Points averaged into the short-term error: a lone wobble is not an anomaly, a run is.
 pub const SHORT_WINDOW: usize = 6;
-/// Points of error history the distribution is estimated from.
+/// Points of error history the distribution is estimated from: a running mean and variance
+/// up to this many points, exponentially weighted with this memory after (a few numbers per
+/// series instead of a window of them: 100,000 series must fit).
 pub const LONG_WINDOW: usize = 2016;
-/// Below this much history the likelihood abstains (scores 0).
+/// Below this much history the likelihood abstains (scores 0); the exporter primes a new
+/// series with this many past points before its first score.
 pub const MIN_HISTORY: usize = 100;
 /// Tail probability at which the likelihood score reaches 1.
 pub const EDGE_TAIL: f64 = 1e-4;
@@ -20,10 +23,12 @@ const MIN_SPREAD: f64 = 0.02;
 /// Streaming per-series state.
 #[derive(Debug, Clone, Default)]
 pub struct Likelihood {
-    short: VecDeque<f64>,
-    long: VecDeque<f64>,
-    sum: f64,
-    sum_sq: f64,
+    short: [f64; SHORT_WINDOW],
+    short_len: usize,
+    short_next: usize,
+    seen: usize,
+    mean: f64,
+    variance: f64,
 }
 
 impl Likelihood {
@@ -33,32 +38,68 @@ impl Likelihood {
         if !raw.is_finite() {
             return 0.0;
         }
-        self.short.push_back(raw);
-        if self.short.len() > SHORT_WINDOW {
-            self.short.pop_front();
-        }
-        let recent = self.short.iter().sum::<f64>() / self.short.len() as f64;
-        let score = if self.long.len() >= MIN_HISTORY {
-            let n = self.long.len() as f64;
-            let mean = self.sum / n;
-            let variance = (self.sum_sq / n - mean * mean).max(0.0);
-            let spread = variance.sqrt().max(MIN_SPREAD);
-            let z = (recent - mean) / spread;
+        self.short[self.short_next] = raw;
+        self.short_next = (self.short_next + 1) % SHORT_WINDOW;
+        self.short_len = (self.short_len + 1).min(SHORT_WINDOW);
+        let recent = self.short[..self.short_len].iter().sum::<f64>() / self.short_len as f64;
+        let score = if self.seen >= MIN_HISTORY {
+            let spread = self.variance.sqrt().max(MIN_SPREAD);
+            let z = (recent - self.mean) / spread;
             let tail = 0.5 * libm::erfc(z / std::f64::consts::SQRT_2);
             (tail.max(f64::MIN_POSITIVE).log10() / EDGE_TAIL.log10()).max(0.0)
         } else {
             0.0
         };
-        self.long.push_back(recent);
-        self.sum += recent;
-        self.sum_sq += recent * recent;
-        if self.long.len() > LONG_WINDOW {
-            if let Some(old) = self.long.pop_front() {
-                self.sum -= old;
-                self.sum_sq -= old * old;
+        self.seen += 1;
+        let weight = 1.0 / self.seen.min(LONG_WINDOW) as f64;
+        let delta = recent - self.mean;
+        self.mean += weight * delta;
+        self.variance = (1.0 - weight) * (self.variance + weight * delta * delta);
+        score
+    }
+}
+
+/// A series' scoring state as its detector's [`Scoring`] asks.
+#[derive(Debug, Clone)]
+pub enum Normalizer {
+    Band,
+    Likelihood(Likelihood),
+    Standardized(Standardized),
+}
+
+impl Normalizer {
+    pub fn new(scoring: Scoring) -> Normalizer {
+        match scoring {
+            Scoring::Band => Normalizer::Band,
+            Scoring::Likelihood => Normalizer::Likelihood(Likelihood::default()),
+            Scoring::Standardized => Normalizer::Standardized(Standardized::default()),
+        }
+    }
+
+    /// Deviations a series' scoring needs to have seen before its scores mean anything.
+    pub fn history_needed(scoring: Scoring) -> usize {
+        match scoring {
+            Scoring::Band => 0,
+            Scoring::Likelihood | Scoring::Standardized => MIN_HISTORY,
+        }
+    }
+
+    /// The `anomaly_score` of the next deviation (in band half-widths); `None` while the
+    /// history is too short for a verdict.
+    pub fn update(&mut self, raw: f64) -> Option<f64> {
+        match self {
+            Normalizer::Band => Some(raw),
+            Normalizer::Likelihood(l) => {
+                let primed = l.seen >= MIN_HISTORY;
+                let score = l.update(raw);
+                primed.then_some(score)
+            }
+            Normalizer::Standardized(s) => {
+                let primed = s.count >= MIN_HISTORY as f64;
+                let score = s.update(raw);
+                primed.then_some(score)
             }
         }
-        score
     }
 }
 
@@ -141,5 +182,20 @@ mod tests {
         let mut l = Likelihood::default();
         assert_eq!(l.update(50.0), 0.0);
         assert_eq!(l.update(f64::NAN), 0.0);
+    }
+
+    #[test]
+    fn the_history_is_a_running_mean_then_exponentially_weighted() {
+        let mut l = Likelihood::default();
+        for i in 0..LONG_WINDOW {
+            l.update(if i % 2 == 0 { 1.0 } else { 3.0 });
+        }
+        // Short averages of 6 alternating points: mean 2, small spread.
+        assert!((l.mean - 2.0).abs() < 0.01, "{}", l.mean);
+        for _ in 0..10 * LONG_WINDOW {
+            l.update(5.0);
+        }
+        assert!((l.mean - 5.0).abs() < 0.01, "old history fades: {}", l.mean);
+        assert_eq!(std::mem::size_of::<Likelihood>(), 8 * (SHORT_WINDOW + 5));
     }
 }

@@ -3,8 +3,9 @@
 //! The model is a stream model (docs/model-contract.md): each series carries its LSTM state from
 //! one cycle to the next, so a cycle feeds only the points that arrived since the last one, and
 //! all series that need the same number of steps go through ONNX Runtime in one batched `run`.
-//! A point is scored against the forecast made one step earlier:
-//! `anomaly_score = |y - yhat| / band`, where `band` is the series' calibrated half-width.
+//! A point is scored against the forecast made one step earlier: its deviation
+//! `|y - yhat| / band` (`band` the series' calibrated half-width) becomes its `anomaly_score` as
+//! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous.
 
 pub mod detection;
 pub mod group;
@@ -18,7 +19,8 @@ use mad_training::contract::{input_row, series_key, Feature, Scaler, MAX_INTERPO
 
 use crate::model::{Forecaster, ModelError};
 use crate::source::{Labels, Series};
-pub use detection::{Detection, Direction};
+pub use detection::{Detection, Direction, Scoring};
+use likelihood::Normalizer;
 pub use state::SeriesState;
 
 /// Series per ONNX Runtime run: bounds the tensors of a cold start with many new series.
@@ -112,9 +114,12 @@ impl DetectorScorer {
         &self.model
     }
 
-    /// Points of history a brand-new series needs before its first score.
+    /// Points of history a brand-new series needs before its first score: the model's window
+    /// (its LSTM state settles), then what the scoring needs to have seen (a likelihood needs
+    /// an error history). The exporter fetches that much for a new series, so a restart scores
+    /// at once.
     pub fn warmup_points(&self) -> usize {
-        self.model.meta.window
+        self.model.meta.window + Normalizer::history_needed(self.detection.scoring)
     }
 
     /// How far back the next fetch must reach so every known series can continue its stream.
@@ -172,6 +177,11 @@ impl DetectorScorer {
             if restart {
                 let mut state = self.fresh_state(&series.labels, &steps);
                 state.last_seen = now;
+                // A restarted stream (after a long gap) is the same series: its deviations'
+                // history still holds.
+                if let Some(old) = known {
+                    state.normalizer = old.normalizer.clone();
+                }
                 if self.series.insert(series.labels.clone(), state).is_none() {
                     stats.new_series += 1;
                 }
@@ -272,12 +282,17 @@ impl DetectorScorer {
                 (Scaler::fit(&observed), meta.default_band)
             }
         };
-        SeriesState::new(scaler, band, meta.hidden)
+        SeriesState::new(
+            scaler,
+            band,
+            meta.hidden,
+            Normalizer::new(self.detection.scoring),
+        )
     }
 
     /// Feeds a group of series that all need `len` steps, at most [`MAX_BATCH`] series per run,
-    /// one step per run: an observed point that scores above 1 enters the state clipped to its
-    /// band, so one wild point does not derail the forecasts that follow it.
+    /// one step per run: an observed point outside its band enters the state clipped to it, so
+    /// one wild point does not derail the forecasts that follow it.
     fn run_group(
         &mut self,
         len: usize,
@@ -319,7 +334,7 @@ impl DetectorScorer {
     ) -> Result<Vec<Vec<Score>>, ModelError> {
         let (f, hd, batch) = (self.model.features(), self.model.hidden(), chunk.len());
         let features = &self.model.meta.features;
-        let warmup = self.warmup_points();
+        let window = self.model.meta.window;
         let mut h = vec![0f32; batch * hd];
         let mut c = vec![0f32; batch * hd];
         for (b, state) in states.iter().enumerate() {
@@ -329,6 +344,8 @@ impl DetectorScorer {
         // Working copies: the states change only once every run of the chunk has succeeded.
         let mut pending: Vec<Option<f32>> = states.iter().map(|s| s.pending).collect();
         let mut fed: Vec<usize> = states.iter().map(|s| s.fed).collect();
+        let mut normalizers: Vec<Normalizer> =
+            states.iter().map(|s| s.normalizer.clone()).collect();
         let mut x = vec![0f32; batch * f];
         let mut scores: Vec<Vec<Score>> = vec![Vec::new(); batch];
         let value_columns: Vec<usize> = (0..f).filter(|&i| features[i] == Feature::Value).collect();
@@ -337,8 +354,8 @@ impl DetectorScorer {
             for (b, ((_, steps), state)) in chunk.iter().zip(states.iter()).enumerate() {
                 let p = steps[t];
                 let mut input = p.raw;
-                if let (true, Some(yhat), true) = (p.observed, pending[b], fed[b] >= warmup) {
-                    let score = Score::new(
+                if let (true, Some(yhat), true) = (p.observed, pending[b], fed[b] >= window) {
+                    let mut score = Score::new(
                         p.ts,
                         p.raw,
                         yhat,
@@ -349,7 +366,10 @@ impl DetectorScorer {
                     if score.score > 1.0 {
                         input = p.raw.clamp(score.lower, score.upper);
                     }
-                    scores[b].push(score);
+                    if let Some(normalized) = normalizers[b].update(score.score) {
+                        score.score = normalized;
+                        scores[b].push(score);
+                    }
                 }
                 let row = &mut x[b * f..(b + 1) * f];
                 // Series of a detector share their timestamps: time features once per timestamp.
@@ -376,6 +396,7 @@ impl DetectorScorer {
         for (b, ((_, steps), state)) in chunk.iter().zip(states.iter_mut()).enumerate() {
             state.pending = pending[b];
             state.fed = fed[b];
+            state.normalizer = normalizers[b].clone();
             state.h.copy_from_slice(&h[b * hd..(b + 1) * hd]);
             state.c.copy_from_slice(&c[b * hd..(b + 1) * hd]);
             if let Some(last) = steps.last() {

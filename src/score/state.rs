@@ -2,6 +2,7 @@
 
 use mad_training::contract::Scaler;
 
+use super::likelihood::Normalizer;
 use super::Score;
 
 #[derive(Debug, Clone)]
@@ -22,10 +23,12 @@ pub struct SeriesState {
     /// When the datasource last returned this series (Unix seconds).
     pub last_seen: i64,
     pub latest: Option<Score>,
+    /// Turns the series' deviations into its scores (the detector's `detection.scoring`).
+    pub normalizer: Normalizer,
 }
 
 impl SeriesState {
-    pub fn new(scaler: Scaler, band: f64, hidden: usize) -> SeriesState {
+    pub fn new(scaler: Scaler, band: f64, hidden: usize, normalizer: Normalizer) -> SeriesState {
         SeriesState {
             scaler,
             band,
@@ -37,6 +40,7 @@ impl SeriesState {
             fed: 0,
             last_seen: 0,
             latest: None,
+            normalizer,
         }
     }
 }
