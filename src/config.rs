@@ -33,7 +33,15 @@ pub struct Config {
     /// `mad relay`: alerts from vmalert or Alertmanager to Telegram.
     #[serde(default)]
     pub relay: Option<Relay>,
+    /// This replica's share of the series (`{index, shards}`); `MAD_SHARDS` and friends in the
+    /// environment override it ([`crate::shard`]). None: everything.
+    #[serde(default)]
+    pub sharding: Option<crate::shard::Shard>,
 }
+
+/// The PostgreSQL DSN when `store.postgres` is not in the file (a Kubernetes Secret by
+/// reference, so the password stays out of the config).
+pub const POSTGRES_DSN_ENV: &str = "MAD_POSTGRES_DSN";
 
 /// The alert relay: intake, durable outbox, Telegram delivery.
 #[derive(Debug, Clone, Deserialize)]
@@ -886,7 +894,33 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        config
+            .apply_env(|name| std::env::var(name).ok())
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                location: String::new(),
+                field,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// What the environment adds to the file: the replica's shard and the PostgreSQL DSN.
+    pub fn apply_env(
+        &mut self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), (String, String)> {
+        let shard = crate::shard::Shard::from_env(&var).map_err(|e| ("sharding".into(), e))?;
+        if shard.is_some() {
+            self.sharding = shard;
+        }
+        if self.store.postgres.is_none() {
+            self.store.postgres = var(POSTGRES_DSN_ENV)
+                .filter(|dsn| !dsn.trim().is_empty())
+                .map(Secret::new);
+        }
+        Ok(())
     }
 
     /// Parses and validates `text`; `path` is only used in error messages.
@@ -934,6 +968,10 @@ impl Config {
                 "alerting.group_min_series".into(),
                 "must be at least 1".into(),
             ));
+        }
+        if let Some(shard) = self.sharding {
+            crate::shard::Shard::new(shard.index, shard.shards)
+                .map_err(|e| invalid("sharding".into(), e))?;
         }
         let mut seen = HashSet::new();
         for (i, d) in self.detectors.iter().enumerate() {

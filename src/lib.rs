@@ -39,6 +39,7 @@ pub mod relay;
 pub mod rules;
 pub mod score;
 pub mod serve;
+pub mod shard;
 pub mod source;
 pub mod store;
 pub mod synth;

@@ -19,7 +19,8 @@ use crate::history::{EpisodeTracker, Recorder};
 use crate::model::Forecaster;
 use crate::registry::{merged_detectors, MaintenanceWindow, Registry};
 use crate::score::{group, DetectorScorer, Score};
-use crate::source::{align_down, unix_now, Client, Labels, Series, SourceError};
+use crate::shard::Shard;
+use crate::source::{align_down, group_of, unix_now, Client, Labels, Series, SourceError};
 use crate::store::{ModelStore, PgStore};
 
 /// Everything the detector loops and the HTTP server share.
@@ -540,17 +541,36 @@ async fn fetch(
         .with_label_values(&[detector.name.0.as_str()]);
     let lookback = scorer.lookback_points(end) as i64;
     let started = Instant::now();
+    let shard = exporter.config.sharding;
     let mut fetched = exporter
         .client
         .query_detector(queries, end - (lookback - 1) * step, end, step)
         .await?;
+    own_share(shard, detector, &mut fetched);
     let full = scorer.warmup_points() as i64 + 1;
     if lookback < full && scorer.has_unknown(&fetched) {
         fetched = exporter
             .client
             .query_detector(queries, end - (full - 1) * step, end, step)
             .await?;
+        own_share(shard, detector, &mut fetched);
     }
     timer.observe(started.elapsed().as_secs_f64());
     Ok(fetched)
+}
+
+/// Keeps the series this replica scores: by their labels, or by their group's for a
+/// multivariate detector (a group's inputs stay together).
+fn own_share(shard: Option<Shard>, detector: &Detector, fetched: &mut Vec<Series>) {
+    let Some(shard) = shard else {
+        return;
+    };
+    let multivariate = detector.is_multivariate();
+    fetched.retain(|s| {
+        if multivariate {
+            shard.owns_series(&group_of(&s.labels).0)
+        } else {
+            shard.owns_series(&s.labels)
+        }
+    });
 }

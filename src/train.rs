@@ -109,6 +109,13 @@ pub async fn run(
         if !only.is_empty() && !only.contains(&detector.name.0) {
             continue;
         }
+        // A sharded trainer (an Indexed Job) trains its share of the detectors, each whole:
+        // a detector's model covers all of its series, whichever exporter scores them.
+        if let Some(shard) = config.sharding.filter(|_| only.is_empty()) {
+            if !shard.owns(&detector.name.0) {
+                continue;
+            }
+        }
         let result = trainer.train(detector, end).await?;
         println!("{result}");
         trained.push(result);
