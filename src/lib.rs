@@ -30,6 +30,7 @@ pub mod api;
 pub mod backtest;
 pub mod chart;
 pub mod config;
+pub mod dashboards;
 pub mod demo;
 pub mod expose;
 pub mod history;

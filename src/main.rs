@@ -103,6 +103,13 @@ enum Command {
         #[arg(long, short, value_name = "DIR", default_value = mad::rules::DEFAULT_DIR)]
         out: PathBuf,
     },
+    /// Write the Grafana dashboards (overview, drill-down, self-monitoring) and their
+    /// provisioning files, generated from the metric names this build exports.
+    Dashboards {
+        /// Directory for the dashboards.
+        #[arg(long, short, value_name = "DIR", default_value = mad::dashboards::DEFAULT_DIR)]
+        out: PathBuf,
+    },
     /// Measure detection quality on recorded, labelled data, scoring it exactly as `mad serve`
     /// would (a model trained on the past only, then one point per cycle).
     #[command(group(clap::ArgGroup::new("corpus").required(true)))]
@@ -404,6 +411,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                          and --to"
                     ),
                 },
+            }
+        }
+        Command::Dashboards { out } => {
+            for path in mad::dashboards::write(&out)? {
+                println!("wrote {}", path.display());
             }
         }
         Command::Rules { config, out } => {
