@@ -12,6 +12,30 @@ use std::time::{Duration, Instant};
 use mad::config::{Config, Secret};
 use mad::store::{ModelStore, PgStore};
 
+/// Replicas starting together on a fresh database (sharded exporters, trainers, the relay):
+/// one migrates, the others wait for it and find nothing left to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrating_at_once_apply_each_migration_once() {
+    let db = TestDb::new().await;
+    let stores = [db.store().await, db.store().await, db.store().await];
+    let (a, b, c) = tokio::join!(
+        stores[0].migrate(),
+        stores[1].migrate(),
+        stores[2].migrate()
+    );
+    let applied: Vec<usize> = [a, b, c]
+        .into_iter()
+        .map(|r| r.expect("every replica's migration succeeds"))
+        .collect();
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations folder")
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".sql"))
+        .count();
+    assert_eq!(applied.iter().sum::<usize>(), shipped, "{applied:?}");
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_apply_once_and_a_newer_schema_is_refused() {
     let db = TestDb::new().await;

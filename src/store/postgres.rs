@@ -18,6 +18,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::{version_name, ModelStore, StoreError, StoredModel, VersionInfo};
 use crate::config::Secret;
 
+/// Advisory lock key held while migrating (any constant unlikely to clash; "MADMIGR" in ASCII).
+const MIGRATION_LOCK: i64 = 0x004d_4144_4d49_4752;
+
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
@@ -123,10 +126,29 @@ impl PgStore {
     /// (a migration this binary does not know) is refused.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
         let mut client = self.client().await?;
+        // Replicas starting together (sharded exporters, trainers, the relay) migrate one at a
+        // time: the others wait here, then find nothing left to apply.
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| self.error(e))?;
+        let outcome = self.run_migrations(&mut client).await;
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        let applied = outcome?;
+        unlocked.map_err(|e| self.error(e))?;
+        Ok(applied)
+    }
+
+    async fn run_migrations(
+        &self,
+        client: &mut deadpool_postgres::Object,
+    ) -> Result<usize, StoreError> {
         let report = embedded::migrations::runner()
             .set_abort_missing(true)
             .set_abort_divergent(true)
-            .run_async(&mut **client)
+            .run_async(&mut ***client)
             .await
             .map_err(|e| {
                 let message = match e.kind() {
