@@ -14,7 +14,7 @@ use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::synth::{Profile, Synth};
 
-const SERIES: usize = 2_000;
+const SERIES: usize = 10_000;
 const HISTORY_SECS: i64 = 600;
 const AHEAD_SECS: i64 = 300;
 const WARMUP: Duration = Duration::from_secs(6);
@@ -28,6 +28,11 @@ fn now() -> i64 {
 }
 
 fn config_text(vm_url: &str, models: &Path, port: u16) -> String {
+    config_for(vm_url, models, port, "scale_requests")
+}
+
+/// The same detector (and model) reading `query`.
+fn config_for(vm_url: &str, models: &Path, port: u16, query: &str) -> String {
     format!(
         r#"
 datasource: {{ url: "{vm_url}", timeout: 10s, retries: 1 }}
@@ -36,7 +41,7 @@ server: {{ listen: "127.0.0.1:{port}", reload_interval: 10s }}
 training: {{ max_epochs: 3, seed: 1 }}
 detectors:
   - name: scale
-    query: scale_requests
+    query: '{query}'
     step: 1s
     window: 16
     train_range: 10m
@@ -98,16 +103,19 @@ async fn points_scored(port: u16) -> f64 {
 
 struct Figures {
     points_per_cpu_second: f64,
+    /// Resident memory of all replicas, less what as many idle exporters hold, per series.
     bytes_per_series: f64,
+    rss_per_replica: f64,
     cpu_share: f64,
 }
 
-async fn run(dir: &Path, vm_url: &str, replicas: usize) -> Figures {
+async fn run(dir: &Path, vm_url: &str, replicas: usize, query: &str, idle_rss: f64) -> Figures {
     let mut running = Vec::new();
     for index in 0..replicas {
         let port = free_port().expect("port");
         let file = dir.join(format!("scale-{replicas}-{index}.yaml"));
-        std::fs::write(&file, config_text(vm_url, &dir.join("models"), port)).expect("config");
+        std::fs::write(&file, config_for(vm_url, &dir.join("models"), port, query))
+            .expect("config");
         let child = Command::new(env!("CARGO_BIN_EXE_mad"))
             .args(["serve", "--config"])
             .arg(&file)
@@ -139,7 +147,8 @@ async fn run(dir: &Path, vm_url: &str, replicas: usize) -> Figures {
     let (cpu, points) = (cpu - before.0, points - before.1);
     Figures {
         points_per_cpu_second: points / cpu.max(1e-9),
-        bytes_per_series: rss / SERIES as f64,
+        bytes_per_series: (rss - idle_rss * replicas as f64).max(0.0) / SERIES as f64,
+        rss_per_replica: rss / replicas as f64,
         cpu_share: cpu / wall,
     }
 }
@@ -193,26 +202,49 @@ async fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         MEASURED.as_secs()
     );
+    // The fixed cost of a process (runtime, ONNX Runtime, the model): one exporter with the
+    // same model and no series.
+    let idle = run(
+        tmp.path(),
+        &vm.url,
+        1,
+        "scale_requests{instance=\"none\"}",
+        0.0,
+    )
+    .await;
     println!(
-        "{:>9} {:>24} {:>10} {:>18} {:>10} {:>16}",
+        "idle exporter (same model, no series): {:.1} MiB resident",
+        idle.rss_per_replica / 1_048_576.0
+    );
+    println!(
+        "{:>9} {:>22} {:>7} {:>26} {:>7} {:>14} {:>12}",
         "replicas",
         "points per CPU-second",
         "ratio",
-        "memory per series",
+        "memory per series (net)",
         "ratio",
-        "CPU used (cores)"
+        "RSS / replica",
+        "CPU (% core)"
     );
-    let mut baseline: Option<Figures> = None;
+    let mut baseline: Option<(f64, f64)> = None;
     for replicas in REPLICAS {
-        let f = run(tmp.path(), &vm.url, replicas).await;
-        let base = baseline.get_or_insert(Figures { ..f });
+        let f = run(
+            tmp.path(),
+            &vm.url,
+            replicas,
+            "scale_requests",
+            idle.rss_per_replica,
+        )
+        .await;
+        let base = *baseline.get_or_insert((f.points_per_cpu_second, f.bytes_per_series));
         println!(
-            "{replicas:>9} {:>24.0} {:>10.2} {:>15.0} B {:>10.2} {:>16.2}",
+            "{replicas:>9} {:>22.0} {:>7.2} {:>24.0} B {:>7.2} {:>10.1} MiB {:>12.1}",
             f.points_per_cpu_second,
-            f.points_per_cpu_second / base.points_per_cpu_second,
+            f.points_per_cpu_second / base.0,
             f.bytes_per_series,
-            f.bytes_per_series / base.bytes_per_series,
-            f.cpu_share
+            f.bytes_per_series / base.1.max(f64::MIN_POSITIVE),
+            f.rss_per_replica / 1_048_576.0,
+            100.0 * f.cpu_share
         );
     }
     vm.stop().await;
