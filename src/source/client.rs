@@ -77,10 +77,10 @@ pub struct Client {
 }
 
 #[derive(Deserialize)]
-struct Envelope {
+struct Envelope<'a> {
     status: String,
-    #[serde(default)]
-    data: Option<Data>,
+    #[serde(default, borrow)]
+    data: Option<Data<'a>>,
     #[serde(default, rename = "errorType")]
     error_type: Option<String>,
     #[serde(default)]
@@ -88,17 +88,21 @@ struct Envelope {
 }
 
 #[derive(Deserialize)]
-struct Data {
+struct Data<'a> {
     #[serde(rename = "resultType")]
     result_type: String,
-    result: Vec<RawSeries>,
+    #[serde(borrow)]
+    result: Vec<RawSeries<'a>>,
 }
 
 #[derive(Deserialize)]
-struct RawSeries {
+/// Sample values stay borrowed from the response body until parsed (numbers never need JSON
+/// escapes): a cold start reads thousands of series × a window of points, and a `String` per
+/// value was most of its memory.
+struct RawSeries<'a> {
     metric: BTreeMap<String, String>,
-    #[serde(default)]
-    values: Vec<(f64, String)>,
+    #[serde(default, borrow)]
+    values: Vec<(f64, &'a str)>,
 }
 
 impl Client {
