@@ -33,10 +33,11 @@ pub struct Config {
     /// `mad relay`: alerts from vmalert or Alertmanager to Telegram.
     #[serde(default)]
     pub relay: Option<Relay>,
-    /// This replica's share of the series (`{index, shards}`); `MAD_SHARDS` and friends in the
-    /// environment override it ([`crate::shard`]). None: everything.
+    /// This replica's share of the series: `{index, shards}`, or `members` (live exporters
+    /// registered in PostgreSQL share them out); `MAD_SHARDS` and friends in the environment
+    /// override it ([`crate::shard`]). None: everything.
     #[serde(default)]
-    pub sharding: Option<crate::shard::Shard>,
+    pub sharding: Option<crate::shard::Sharding>,
 }
 
 /// The PostgreSQL DSN when `store.postgres` is not in the file (a Kubernetes Secret by
@@ -969,7 +970,7 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if let Some(shard) = self.sharding {
+        if let Some(crate::shard::Sharding::Fixed(shard)) = self.sharding {
             crate::shard::Shard::new(shard.index, shard.shards)
                 .map_err(|e| invalid("sharding".into(), e))?;
         }

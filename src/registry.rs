@@ -15,6 +15,7 @@ use crate::store::{PgStore, StoreError};
 /// Most rows one listing returns.
 pub const MAX_PAGE: i64 = 1000;
 
+#[derive(Clone)]
 pub struct Registry {
     store: Arc<PgStore>,
 }
@@ -165,6 +166,48 @@ impl Registry {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.store.client().await
+    }
+
+    /// Records that `member` is alive now.
+    pub async fn heartbeat(&self, member: &str) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO exporter_members (member, heartbeat) VALUES ($1, now()) \
+                 ON CONFLICT (member) DO UPDATE SET heartbeat = now()",
+                &[&member],
+            )
+            .await
+            .map_err(Self::fail)?;
+        Ok(())
+    }
+
+    /// The members whose heartbeat is younger than `ttl`, by name.
+    pub async fn live_members(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT member FROM exporter_members \
+                 WHERE heartbeat > now() - make_interval(secs => $1) ORDER BY member",
+                &[&ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(Self::fail)?;
+        rows.iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(Self::fail)
+    }
+
+    /// Removes `member` (it is stopping: the others take its series at their next heartbeat).
+    pub async fn leave(&self, member: &str) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute("DELETE FROM exporter_members WHERE member = $1", &[&member])
+            .await
+            .map_err(Self::fail)?;
+        Ok(())
     }
 
     /// Windows that overlap `[from, to]` (Unix seconds), oldest first.

@@ -19,7 +19,7 @@ use crate::history::{EpisodeTracker, Recorder};
 use crate::model::Forecaster;
 use crate::registry::{merged_detectors, MaintenanceWindow, Registry};
 use crate::score::{group, DetectorScorer, Score};
-use crate::shard::Shard;
+use crate::shard::{Membership, Owner, Sharding};
 use crate::source::{align_down, group_of, unix_now, Client, Labels, Series, SourceError};
 use crate::store::{ModelStore, PgStore};
 
@@ -38,6 +38,8 @@ pub struct Exporter {
     windows: RwLock<Vec<MaintenanceWindow>>,
     /// The detectors being served now (config file and database).
     serving: Mutex<BTreeMap<String, Detector>>,
+    /// This replica's share of the series, when sharded.
+    owner: Option<Owner>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -94,7 +96,19 @@ impl Exporter {
             Some(_) => Some(Arc::new(PgStore::from_config(&config.store).await?)),
             None => None,
         };
+        let owner = match config.sharding {
+            None => None,
+            Some(Sharding::Fixed(shard)) => Some(Owner::Fixed(shard)),
+            Some(Sharding::Members) if postgres.is_none() => anyhow::bail!(
+                "sharding: members needs store.postgres (or {}): the members meet in its database",
+                crate::config::POSTGRES_DSN_ENV
+            ),
+            Some(Sharding::Members) => Some(Owner::Members(Arc::new(Membership::new(
+                member_name(config.server.listen),
+            )))),
+        };
         Ok(Exporter {
+            owner,
             client,
             store,
             telemetry: Telemetry::new().context("cannot set up self-monitoring metrics")?,
@@ -172,13 +186,68 @@ pub async fn run(
         None => Arc::new(crate::api::Unavailable),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let heartbeat = match (&exporter.owner, &exporter.registry) {
+        (Some(Owner::Members(members)), Some(registry)) => {
+            // Known to the others before the first cycle, so no series is scored twice.
+            refresh_members(registry, members).await;
+            Some(tokio::spawn(heartbeat(
+                registry.clone(),
+                members.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        _ => None,
+    };
     let supervisor = tokio::spawn(supervise(exporter.clone(), stop_rx));
     tracing::info!(%listen, "serving /metrics");
     serve_http(listener, exporter.clone(), Some(api), shutdown).await;
     let _ = stop_tx.send(true);
     let _ = supervisor.await;
+    if let Some(task) = heartbeat {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often a member heartbeats and re-reads the live members.
+pub const MEMBER_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// A member silent this long is gone (it crashed; a clean stop leaves at once).
+pub const MEMBER_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// This exporter's member name: the pod name in Kubernetes, else host, listen address and pid.
+fn member_name(listen: std::net::SocketAddr) -> String {
+    std::env::var(crate::shard::POD_NAME_ENV).unwrap_or_else(|_| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "mad".into());
+        format!("{host}/{listen}/{}", std::process::id())
+    })
+}
+
+async fn refresh_members(registry: &Registry, members: &Membership) {
+    let outcome = async {
+        registry.heartbeat(members.me()).await?;
+        registry.live_members(MEMBER_TTL).await
+    }
+    .await;
+    match outcome {
+        Ok(live) => members.set_live(live),
+        // The last known members stay: a database hiccup must not make everyone score all.
+        Err(e) => tracing::warn!(error = %e, "membership heartbeat failed"),
+    }
+}
+
+/// Heartbeats until `stop`, then leaves so the others take this member's series at once.
+async fn heartbeat(registry: Registry, members: Arc<Membership>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(MEMBER_HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => refresh_members(&registry, &members).await,
+            _ = stop.changed() => break,
+        }
+    }
+    if let Err(e) = registry.leave(members.me()).await {
+        tracing::warn!(error = %e, "could not leave the members table; the others wait for its heartbeat to expire");
+    }
 }
 
 /// A running detector loop.
@@ -455,6 +524,9 @@ async fn run_cycle(
             return;
         }
     };
+    if let Some(owner @ Owner::Members(_)) = &exporter.owner {
+        scorer.retain(|labels| owns(owner, detector, labels));
+    }
     let inference = Instant::now();
     let result = tokio::task::block_in_place(|| scorer.score_cycle(&fetched, now));
     t.inference_duration
@@ -541,7 +613,7 @@ async fn fetch(
         .with_label_values(&[detector.name.0.as_str()]);
     let lookback = scorer.lookback_points(end) as i64;
     let started = Instant::now();
-    let shard = exporter.config.sharding;
+    let shard = exporter.owner.as_ref();
     let mut fetched = exporter
         .client
         .query_detector(queries, end - (lookback - 1) * step, end, step)
@@ -559,18 +631,19 @@ async fn fetch(
     Ok(fetched)
 }
 
-/// Keeps the series this replica scores: by their labels, or by their group's for a
-/// multivariate detector (a group's inputs stay together).
-fn own_share(shard: Option<Shard>, detector: &Detector, fetched: &mut Vec<Series>) {
-    let Some(shard) = shard else {
-        return;
-    };
-    let multivariate = detector.is_multivariate();
-    fetched.retain(|s| {
-        if multivariate {
-            shard.owns_series(&group_of(&s.labels).0)
-        } else {
-            shard.owns_series(&s.labels)
-        }
-    });
+/// Keeps the series this replica scores.
+fn own_share(owner: Option<&Owner>, detector: &Detector, fetched: &mut Vec<Series>) {
+    if let Some(owner) = owner {
+        fetched.retain(|s| owns(owner, detector, &s.labels));
+    }
+}
+
+/// Whether `owner` scores a series: by its labels, or by its group's for a multivariate detector
+/// (a group's inputs stay together).
+fn owns(owner: &Owner, detector: &Detector, labels: &Labels) -> bool {
+    if detector.is_multivariate() {
+        owner.owns_series(&group_of(labels).0)
+    } else {
+        owner.owns_series(labels)
+    }
 }

@@ -1,6 +1,13 @@
 //! Horizontal sharding: which of N exporter replicas scores a series, and which trainer trains a
 //! detector.
 //!
+//! Two ways to know one's place. **Fixed**: `MAD_SHARDS=N` and an index; changing N means
+//! restarting the replicas, and while they roll, old and new ones disagree. **Members**
+//! (`MAD_SHARDS=members`, with PostgreSQL): every exporter heartbeats into a table and reads who
+//! is alive; a series belongs to the live member with the highest hash of (member, series)
+//! (rendezvous hashing), so all replicas agree within one heartbeat of a change, a newcomer takes
+//! only the series it wins, and a leaver's series spread over the rest.
+//!
 //! A series goes to `jump(hash(series), N)` (Lamping and Veach's jump consistent hash, ten lines
 //! that need no table): every replica computes the same owner from the labels alone, and when N
 //! grows to N + 1 a series either stays or moves to the new replica — only the share that must
@@ -18,6 +25,35 @@ pub const SHARDS_ENV: &str = "MAD_SHARDS";
 pub const SHARD_ENV: &str = "MAD_SHARD";
 pub const JOB_INDEX_ENV: &str = "JOB_COMPLETION_INDEX";
 pub const POD_NAME_ENV: &str = "MAD_POD_NAME";
+
+/// How a replica finds its share (config `sharding:` or `MAD_SHARDS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    Fixed(Shard),
+    /// The live members registered in PostgreSQL decide (`sharding: members`).
+    Members,
+}
+
+/// The word that selects [`Sharding::Members`].
+pub const MEMBERS: &str = "members";
+
+impl<'de> Deserialize<'de> for Sharding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Word(String),
+            Fixed(Shard),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Fixed(shard) => Ok(Sharding::Fixed(shard)),
+            Repr::Word(w) if w == MEMBERS => Ok(Sharding::Members),
+            Repr::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected {{index, shards}} or \"{MEMBERS}\", got {w:?}"
+            ))),
+        }
+    }
+}
 
 /// This replica's place: `index` of `shards` (config `sharding:` or the environment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -39,11 +75,15 @@ impl Shard {
     }
 
     /// From `MAD_SHARDS` and `MAD_SHARD`, else `JOB_COMPLETION_INDEX`, else the ordinal at the
-    /// end of `MAD_POD_NAME` (`mad-exporter-2` → 2); `None` without `MAD_SHARDS`.
-    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Shard>, String> {
+    /// end of `MAD_POD_NAME` (`mad-exporter-2` → 2); `MAD_SHARDS=members` for
+    /// [`Sharding::Members`]; `None` without `MAD_SHARDS`.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Sharding>, String> {
         let Some(shards) = var(SHARDS_ENV) else {
             return Ok(None);
         };
+        if shards.trim() == MEMBERS {
+            return Ok(Some(Sharding::Members));
+        }
         let shards: u32 = shards
             .trim()
             .parse()
@@ -63,7 +103,7 @@ impl Shard {
                  {JOB_INDEX_ENV} or {POD_NAME_ENV}"
             ));
         };
-        Shard::new(index, shards).map(Some)
+        Shard::new(index, shards).map(|s| Some(Sharding::Fixed(s)))
     }
 
     /// Whether this replica scores the series (or group) with these labels.
@@ -75,6 +115,87 @@ impl Shard {
     pub fn owns(&self, key: &str) -> bool {
         jump(fnv1a(key.as_bytes()), self.shards) == self.index
     }
+}
+
+/// This replica's view of the live members (for [`Sharding::Members`]), refreshed by the
+/// exporter's heartbeat.
+#[derive(Debug)]
+pub struct Membership {
+    me: String,
+    live: std::sync::RwLock<Vec<String>>,
+}
+
+impl Membership {
+    pub fn new(me: impl Into<String>) -> Membership {
+        let me = me.into();
+        Membership {
+            live: std::sync::RwLock::new(vec![me.clone()]),
+            me,
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Replaces the live members (this replica always counts itself in).
+    pub fn set_live(&self, mut members: Vec<String>) {
+        if !members.contains(&self.me) {
+            members.push(self.me.clone());
+        }
+        members.sort();
+        members.dedup();
+        if let Ok(mut live) = self.live.write() {
+            *live = members;
+        }
+    }
+
+    /// Whether this replica owns `key`: it has the highest rendezvous hash among the live.
+    pub fn owns(&self, key: &str) -> bool {
+        let Ok(live) = self.live.read() else {
+            return true;
+        };
+        rendezvous(&live, key) == Some(self.me.as_str())
+    }
+}
+
+/// Which series an exporter scores, as its [`Sharding`] says.
+#[derive(Debug, Clone)]
+pub enum Owner {
+    Fixed(Shard),
+    Members(std::sync::Arc<Membership>),
+}
+
+impl Owner {
+    /// Whether this replica scores the series (or group) with these labels.
+    pub fn owns_series(&self, labels: &Labels) -> bool {
+        let key = series_key(labels);
+        match self {
+            Owner::Fixed(shard) => shard.owns(&key),
+            Owner::Members(members) => members.owns(&key),
+        }
+    }
+}
+
+/// The member with the highest hash of (member, key).
+fn rendezvous<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
+    members
+        .iter()
+        .max_by_key(|m| {
+            let mut bytes = Vec::with_capacity(m.len() + 1 + key.len());
+            bytes.extend_from_slice(m.as_bytes());
+            bytes.push(0xff);
+            bytes.extend_from_slice(key.as_bytes());
+            mix(fnv1a(&bytes))
+        })
+        .map(String::as_str)
+}
+
+/// SplitMix64's finaliser: FNV-1a alone spreads keys that differ in their last bytes poorly.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// FNV-1a, 64 bits.
@@ -145,12 +266,10 @@ mod tests {
     fn the_place_comes_from_the_environment() {
         assert_eq!(Shard::from_env(env(&[])), Ok(None));
         let from = |pairs: &[(&str, &str)]| Shard::from_env(env(pairs));
+        let fixed = |index, shards| Ok(Some(Sharding::Fixed(Shard { index, shards })));
         assert_eq!(
             from(&[("MAD_SHARDS", "3"), ("MAD_POD_NAME", "mad-exporter-2")]),
-            Ok(Some(Shard {
-                index: 2,
-                shards: 3
-            }))
+            fixed(2, 3)
         );
         assert_eq!(
             from(&[
@@ -158,14 +277,52 @@ mod tests {
                 ("JOB_COMPLETION_INDEX", "1"),
                 ("MAD_POD_NAME", "x-2")
             ]),
-            Ok(Some(Shard {
-                index: 1,
-                shards: 3
-            }))
+            fixed(1, 3)
+        );
+        assert_eq!(
+            from(&[("MAD_SHARDS", "members")]),
+            Ok(Some(Sharding::Members))
         );
         assert!(from(&[("MAD_SHARDS", "3"), ("MAD_SHARD", "3")])
             .is_err_and(|e| e.contains("below the number")));
         assert!(from(&[("MAD_SHARDS", "3")]).is_err_and(|e| e.contains("MAD_POD_NAME")));
         assert!(from(&[("MAD_SHARDS", "three")]).is_err());
+    }
+
+    #[test]
+    fn members_agree_and_a_newcomer_takes_only_what_it_wins() {
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let views: Vec<Membership> = names.iter().map(|n| Membership::new(n.clone())).collect();
+        let keys: Vec<String> = (0..3_000)
+            .map(|i| format!("{{instance=\"n{i}\"}}"))
+            .collect();
+        for v in &views[..2] {
+            v.set_live(names[..2].to_vec());
+        }
+        let owners = |views: &[Membership]| -> Vec<Vec<usize>> {
+            keys.iter()
+                .map(|k| (0..views.len()).filter(|i| views[*i].owns(k)).collect())
+                .collect()
+        };
+        let before = owners(&views[..2]);
+        assert!(before.iter().all(|o| o.len() == 1));
+        for v in &views {
+            v.set_live(names.clone());
+        }
+        let after = owners(&views);
+        let mut moved = 0;
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(a.len(), 1);
+            if a != b {
+                moved += 1;
+                assert_eq!(a, &vec![2], "moved between the old members");
+            }
+        }
+        assert!((800..1_200).contains(&moved), "{moved} of 3000 moved");
+        // A member that leaves hands its series to the others; theirs stay.
+        for v in &views[..2] {
+            v.set_live(names[..2].to_vec());
+        }
+        assert_eq!(owners(&views[..2]), before);
     }
 }

@@ -9,6 +9,7 @@ use mad_training::{Progress, SeriesHistory};
 
 use crate::config::{Config, Detector};
 use crate::registry::{exclude_windows, merged_detectors, MaintenanceWindow, Registry};
+use crate::shard::Sharding;
 use crate::source::{align_down, unix_now, Client, Series};
 use crate::store::{ModelStore, PgStore, VersionInfo};
 
@@ -111,7 +112,7 @@ pub async fn run(
         }
         // A sharded trainer (an Indexed Job) trains its share of the detectors, each whole:
         // a detector's model covers all of its series, whichever exporter scores them.
-        if let Some(shard) = config.sharding.filter(|_| only.is_empty()) {
+        if let Some(Sharding::Fixed(shard)) = config.sharding.filter(|_| only.is_empty()) {
             if !shard.owns(&detector.name.0) {
                 continue;
             }

@@ -213,6 +213,12 @@ impl DetectorScorer {
         Ok((stats, scored))
     }
 
+    /// Forgets the series `keep` refuses (state and score): series that moved to another replica
+    /// leave this one's /metrics at once rather than going stale.
+    pub fn retain(&mut self, keep: impl Fn(&Labels) -> bool) {
+        self.series.retain(|labels, _| keep(labels));
+    }
+
     /// Forgets every series' scores (not its state): used when the datasource fails, so stale
     /// values are not served as fresh.
     pub fn clear_latest(&mut self) {
