@@ -216,7 +216,7 @@ fn new_series_score_on_their_first_cycle() {
 }
 
 #[test]
-fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
+fn short_gaps_are_bridged_and_long_gaps_carry_the_state() {
     let model = Arc::new(common::forecaster("d", 1.0));
     let mut scorer = band_scorer(model, 3600);
     scorer
@@ -237,16 +237,15 @@ fn short_gaps_are_bridged_and_long_gaps_restart_the_stream() {
     let ts: Vec<i64> = scored[0].1.iter().map(|s| (s.ts - T0) / STEP).collect();
     assert_eq!(ts, vec![12, 13, 14, 15], "missing points are not scored");
 
-    // A gap longer than MAX_INTERPOLATED_GAP: the stream restarts and must warm up again.
+    // A gap longer than MAX_INTERPOLATED_GAP: nothing is made up for it, the state goes on;
+    // the first point after the gap is fed unscored, the next ones are scored (no new warm-up).
     let resume = WINDOW + 8 + 20;
     let (stats, scored) = scorer
         .score_cycle(&[series("a", 0, resume..resume + 3)], now_after(resume + 2))
         .expect("after long gap");
-    assert_eq!(stats.points_fed, 3);
-    assert!(
-        scored.is_empty(),
-        "no score before a new warm-up: {scored:?}"
-    );
+    assert_eq!((stats.points_fed, stats.new_series), (3, 0));
+    let ts: Vec<i64> = scored[0].1.iter().map(|s| (s.ts - T0) / STEP).collect();
+    assert_eq!(ts, vec![resume as i64 + 1, resume as i64 + 2]);
 }
 
 #[test]
@@ -348,10 +347,10 @@ fn direction_and_minimum_deviation_shape_scores_and_bands() {
 }
 
 /// The default scoring (the anomaly likelihood) needs a history of deviations: a new series is
-/// primed from its fetched past and scores on its first cycle, and a stream that restarts after
-/// a long gap keeps that history (it is the same series).
+/// primed from its fetched past and scores on its first cycle, and a long gap keeps that
+/// history (it is the same series).
 #[test]
-fn the_likelihood_is_primed_from_history_and_survives_a_restart() {
+fn the_likelihood_is_primed_from_history_and_survives_a_long_gap() {
     let model = Arc::new(common::forecaster("d", 1.0));
     let mut scorer = DetectorScorer::new(model, 3600);
     let warmup = scorer.warmup_points();
@@ -366,8 +365,8 @@ fn the_likelihood_is_primed_from_history_and_survives_a_restart() {
         "primed on its warm-up, not all history"
     );
     assert_eq!(scored[0].1.len(), 1, "the newest point is scored at once");
-    // A gap longer than the interpolation limit restarts the stream: the LSTM warms up again
-    // on a window, and the likelihood goes on from its history, so scores resume after it.
+    // A gap longer than the interpolation limit: the state and the likelihood's history go on,
+    // so every point after the first one past the gap is scored.
     let restart = end + 20;
     let fetched = series("a", 0, restart..restart + WINDOW + 2);
     let (stats, scored) = scorer
@@ -376,7 +375,7 @@ fn the_likelihood_is_primed_from_history_and_survives_a_restart() {
     assert_eq!(stats.new_series, 0);
     assert_eq!(
         scored.first().map(|s| s.1.len()),
-        Some(2),
-        "scores resume one window after the gap: {scored:?}"
+        Some(WINDOW + 1),
+        "scores resume right after the gap: {scored:?}"
     );
 }

@@ -228,9 +228,11 @@ impl DetectorScorer {
     }
 
     /// The points after the series' last fed one, up to its newest observed point, with short
-    /// interior gaps interpolated. A gap longer than [`MAX_INTERPOLATED_GAP`] restarts the stream
-    /// at the first point after it. Also says whether the stream (re)starts: for an unknown
-    /// series or after such a gap. `None` when there is nothing new.
+    /// interior gaps interpolated. After a gap longer than [`MAX_INTERPOLATED_GAP`] the stream
+    /// goes on from the state before it: the first point after the gap is fed but not scored
+    /// (the state has not seen the time in between), the next ones are. Restarting from zero
+    /// instead left a series unscored for a whole window after every outage. Also says whether
+    /// the stream starts (an unknown series). `None` when there is nothing new.
     fn new_steps(&self, series: &Series, known: Option<&SeriesState>) -> Option<(Vec<Step>, bool)> {
         let last_observed = series.last_finite()?;
         let (mut prev_ts, mut prev_raw) = match known {
@@ -250,9 +252,8 @@ impl DetectorScorer {
             } else {
                 ((ts - prev_ts) / self.step - 1) as usize
             };
-            if missing > MAX_INTERPOLATED_GAP {
-                steps.clear();
-            } else {
+            let after_long_gap = missing > MAX_INTERPOLATED_GAP;
+            if !after_long_gap {
                 for k in 1..=missing as i64 {
                     let frac = k as f64 / (missing + 1) as f64;
                     steps.push(Step {
@@ -265,12 +266,12 @@ impl DetectorScorer {
             steps.push(Step {
                 ts,
                 raw,
-                observed: true,
+                observed: !after_long_gap,
             });
             (prev_ts, prev_raw) = (ts, raw);
         }
-        let first = steps.first()?.ts;
-        let restart = known.is_none_or(|s| first.saturating_sub(s.last_ts) > self.step);
+        steps.first()?;
+        let restart = known.is_none();
         // A fresh stream only needs its warm-up window, not everything the fetch returned.
         if restart && steps.len() > self.warmup_points() + 1 {
             steps.drain(..steps.len() - (self.warmup_points() + 1));

@@ -21,8 +21,8 @@ pub const OUTPUT_YHAT: &str = "yhat";
 pub const OUTPUT_H: &str = "h";
 pub const OUTPUT_C: &str = "c";
 
-/// Longest run of missing points that is filled by linear interpolation; a longer gap ends the
-/// stream and the next point starts a new one from zero state (training and scoring alike).
+/// Longest run of missing points that is filled by linear interpolation. Training cuts a stream
+/// at a longer gap; scoring carries the state across it (docs/model-contract.md).
 pub const MAX_INTERPOLATED_GAP: usize = 5;
 
 const DAY_SECS: f64 = 86_400.0;
