@@ -21,8 +21,9 @@ pub const OUTPUT_YHAT: &str = "yhat";
 pub const OUTPUT_H: &str = "h";
 pub const OUTPUT_C: &str = "c";
 
-/// Longest run of missing points that is filled by linear interpolation. Training cuts a stream
-/// at a longer gap; scoring carries the state across it (docs/model-contract.md).
+/// Longest run of missing points that is filled by linear interpolation. A longer gap is stepped
+/// over: the stream goes on, and the point after it is fed but neither a target nor scored
+/// (training and scoring alike; docs/model-contract.md).
 pub const MAX_INTERPOLATED_GAP: usize = 5;
 
 const DAY_SECS: f64 = 86_400.0;

@@ -160,6 +160,9 @@ struct PreparedSeries {
     inputs: Vec<f32>,
     /// Maximal runs without uncovered gaps, each at least two points long.
     segments: Vec<Range<usize>>,
+    /// Points that follow a long gap (dropped from the arrays): fed, but not a forecast target,
+    /// as the exporter scores them.
+    after_gap: Vec<bool>,
     /// Forecast targets with index in `..train_end` are training targets, in
     /// `train_end..validation_end` validation targets, the rest calibration targets.
     train_end: usize,
@@ -171,16 +174,21 @@ impl PreparedSeries {
         self.scaled.len()
     }
 
-    /// Number of forecast targets (points with a predecessor in the same segment) in `range`.
+    /// Number of forecast targets (points with a predecessor in the same segment, not right
+    /// after a long gap) in `range`.
     fn targets_in(&self, range: Range<usize>) -> usize {
         self.segments
             .iter()
             .map(|seg| {
                 let lo = (seg.start + 1).max(range.start);
                 let hi = seg.end.min(range.end);
-                hi.saturating_sub(lo)
+                (lo..hi).filter(|t| self.is_target(*t)).count()
             })
             .sum()
+    }
+
+    fn is_target(&self, t: usize) -> bool {
+        !self.after_gap.get(t).copied().unwrap_or(false)
     }
 
     /// Streams (from segment start) whose forecasts include a target in `targets`.
@@ -333,6 +341,23 @@ fn prepare(
             reason,
         })?;
     interpolate_short_gaps(&mut values);
+    // What is still missing is a long gap: it is dropped and the stream goes on across it, as
+    // the exporter's scoring does; the point after it is fed but is not a target.
+    let mut timestamps = Vec::with_capacity(values.len());
+    let mut after_gap = Vec::with_capacity(values.len());
+    let mut kept = Vec::with_capacity(values.len());
+    let mut gap = false;
+    for (t, v) in values.iter().enumerate() {
+        if v.is_nan() {
+            gap = !kept.is_empty();
+            continue;
+        }
+        kept.push(*v);
+        timestamps.push(start_ts + t as i64 * step_secs as i64);
+        after_gap.push(gap);
+        gap = false;
+    }
+    let values = kept;
     let len = values.len();
     let calibration = (len as f64 * opts.calibration_fraction).round() as usize;
     let validation = (len as f64 * opts.validation_fraction).round() as usize;
@@ -352,9 +377,8 @@ fn prepare(
     let features = &opts.features;
     let mut inputs = vec![0.0f32; len * features.len()];
     for (t, row) in inputs.chunks_exact_mut(features.len()).enumerate() {
-        let ts = start_ts + t as i64 * step_secs as i64;
         let value = if scaled[t].is_nan() { 0.0 } else { scaled[t] };
-        input_row(features, ts, value, row);
+        input_row(features, timestamps[t], value, row);
     }
     let segments = segments_of(&values);
     Ok((
@@ -364,6 +388,7 @@ fn prepare(
             scaled,
             inputs,
             segments,
+            after_gap,
             train_end,
             validation_end,
         },
@@ -481,7 +506,7 @@ impl Workspace {
                 self.x[slot * features..(slot + 1) * features]
                     .copy_from_slice(&s.inputs[point * features..(point + 1) * features]);
                 self.targets[slot] = s.scaled[point + 1];
-                self.valid[slot] = true;
+                self.valid[slot] = s.is_target(point + 1);
             }
         }
     }
@@ -609,7 +634,7 @@ fn last_value_baseline(series: &[PreparedSeries]) -> f64 {
         for seg in &s.segments {
             let lo = (seg.start + 1).max(s.train_end);
             let hi = seg.end.min(s.validation_end);
-            for t in lo..hi {
+            for t in (lo..hi).filter(|t| s.is_target(*t)) {
                 sum += huber(s.scaled[t] as f64 - s.scaled[t - 1] as f64);
                 count += 1;
             }
@@ -988,6 +1013,30 @@ mod tests {
         history.timestamps.swap(10, 11);
         let err = train("d", STEP as u64, &[history], &small_options(), &mut |_| {}).unwrap_err();
         assert!(matches!(err, TrainError::InvalidSeries { .. }), "{err}");
+    }
+
+    #[test]
+    fn long_gaps_are_stepped_over_and_the_point_after_is_not_a_target() {
+        // 100 points, then 10 missing (more than MAX_INTERPOLATED_GAP), then 100 more.
+        let mut history = noisy_sine(START, 60, 210, 0.1, 5);
+        history.timestamps.drain(100..110);
+        history.values.drain(100..110);
+        let (p, _) = prepare(&history, 60, &TrainOptions::default()).unwrap();
+        assert_eq!(p.len(), 200, "the gap is dropped, not filled");
+        assert_eq!(p.segments, vec![0..200], "one stream across the gap");
+        let flagged: Vec<usize> = (0..p.len()).filter(|t| !p.is_target(*t)).collect();
+        assert_eq!(flagged, vec![100], "only the point right after the gap");
+        assert_eq!(p.targets_in(0..200), 198);
+        // Its time features are those of its real time, not of the next grid slot.
+        let features = TrainOptions::default().features.len();
+        let mut row = vec![0.0f32; features];
+        input_row(
+            &TrainOptions::default().features,
+            START + 110 * 60,
+            0.0,
+            &mut row,
+        );
+        assert_eq!(p.inputs[100 * features + 1..101 * features], row[1..]);
     }
 
     #[test]
