@@ -158,7 +158,7 @@ struct PreparedSeries {
     scaled: Vec<f32>,
     /// Model input rows `[len, features]`.
     inputs: Vec<f32>,
-    /// Maximal runs without uncovered gaps, each at least two points long.
+    /// The stream: all points (long gaps are stepped over), if there are at least two.
     segments: Vec<Range<usize>>,
     /// Points that follow a long gap (dropped from the arrays): fed, but not a forecast target,
     /// as the exporter scores them.
@@ -306,29 +306,6 @@ fn interpolate_short_gaps(values: &mut [f64]) {
     }
 }
 
-fn segments_of(values: &[f64]) -> Vec<Range<usize>> {
-    let mut segments = Vec::new();
-    let mut start = None;
-    for (i, v) in values.iter().enumerate() {
-        match (v.is_nan(), start) {
-            (false, None) => start = Some(i),
-            (true, Some(s)) => {
-                if i - s >= 2 {
-                    segments.push(s..i);
-                }
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(s) = start {
-        if values.len() - s >= 2 {
-            segments.push(s..values.len());
-        }
-    }
-    segments
-}
-
 fn prepare(
     series: &SeriesHistory,
     step_secs: u64,
@@ -380,7 +357,8 @@ fn prepare(
         let value = if scaled[t].is_nan() { 0.0 } else { scaled[t] };
         input_row(features, timestamps[t], value, row);
     }
-    let segments = segments_of(&values);
+    // One stream: long gaps are stepped over, so only a series too short to forecast has none.
+    let segments: Vec<Range<usize>> = (len >= 2).then_some(0..len).into_iter().collect();
     Ok((
         PreparedSeries {
             key,
@@ -1023,7 +1001,8 @@ mod tests {
         history.values.drain(100..110);
         let (p, _) = prepare(&history, 60, &TrainOptions::default()).unwrap();
         assert_eq!(p.len(), 200, "the gap is dropped, not filled");
-        assert_eq!(p.segments, vec![0..200], "one stream across the gap");
+        assert_eq!(p.segments.len(), 1, "one stream across the gap");
+        assert_eq!(p.segments[0], 0..200);
         let flagged: Vec<usize> = (0..p.len()).filter(|t| !p.is_target(*t)).collect();
         assert_eq!(flagged, vec![100], "only the point right after the gap");
         assert_eq!(p.targets_in(0..200), 198);
@@ -1040,14 +1019,13 @@ mod tests {
     }
 
     #[test]
-    fn short_gaps_are_filled_and_long_gaps_cut_streams() {
+    fn short_gaps_are_filled_and_absent_timestamps_are_gaps() {
         let mut values = vec![1.0, f64::NAN, f64::NAN, 4.0, 5.0];
         values.extend([f64::NAN; 6]);
         values.extend([7.0, 8.0, f64::NAN]);
         interpolate_short_gaps(&mut values);
         assert_eq!(&values[..5], &[1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert!(values[5..11].iter().all(|v| v.is_nan()));
-        assert_eq!(segments_of(&values), vec![0..5, 11..13]);
+        assert!(values[5..11].iter().all(|v| v.is_nan()), "too long to fill");
 
         // Absent timestamps become NaN on the grid.
         let series = SeriesHistory {
