@@ -514,7 +514,7 @@ async fn run_cycle(
     let now = unix_now();
     let step = scorer.model().meta.step_secs as i64;
     let end = align_down(now, step);
-    let fetched = match fetch(exporter, detector, scorer, end, step).await {
+    let (fetched, given_up) = match fetch(exporter, detector, scorer, end, step).await {
         Ok(fetched) => fetched,
         Err(e) => {
             tracing::warn!(detector = name, error = %e, "fetch failed; dropping this detector's scores until it recovers");
@@ -524,9 +524,7 @@ async fn run_cycle(
             return;
         }
     };
-    if let Some(owner @ Owner::Members(_)) = &exporter.owner {
-        scorer.retain(|labels| owns(owner, detector, labels));
-    }
+    scorer.forget(&given_up);
     let inference = Instant::now();
     let result = tokio::task::block_in_place(|| scorer.score_cycle(&fetched, now));
     t.inference_duration
@@ -598,14 +596,15 @@ async fn run_cycle(
 }
 
 /// Fetches just enough history: the points since each series' last one, or a full warm-up
-/// window when a series shows up that the scorer has not seen.
+/// window when a series shows up that the scorer has not seen. Also returns the series the
+/// scorer tracks that are no longer this replica's (the members changed).
 async fn fetch(
     exporter: &Exporter,
     detector: &Detector,
     scorer: &DetectorScorer,
     end: i64,
     step: i64,
-) -> Result<Vec<Series>, SourceError> {
+) -> Result<(Vec<Series>, Vec<Labels>), SourceError> {
     let queries = detector.queries();
     let timer = exporter
         .telemetry
@@ -613,29 +612,44 @@ async fn fetch(
         .with_label_values(&[detector.name.0.as_str()]);
     let lookback = scorer.lookback_points(end) as i64;
     let started = Instant::now();
-    let shard = exporter.owner.as_ref();
+    let owner = exporter.owner.as_ref();
+    let mut given_up = Vec::new();
     let mut fetched = exporter
         .client
         .query_detector(queries, end - (lookback - 1) * step, end, step)
         .await?;
-    own_share(shard, detector, &mut fetched);
+    own_share(owner, detector, scorer, &mut fetched, &mut given_up);
     let full = scorer.warmup_points() as i64 + 1;
     if lookback < full && scorer.has_unknown(&fetched) {
         fetched = exporter
             .client
             .query_detector(queries, end - (full - 1) * step, end, step)
             .await?;
-        own_share(shard, detector, &mut fetched);
+        own_share(owner, detector, scorer, &mut fetched, &mut given_up);
     }
     timer.observe(started.elapsed().as_secs_f64());
-    Ok(fetched)
+    Ok((fetched, given_up))
 }
 
-/// Keeps the series this replica scores.
-fn own_share(owner: Option<&Owner>, detector: &Detector, fetched: &mut Vec<Series>) {
-    if let Some(owner) = owner {
-        fetched.retain(|s| owns(owner, detector, &s.labels));
-    }
+/// Keeps the series this replica scores; those it no longer owns but the scorer still tracks go
+/// to `given_up`, so they leave its /metrics now rather than going stale.
+fn own_share(
+    owner: Option<&Owner>,
+    detector: &Detector,
+    scorer: &DetectorScorer,
+    fetched: &mut Vec<Series>,
+    given_up: &mut Vec<Labels>,
+) {
+    let Some(owner) = owner else {
+        return;
+    };
+    fetched.retain(|s| {
+        let mine = owns(owner, detector, &s.labels);
+        if !mine && scorer.tracks(&s.labels) {
+            given_up.push(s.labels.clone());
+        }
+        mine
+    });
 }
 
 /// Whether `owner` scores a series: by its labels, or by its group's for a multivariate detector

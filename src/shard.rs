@@ -106,14 +106,9 @@ impl Shard {
         Shard::new(index, shards).map(|s| Some(Sharding::Fixed(s)))
     }
 
-    /// Whether this replica scores the series (or group) with these labels.
-    pub fn owns_series(&self, labels: &Labels) -> bool {
-        self.owns(&series_key(labels))
-    }
-
     /// Whether this replica owns `key`.
     pub fn owns(&self, key: &str) -> bool {
-        jump(fnv1a(key.as_bytes()), self.shards) == self.index
+        jump(fnv1a(key.bytes()), self.shards) == self.index
     }
 }
 
@@ -182,11 +177,8 @@ fn rendezvous<'a>(members: &'a [String], key: &str) -> Option<&'a str> {
     members
         .iter()
         .max_by_key(|m| {
-            let mut bytes = Vec::with_capacity(m.len() + 1 + key.len());
-            bytes.extend_from_slice(m.as_bytes());
-            bytes.push(0xff);
-            bytes.extend_from_slice(key.as_bytes());
-            mix(fnv1a(&bytes))
+            let bytes = m.bytes().chain([0xff]).chain(key.bytes());
+            mix(fnv1a(bytes))
         })
         .map(String::as_str)
 }
@@ -199,9 +191,9 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// FNV-1a, 64 bits.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 

@@ -24,6 +24,18 @@ pub struct GroupScore {
 }
 
 impl GroupScore {
+    /// The group's score from its inputs' scores: they are ranked, the highest is the score.
+    fn ranked(labels: Labels, ts: i64, mut inputs: Vec<(String, f64)>) -> GroupScore {
+        inputs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let score = inputs.first().map_or(0.0, |(_, s)| *s);
+        GroupScore {
+            labels,
+            ts,
+            score,
+            inputs,
+        }
+    }
+
     /// The input that drove the score.
     pub fn driver(&self) -> Option<&str> {
         self.inputs.first().map(|(name, _)| name.as_str())
@@ -55,38 +67,25 @@ pub fn combine<'a>(scores: impl IntoIterator<Item = (&'a Labels, &'a Score)>) ->
     }
     groups
         .into_iter()
-        .map(|((labels, ts), mut inputs)| {
-            inputs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            let score = inputs.first().map_or(0.0, |(_, s)| *s);
-            GroupScore {
-                labels,
-                ts,
-                score,
-                inputs,
-            }
-        })
+        .map(|((labels, ts), inputs)| GroupScore::ranked(labels, ts, inputs))
         .collect()
 }
 
-/// The latest group score of each group: per input its newest score, combined. An input that
-/// missed the newest cycle still counts with its last score until it goes stale.
+/// The latest group score of each group: per input its newest score, combined at the group's
+/// newest timestamp. An input that missed the newest cycle still counts with its last score
+/// until it goes stale.
 pub fn latest<'a>(scores: impl IntoIterator<Item = (&'a Labels, &'a Score)>) -> Vec<GroupScore> {
-    let newest: Vec<(&Labels, Score)> =
-        scores.into_iter().map(|(labels, s)| (labels, *s)).collect();
-    let mut by_group: BTreeMap<Labels, i64> = BTreeMap::new();
-    for (labels, s) in &newest {
-        let ts = by_group.entry(group_of(labels).0).or_insert(s.ts);
-        *ts = (*ts).max(s.ts);
+    let mut groups: BTreeMap<Labels, (i64, Vec<(String, f64)>)> = BTreeMap::new();
+    for (labels, score) in scores {
+        let (group, input) = group_of(labels);
+        let (ts, inputs) = groups.entry(group).or_insert((score.ts, Vec::new()));
+        *ts = (*ts).max(score.ts);
+        inputs.push((input.unwrap_or_default().to_string(), score.score));
     }
-    // Aligned on the group's newest timestamp, so every input lands in one combined score.
-    let aligned: Vec<(&Labels, Score)> = newest
+    groups
         .into_iter()
-        .map(|(labels, s)| {
-            let ts = by_group.get(&group_of(labels).0).copied().unwrap_or(s.ts);
-            (labels, Score { ts, ..s })
-        })
-        .collect();
-    combine(aligned.iter().map(|(l, s)| (*l, s)))
+        .map(|(labels, (ts, inputs))| GroupScore::ranked(labels, ts, inputs))
+        .collect()
 }
 
 #[cfg(test)]

@@ -213,10 +213,12 @@ impl DetectorScorer {
         Ok((stats, scored))
     }
 
-    /// Forgets the series `keep` refuses (state and score): series that moved to another replica
-    /// leave this one's /metrics at once rather than going stale.
-    pub fn retain(&mut self, keep: impl Fn(&Labels) -> bool) {
-        self.series.retain(|labels, _| keep(labels));
+    /// Forgets these series (state and score): series that moved to another replica leave this
+    /// one's /metrics at once rather than going stale.
+    pub fn forget(&mut self, series: &[Labels]) {
+        for labels in series {
+            self.series.remove(labels);
+        }
     }
 
     /// Forgets every series' scores (not its state): used when the datasource fails, so stale

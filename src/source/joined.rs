@@ -2,6 +2,7 @@
 //! each input query's series cut down to the join labels and tagged with `input="<name>"`, so
 //! the series of one group (one value set of the join labels) line up across inputs.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use super::{Client, Labels, Series, SourceError};
@@ -49,22 +50,25 @@ fn join(
             })
             .collect();
         labels.insert(INPUT_LABEL.to_string(), input.to_string());
-        if joined.contains_key(&labels) {
-            return Err(SourceError::Join {
-                input: input.to_string(),
-                message: format!(
-                    "two series in the group {labels:?}: aggregate the query by ({})",
-                    join_on.join(", ")
-                ),
-            });
+        match joined.entry(labels) {
+            Entry::Occupied(taken) => {
+                return Err(SourceError::Join {
+                    input: input.to_string(),
+                    message: format!(
+                        "two series in the group {:?}: aggregate the query by ({})",
+                        taken.key(),
+                        join_on.join(", ")
+                    ),
+                })
+            }
+            Entry::Vacant(slot) => {
+                let labels = slot.key().clone();
+                slot.insert(Series {
+                    labels,
+                    points: series.points,
+                });
+            }
         }
-        joined.insert(
-            labels.clone(),
-            Series {
-                labels,
-                points: series.points,
-            },
-        );
     }
     Ok(())
 }
