@@ -150,16 +150,14 @@ pub enum TrainError {
     Abandoned { epoch: usize },
 }
 
-/// One series on its regular grid, scaled, with its stream segments and split points.
+/// One series as one stream (long gaps stepped over), scaled, with its split points.
 struct PreparedSeries {
     key: String,
     scaler: Scaler,
-    /// Scaled values; NaN where missing after interpolation.
+    /// Scaled values, one per point of the stream.
     scaled: Vec<f32>,
     /// Model input rows `[len, features]`.
     inputs: Vec<f32>,
-    /// The stream: all points (long gaps are stepped over), if there are at least two.
-    segments: Vec<Range<usize>>,
     /// Points that follow a long gap (dropped from the arrays): fed, but not a forecast target,
     /// as the exporter scores them.
     after_gap: Vec<bool>,
@@ -174,34 +172,27 @@ impl PreparedSeries {
         self.scaled.len()
     }
 
-    /// Number of forecast targets (points with a predecessor in the same segment, not right
-    /// after a long gap) in `range`.
+    /// Number of forecast targets (points with a predecessor, not right after a long gap) in
+    /// `range`.
     fn targets_in(&self, range: Range<usize>) -> usize {
-        self.segments
-            .iter()
-            .map(|seg| {
-                let lo = (seg.start + 1).max(range.start);
-                let hi = seg.end.min(range.end);
-                (lo..hi).filter(|t| self.is_target(*t)).count()
-            })
-            .sum()
+        (range.start.max(1)..range.end.min(self.len()))
+            .filter(|t| self.is_target(*t))
+            .count()
     }
 
     fn is_target(&self, t: usize) -> bool {
         !self.after_gap.get(t).copied().unwrap_or(false)
     }
 
-    /// Streams (from segment start) whose forecasts include a target in `targets`.
+    /// The stream from its start up to the last target in `targets`, if it has one there.
     fn streams_for(&self, series: usize, targets: &Range<usize>, out: &mut Vec<Piece>) {
-        for seg in &self.segments {
-            let end = seg.end.min(targets.end);
-            if end > targets.start && end > seg.start + 1 {
-                out.push(Piece {
-                    series,
-                    start: seg.start,
-                    end,
-                });
-            }
+        let end = self.len().min(targets.end);
+        if end > targets.start && end > 1 {
+            out.push(Piece {
+                series,
+                start: 0,
+                end,
+            });
         }
     }
 }
@@ -341,31 +332,18 @@ fn prepare(
     let train_end = len.saturating_sub(calibration + validation);
     let validation_end = len.saturating_sub(calibration);
     let scaler = Scaler::fit(&values[..train_end]);
-    let scaled: Vec<f32> = values
-        .iter()
-        .map(|&v| {
-            if v.is_nan() {
-                f32::NAN
-            } else {
-                scaler.scale(v) as f32
-            }
-        })
-        .collect();
+    let scaled: Vec<f32> = values.iter().map(|&v| scaler.scale(v) as f32).collect();
     let features = &opts.features;
     let mut inputs = vec![0.0f32; len * features.len()];
     for (t, row) in inputs.chunks_exact_mut(features.len()).enumerate() {
-        let value = if scaled[t].is_nan() { 0.0 } else { scaled[t] };
-        input_row(features, timestamps[t], value, row);
+        input_row(features, timestamps[t], scaled[t], row);
     }
-    // One stream: long gaps are stepped over, so only a series too short to forecast has none.
-    let segments: Vec<Range<usize>> = (len >= 2).then_some(0..len).into_iter().collect();
     Ok((
         PreparedSeries {
             key,
             scaler,
             scaled,
             inputs,
-            segments,
             after_gap,
             train_end,
             validation_end,
@@ -393,29 +371,27 @@ fn training_pieces(
 ) {
     out.clear();
     for (index, s) in series.iter().enumerate() {
-        for seg in &s.segments {
-            let end = seg.end.min(s.train_end);
-            if end < seg.start + 2 {
-                continue;
-            }
-            let mut start = seg.start;
-            let mut boundary = start + piece_len + rng.gen_range(0..piece_len);
-            while boundary + piece_len <= end {
-                // Pieces overlap by one point so the boundary point is still a target.
-                out.push(Piece {
-                    series: index,
-                    start,
-                    end: boundary + 1,
-                });
-                start = boundary;
-                boundary += piece_len;
-            }
+        let end = s.len().min(s.train_end);
+        if end < 2 {
+            continue;
+        }
+        let mut start = 0;
+        let mut boundary = start + piece_len + rng.gen_range(0..piece_len);
+        while boundary + piece_len <= end {
+            // Pieces overlap by one point so the boundary point is still a target.
             out.push(Piece {
                 series: index,
                 start,
-                end,
+                end: boundary + 1,
             });
+            start = boundary;
+            boundary += piece_len;
         }
+        out.push(Piece {
+            series: index,
+            start,
+            end,
+        });
     }
     out.shuffle(rng);
 }
@@ -609,13 +585,10 @@ fn last_value_baseline(series: &[PreparedSeries]) -> f64 {
     let mut sum = 0.0;
     let mut count = 0usize;
     for s in series {
-        for seg in &s.segments {
-            let lo = (seg.start + 1).max(s.train_end);
-            let hi = seg.end.min(s.validation_end);
-            for t in (lo..hi).filter(|t| s.is_target(*t)) {
-                sum += huber(s.scaled[t] as f64 - s.scaled[t - 1] as f64);
-                count += 1;
-            }
+        let (lo, hi) = (s.train_end.max(1), s.validation_end.min(s.len()));
+        for t in (lo..hi).filter(|t| s.is_target(*t)) {
+            sum += huber(s.scaled[t] as f64 - s.scaled[t - 1] as f64);
+            count += 1;
         }
     }
     sum / count.max(1) as f64
@@ -674,7 +647,7 @@ pub fn train_with(
     let (mut train_start, mut train_end) = (i64::MAX, i64::MIN);
     for history in series {
         let (p, _) = prepare(history, step_secs, opts)?;
-        let points = p.scaled.iter().filter(|v| !v.is_nan()).count();
+        let points = p.len();
         most_points = most_points.max(points);
         let usable = points >= needed
             && p.targets_in(0..p.train_end) > 2 * opts.window
@@ -999,10 +972,12 @@ mod tests {
         let mut history = noisy_sine(START, 60, 210, 0.1, 5);
         history.timestamps.drain(100..110);
         history.values.drain(100..110);
-        let (p, _) = prepare(&history, 60, &TrainOptions::default()).unwrap();
+        let (p, _) = prepare(&history, 60, &TrainOptions::default()).expect("prepares");
         assert_eq!(p.len(), 200, "the gap is dropped, not filled");
-        assert_eq!(p.segments.len(), 1, "one stream across the gap");
-        assert_eq!(p.segments[0], 0..200);
+        let mut streams = Vec::new();
+        p.streams_for(0, &(0..200), &mut streams);
+        assert_eq!(streams.len(), 1, "one stream across the gap");
+        assert_eq!((streams[0].start, streams[0].end), (0, 200));
         let flagged: Vec<usize> = (0..p.len()).filter(|t| !p.is_target(*t)).collect();
         assert_eq!(flagged, vec![100], "only the point right after the gap");
         assert_eq!(p.targets_in(0..200), 198);
