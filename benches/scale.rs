@@ -8,10 +8,11 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::synth::{Profile, Synth};
 
 const SERIES: usize = 10_000;
@@ -20,12 +21,6 @@ const AHEAD_SECS: i64 = 300;
 const WARMUP: Duration = Duration::from_secs(6);
 const MEASURED: Duration = Duration::from_secs(20);
 const REPLICAS: [usize; 3] = [1, 2, 4];
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn config_text(vm_url: &str, models: &Path, port: u16) -> String {
     config_for(vm_url, models, port, "scale_requests")

@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::telegram::{alerts_in, FakeTelegram, Sent};
 use mad::config::Config;
 use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::synth::{Incident, IncidentKind, Profile, Synth};
 
 const TOKEN: &str = "515151:AAE-e2e-alerting-secret";
@@ -33,12 +34,6 @@ const LIVE_MAX_SECS: i64 = 120;
 /// The two tests share two cores with everything else: one stack at a time keeps the measured
 /// latencies meaningful.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn profile(instance: &str, base: f64, period: f64) -> Profile {
     Profile {

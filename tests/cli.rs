@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mad::demo::{free_port, VictoriaMetrics};
+use mad::source::unix_now as now;
 
 fn mad() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mad"));
@@ -320,12 +321,6 @@ fn serve_answers_probes_without_a_model_and_stops_on_sigterm() {
         get(port, "/healthz").is_none(),
         "the port is closed after shutdown"
     );
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

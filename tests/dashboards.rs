@@ -7,25 +7,20 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::pg::TestDb;
 use common::telegram::FakeTelegram;
 use mad::config::Config;
 use mad::dashboards::{dashboards, panel_queries, render, Query};
 use mad::demo::{free_port, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::synth::{Incident, IncidentKind, Profile, Synth};
 
 const HISTORY_SECS: i64 = 3600;
 const AHEAD_SECS: i64 = 300;
 const SPIKE_IN: i64 = 8;
 const CHAT: i64 = -100_777;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

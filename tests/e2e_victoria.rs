@@ -5,10 +5,11 @@
 //! disappear when the datasource does.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mad::config::Config;
 use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::source::Labels;
 use mad::synth::{Incident, IncidentKind, Profile, Synth};
 
@@ -18,12 +19,6 @@ const LIVE_SECS: i64 = 40;
 const SPIKE_AT: i64 = 22;
 /// Seconds after the spike whose scores count as its aftermath rather than quiet data.
 const AFTERMATH_SECS: i64 = 15;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn profile(labels: &[(&str, &str)], base: f64, period: f64) -> Profile {
     Profile {

@@ -5,23 +5,18 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::pg::TestDb;
 use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::registry::{AnomalyQuery, NewWindow, Registry};
+use mad::source::unix_now as now;
 use mad::synth::{Incident, IncidentKind, Profile, Synth};
 
 const HISTORY_SECS: i64 = 3600;
 const LIVE_SECS: i64 = 30;
 const SPIKE_AT: i64 = 16;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn profile(instance: &str, base: f64) -> Profile {
     Profile {

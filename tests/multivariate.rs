@@ -5,10 +5,11 @@
 //! `anomaly_contribution` naming memory as the driver, and `y`/`yhat` per input.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use mad::config::Config;
 use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::synth::{Incident, IncidentKind, Profile, Synth};
 
 const HISTORY_SECS: i64 = 2 * 3600;
@@ -16,12 +17,6 @@ const LIVE_SECS: i64 = 30;
 const SPIKE_AT: i64 = 18;
 /// Seconds after the spike whose scores count as its aftermath rather than quiet data.
 const AFTERMATH_SECS: i64 = 12;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn profile(metric: &str, instance: &str, base: f64, period: f64) -> Profile {
     Profile {

@@ -6,25 +6,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 mod common;
 
 use common::pg::TestDb;
 use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::synth::{Profile, Synth};
 
 const SERIES: usize = 12;
 const HISTORY_SECS: i64 = 3600;
 /// Points imported ahead of now, so the replicas keep finding fresh data without a feeder.
 const AHEAD_SECS: i64 = 300;
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 fn config_text(vm_url: &str, models: &Path, port: u16) -> String {
     config_with_store(

@@ -6,19 +6,14 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
+use mad::source::unix_now as now;
 use mad::source::{Client, Series, SourceError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 /// A config whose `datasource:` is the given YAML flow mapping.
 fn config(datasource: &str) -> Config {
