@@ -88,6 +88,7 @@ fn bench_model() -> Arc<Forecaster> {
         detector: DETECTOR.to_string(),
         features,
         hidden: HIDDEN,
+        layers: 1,
         step_secs: STEP as u64,
         window: WINDOW,
         series: BTreeMap::new(),

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use mad_training::trainer::{MAX_DROPOUT, MAX_LAYERS};
 use mad_training::TrainOptions;
 use serde::{Deserialize, Deserializer};
 
@@ -275,14 +276,16 @@ pub struct OnnxRuntime {
 #[serde(deny_unknown_fields)]
 pub struct TrainingOverrides {
     pub hidden: Option<usize>,
+    pub layers: Option<Layers>,
+    pub dropout: Option<DropoutRate>,
     pub max_epochs: Option<usize>,
     pub patience: Option<usize>,
     pub learning_rate: Option<f64>,
     pub seed: Option<u64>,
     pub band_quantile: Option<Fraction>,
     pub band_margin: Option<f64>,
-    /// Hyperparameter search (off unless set): TPE over window, hidden size, learning rate and
-    /// epochs, the best trial's model kept.
+    /// Hyperparameter search (off unless set): TPE over window, hidden size, layers, learning
+    /// rate, dropout and epochs, the best trial's model kept.
     pub search: Option<Search>,
 }
 
@@ -306,6 +309,8 @@ impl TrainingOverrides {
     pub fn apply(&self, base: TrainOptions) -> TrainOptions {
         TrainOptions {
             hidden: self.hidden.unwrap_or(base.hidden),
+            layers: self.layers.map_or(base.layers, |l| l.0),
+            dropout: self.dropout.map_or(base.dropout, |f| f.0),
             max_epochs: self.max_epochs.unwrap_or(base.max_epochs),
             patience: self.patience.unwrap_or(base.patience),
             learning_rate: self.learning_rate.unwrap_or(base.learning_rate),
@@ -319,6 +324,8 @@ impl TrainingOverrides {
     fn or(&self, fallback: &TrainingOverrides) -> TrainingOverrides {
         TrainingOverrides {
             hidden: self.hidden.or(fallback.hidden),
+            layers: self.layers.or(fallback.layers),
+            dropout: self.dropout.or(fallback.dropout),
             max_epochs: self.max_epochs.or(fallback.max_epochs),
             patience: self.patience.or(fallback.patience),
             learning_rate: self.learning_rate.or(fallback.learning_rate),
@@ -670,6 +677,23 @@ fn default_train_range() -> Duration {
     Duration(std::time::Duration::from_secs(14 * 86_400))
 }
 
+/// Longest duration accepted anywhere (100 years): longer ones are typos, and the step,
+/// interval and window arithmetic (`step × window × 4`, `5 × interval`) must not overflow.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 31_557_600);
+
+/// `humantime::parse_duration`, refusing more than [`MAX_DURATION`].
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let parsed = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?}: {e} (use e.g. 30s, 1m, 14d)"))?;
+    if parsed > MAX_DURATION {
+        return Err(format!(
+            "duration {text:?} is longer than {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(parsed)
+}
+
 /// A humantime duration (`30s`, `1m`, `14d`); zero is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Duration(pub std::time::Duration);
@@ -677,11 +701,7 @@ pub struct Duration(pub std::time::Duration);
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        let parsed = humantime::parse_duration(text.trim()).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?}: {e} (use e.g. 30s, 1m, 14d)"
-            ))
-        })?;
+        let parsed = parse_duration(&text).map_err(serde::de::Error::custom)?;
         if parsed.is_zero() {
             return Err(serde::de::Error::custom(
                 "duration must be greater than zero",
@@ -698,9 +718,9 @@ pub struct ZeroOrDuration(pub std::time::Duration);
 impl<'de> Deserialize<'de> for ZeroOrDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(text.trim())
+        parse_duration(&text)
             .map(ZeroOrDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -815,6 +835,38 @@ impl<'de> Deserialize<'de> for Window {
             )));
         }
         Ok(Window(n))
+    }
+}
+
+/// Stacked LSTM layers: at least one, at most what the trainer trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layers(pub usize);
+
+impl<'de> Deserialize<'de> for Layers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = usize::deserialize(d)?;
+        if !(1..=MAX_LAYERS).contains(&n) {
+            return Err(serde::de::Error::custom(format!(
+                "layers must be between 1 and {MAX_LAYERS}, got {n}"
+            )));
+        }
+        Ok(Layers(n))
+    }
+}
+
+/// A dropout rate: 0 (none) up to below [`MAX_DROPOUT`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutRate(pub f64);
+
+impl<'de> Deserialize<'de> for DropoutRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let x = f64::deserialize(d)?;
+        if !(0.0..MAX_DROPOUT).contains(&x) {
+            return Err(serde::de::Error::custom(format!(
+                "dropout must be at least 0 and below {MAX_DROPOUT}, got {x}"
+            )));
+        }
+        Ok(DropoutRate(x))
     }
 }
 
@@ -995,7 +1047,8 @@ impl Config {
                     format!("duplicate detector name {:?}", d.name.0),
                 ));
             }
-            if d.train_range.0 < d.step.0 * (d.window.0 as u32 * 4) {
+            let needed = d.step.0.checked_mul(d.window.0 as u32 * 4);
+            if needed.is_none_or(|n| d.train_range.0 < n) {
                 return Err(invalid(
                     format!("detectors[{i}].train_range"),
                     format!(
@@ -1268,6 +1321,29 @@ detectors:
         assert_eq!(o.hidden, 8);
         assert_eq!(o.seed, 7);
         assert_eq!(o.window, 64);
+    }
+
+    #[test]
+    fn layers_and_dropout_are_set_and_bounded() {
+        let text = GOOD.replace(
+            "detectors:",
+            "training: { layers: 2, dropout: 0 }\ndetectors:",
+        ) + "    training: { dropout: 0.25 }\n";
+        let c = parse(&text).expect("valid");
+        let o = c.detectors[0].train_options(&c.training);
+        assert_eq!((o.layers, o.dropout), (2, 0.25));
+        for (bad, says) in [
+            ("layers: 0", "layers must be between 1 and 4"),
+            ("layers: 5", "layers must be between 1 and 4"),
+            ("dropout: 0.9", "dropout must be at least 0 and below 0.9"),
+            ("dropout: -0.1", "dropout must be at least 0 and below 0.9"),
+        ] {
+            let e = error(&(GOOD.to_string() + &format!("    training: {{ {bad} }}\n")));
+            assert!(
+                e.contains("detectors[0].training") && e.contains(says),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -256,8 +256,8 @@ async fn train_detector(
                 progress_bar.inc(1);
                 progress_bar.set_message(match (t.val_loss, t.pruned_at_epoch) {
                     (Some(loss), _) => format!(
-                        "window {} hidden {} lr {:.1e}: val {loss:.4}",
-                        t.window, t.hidden, t.learning_rate
+                        "window {} hidden {}×{} lr {:.1e} dropout {:.2}: val {loss:.4}",
+                        t.window, t.hidden, t.layers, t.learning_rate, t.dropout
                     ),
                     (None, Some(epoch)) => format!("pruned after epoch {epoch}"),
                     (None, None) => "failed".to_string(),

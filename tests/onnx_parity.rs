@@ -33,7 +33,7 @@ fn library_path() -> PathBuf {
     path
 }
 
-fn small_model() -> mad_training::TrainedModel {
+fn small_model(layers: usize) -> mad_training::TrainedModel {
     let step = 300i64;
     let start = 1_700_000_000 - 1_700_000_000 % step;
     let timestamps: Vec<i64> = (0..400).map(|i| start + i * step).collect();
@@ -49,6 +49,7 @@ fn small_model() -> mad_training::TrainedModel {
     };
     let opts = TrainOptions {
         hidden: 8,
+        layers,
         window: 16,
         max_epochs: 4,
         ..TrainOptions::default()
@@ -69,15 +70,15 @@ fn run(
     x: &[f32],
     seq: usize,
     batch: usize,
-    features: usize,
+    (features, layers): (usize, usize),
     h0: &[f32],
     c0: &[f32],
 ) -> OrtOutput {
-    let hidden = h0.len() / batch;
+    let state = [layers, batch, h0.len() / (layers * batch)];
     let inputs = ort::inputs![
         "x" => Tensor::from_array(([seq, batch, features], x.to_vec())).unwrap(),
-        "h0" => Tensor::from_array(([1, batch, hidden], h0.to_vec())).unwrap(),
-        "c0" => Tensor::from_array(([1, batch, hidden], c0.to_vec())).unwrap(),
+        "h0" => Tensor::from_array((state, h0.to_vec())).unwrap(),
+        "c0" => Tensor::from_array((state, c0.to_vec())).unwrap(),
     ];
     let outputs = session.run(inputs).expect("ONNX Runtime runs the model");
     let (yhat_shape, yhat) = outputs["yhat"].try_extract_tensor::<f32>().unwrap();
@@ -104,12 +105,21 @@ fn assert_close(what: &str, a: &[f32], b: &[f32]) {
 
 #[test]
 fn exported_model_matches_rust_forward_and_carries_state() {
+    check_parity(1);
+}
+
+#[test]
+fn exported_stacked_model_matches_rust_forward_and_carries_state() {
+    check_parity(2);
+}
+
+fn check_parity(layers: usize) {
     let env = ort::init_from(library_path())
         .expect("ONNX Runtime library loads")
         .with_name("onnx_parity")
         .build()
         .expect("environment builds");
-    let model = small_model();
+    let model = small_model(layers);
     let mut session = Session::builder(&env)
         .and_then(|mut b| b.commit_from_memory(&model.onnx))
         .expect("ONNX Runtime accepts the exported model");
@@ -121,10 +131,10 @@ fn exported_model_matches_rust_forward_and_carries_state() {
     let x: Vec<f32> = (0..seq * batch * features)
         .map(|_| rng.next(-2.0, 2.0) as f32)
         .collect();
-    let h0: Vec<f32> = (0..batch * hidden)
+    let h0: Vec<f32> = (0..layers * batch * hidden)
         .map(|_| rng.next(-0.5, 0.5) as f32)
         .collect();
-    let c0: Vec<f32> = (0..batch * hidden)
+    let c0: Vec<f32> = (0..layers * batch * hidden)
         .map(|_| rng.next(-0.5, 0.5) as f32)
         .collect();
 
@@ -132,9 +142,12 @@ fn exported_model_matches_rust_forward_and_carries_state() {
         .params
         .forward_f32(&x, seq, batch, &h0, &c0)
         .expect("shapes match");
-    let full = run(&mut session, &x, seq, batch, features, &h0, &c0);
+    let full = run(&mut session, &x, seq, batch, (features, layers), &h0, &c0);
     assert_eq!(full.yhat_shape, [seq as i64, batch as i64]);
-    assert_eq!(full.state_shape, [1, batch as i64, hidden as i64]);
+    assert_eq!(
+        full.state_shape,
+        [layers as i64, batch as i64, hidden as i64]
+    );
     assert_close("yhat", &rust.yhat, &full.yhat);
     assert_close("h", &rust.h, &full.h);
     assert_close("c", &rust.c, &full.c);
@@ -146,7 +159,7 @@ fn exported_model_matches_rust_forward_and_carries_state() {
         &x[..split * batch * features],
         split,
         batch,
-        features,
+        (features, layers),
         &h0,
         &c0,
     );
@@ -155,7 +168,7 @@ fn exported_model_matches_rust_forward_and_carries_state() {
         &x[split * batch * features..],
         seq - split,
         batch,
-        features,
+        (features, layers),
         &first.h,
         &first.c,
     );

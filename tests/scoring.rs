@@ -96,8 +96,17 @@ fn score_incrementally(
 
 #[test]
 fn carried_state_matches_one_run_over_the_same_history() {
+    carried_state_matches_one_run(1);
+}
+
+#[test]
+fn carried_state_of_stacked_layers_matches_one_run() {
+    carried_state_matches_one_run(2);
+}
+
+fn carried_state_matches_one_run(layers: usize) {
     // A band so wide nothing is anomalous, so no input is clipped and a plain run is the reference.
-    let model = Arc::new(common::forecaster("d", 1e9));
+    let model = Arc::new(common::stacked_forecaster("d", 1e9, layers));
     let mut scorer = band_scorer(model.clone(), 3600);
     let scores = score_incrementally(&mut scorer, &["a"]);
     assert_eq!(
@@ -121,7 +130,7 @@ fn carried_state_matches_one_run_over_the_same_history() {
             row,
         );
     }
-    let zeros = vec![0f32; common::HIDDEN];
+    let zeros = vec![0f32; layers * common::HIDDEN];
     let out = model
         .run(&x, POINTS, 1, &zeros, &zeros)
         .expect("reference run");
@@ -166,7 +175,17 @@ fn many_points_in_one_cycle_equal_one_point_per_cycle() {
 
 #[test]
 fn batching_series_together_changes_no_score() {
-    let model = Arc::new(common::forecaster("d", 0.5));
+    batching_changes_no_score(1);
+}
+
+/// Several layers' states are interleaved per series in a batch: a mix-up would show here.
+#[test]
+fn batching_series_of_a_stacked_model_changes_no_score() {
+    batching_changes_no_score(2);
+}
+
+fn batching_changes_no_score(layers: usize) {
+    let model = Arc::new(common::stacked_forecaster("d", 0.5, layers));
     let mut together = band_scorer(model.clone(), 3600);
     let joint = score_incrementally(&mut together, &["a", "b", "c"]);
     for (k, name) in ["a", "b", "c"].iter().enumerate() {

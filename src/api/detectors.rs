@@ -45,6 +45,8 @@ fn config_spec(d: &Detector) -> Value {
         }
     };
     set("hidden", t.hidden.map(Value::from));
+    set("layers", t.layers.map(|l| Value::from(l.0)));
+    set("dropout", t.dropout.map(|f| Value::from(f.0)));
     set("max_epochs", t.max_epochs.map(Value::from));
     set("patience", t.patience.map(Value::from));
     set("learning_rate", t.learning_rate.map(Value::from));

@@ -98,8 +98,12 @@ impl Forecaster {
         self.meta.hidden
     }
 
+    pub fn layers(&self) -> usize {
+        self.meta.layers
+    }
+
     /// Runs `seq` steps for `batch` series. `x` is `[seq, batch, features]`, `h`/`c` are
-    /// `[batch, hidden]`.
+    /// `[layers, batch, hidden]`.
     pub fn run(
         &self,
         x: &[f32],
@@ -108,10 +112,12 @@ impl Forecaster {
         h: &[f32],
         c: &[f32],
     ) -> Result<StepOutput, ModelError> {
-        let (f, hd) = (self.features(), self.hidden());
-        if x.len() != seq * batch * f || h.len() != batch * hd || c.len() != batch * hd {
+        let (f, hd, layers) = (self.features(), self.hidden(), self.layers());
+        let state = layers * batch * hd;
+        if x.len() != seq * batch * f || h.len() != state || c.len() != state {
             return Err(ModelError::Inference(format!(
-                "input sizes x={} h={} c={} do not match seq={seq} batch={batch} features={f} hidden={hd}",
+                "input sizes x={} h={} c={} do not match seq={seq} batch={batch} features={f} \
+                 layers={layers} hidden={hd}",
                 x.len(),
                 h.len(),
                 c.len()
@@ -119,8 +125,8 @@ impl Forecaster {
         }
         let fail = |e: ort::Error| ModelError::Inference(e.to_string());
         let x = TensorRef::from_array_view(([seq, batch, f], x)).map_err(fail)?;
-        let h0 = TensorRef::from_array_view(([1, batch, hd], h)).map_err(fail)?;
-        let c0 = TensorRef::from_array_view(([1, batch, hd], c)).map_err(fail)?;
+        let h0 = TensorRef::from_array_view(([layers, batch, hd], h)).map_err(fail)?;
+        let c0 = TensorRef::from_array_view(([layers, batch, hd], c)).map_err(fail)?;
         let mut session = self
             .session
             .lock()
@@ -140,15 +146,15 @@ impl Forecaster {
         };
         Ok(StepOutput {
             yhat: extract(OUTPUT_YHAT, seq * batch)?,
-            h: extract(OUTPUT_H, batch * hd)?,
-            c: extract(OUTPUT_C, batch * hd)?,
+            h: extract(OUTPUT_H, state)?,
+            c: extract(OUTPUT_C, state)?,
         })
     }
 
     fn smoke_test(&self) -> Result<(), String> {
         let (seq, batch) = (2, 2);
         let x = vec![0.1f32; seq * batch * self.features()];
-        let state = vec![0.0f32; batch * self.hidden()];
+        let state = vec![0.0f32; self.layers() * batch * self.hidden()];
         let out = self
             .run(&x, seq, batch, &state, &state)
             .map_err(|e| format!("a test run failed: {e}"))?;
@@ -175,8 +181,13 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
     if meta.detector != expected_detector {
         return Err(format!("it was trained for detector {:?}", meta.detector));
     }
-    if meta.features.is_empty() || meta.hidden == 0 || meta.step_secs == 0 || meta.window == 0 {
-        return Err("features, hidden, step_secs and window must all be non-zero".into());
+    if meta.features.is_empty()
+        || meta.hidden == 0
+        || meta.layers == 0
+        || meta.step_secs == 0
+        || meta.window == 0
+    {
+        return Err("features, hidden, layers, step_secs and window must all be non-zero".into());
     }
     if !meta.features.contains(&Feature::Value) {
         return Err("features must include \"value\"".into());
@@ -198,7 +209,11 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
 
 /// Checks names, element types and the static dimensions the model declares.
 fn check_signature(session: &Session, meta: &ModelMeta) -> Result<(), String> {
-    let (f, hd) = (meta.features.len() as i64, meta.hidden as i64);
+    let (f, hd, layers) = (
+        meta.features.len() as i64,
+        meta.hidden as i64,
+        meta.layers as i64,
+    );
     let expect = |outlets: &[ort::value::Outlet], name: &str, dims: &[Option<i64>], kind: &str| {
         let outlet = outlets
             .iter()
@@ -232,14 +247,14 @@ fn check_signature(session: &Session, meta: &ModelMeta) -> Result<(), String> {
     };
     let inputs = session.inputs();
     expect(inputs, INPUT_X, &[None, None, Some(f)], "input")?;
-    expect(inputs, INPUT_H, &[Some(1), None, Some(hd)], "input")?;
-    expect(inputs, INPUT_C, &[Some(1), None, Some(hd)], "input")?;
+    expect(inputs, INPUT_H, &[Some(layers), None, Some(hd)], "input")?;
+    expect(inputs, INPUT_C, &[Some(layers), None, Some(hd)], "input")?;
     if inputs.len() != 3 {
         return Err(format!("expected exactly 3 inputs, found {}", inputs.len()));
     }
     let outputs = session.outputs();
     expect(outputs, OUTPUT_YHAT, &[None, None], "output")?;
-    expect(outputs, OUTPUT_H, &[Some(1), None, Some(hd)], "output")?;
-    expect(outputs, OUTPUT_C, &[Some(1), None, Some(hd)], "output")?;
+    expect(outputs, OUTPUT_H, &[Some(layers), None, Some(hd)], "output")?;
+    expect(outputs, OUTPUT_C, &[Some(layers), None, Some(hd)], "output")?;
     Ok(())
 }

@@ -294,7 +294,7 @@ impl DetectorScorer {
         SeriesState::new(
             scaler,
             band,
-            meta.hidden,
+            meta.layers * meta.hidden,
             Normalizer::new(self.detection.scoring),
         )
     }
@@ -342,13 +342,19 @@ impl DetectorScorer {
         states: &mut [SeriesState],
     ) -> Result<Vec<Vec<Score>>, ModelError> {
         let (f, hd, batch) = (self.model.features(), self.model.hidden(), chunk.len());
+        let layers = self.model.layers();
         let features = &self.model.meta.features;
         let window = self.model.meta.window;
-        let mut h = vec![0f32; batch * hd];
-        let mut c = vec![0f32; batch * hd];
+        // A series keeps its layers' states back to back; the model takes `[layers, batch, H]`.
+        let slot = |layer: usize, b: usize| (layer * batch + b) * hd..(layer * batch + b + 1) * hd;
+        let mut h = vec![0f32; layers * batch * hd];
+        let mut c = vec![0f32; layers * batch * hd];
         for (b, state) in states.iter().enumerate() {
-            h[b * hd..(b + 1) * hd].copy_from_slice(&state.h);
-            c[b * hd..(b + 1) * hd].copy_from_slice(&state.c);
+            for layer in 0..layers {
+                let own = layer * hd..(layer + 1) * hd;
+                h[slot(layer, b)].copy_from_slice(&state.h[own.clone()]);
+                c[slot(layer, b)].copy_from_slice(&state.c[own]);
+            }
         }
         // Working copies: the states change only once every run of the chunk has succeeded.
         let mut pending: Vec<Option<f32>> = states.iter().map(|s| s.pending).collect();
@@ -406,8 +412,11 @@ impl DetectorScorer {
             state.pending = pending[b];
             state.fed = fed[b];
             state.normalizer = normalizers[b].clone();
-            state.h.copy_from_slice(&h[b * hd..(b + 1) * hd]);
-            state.c.copy_from_slice(&c[b * hd..(b + 1) * hd]);
+            for layer in 0..layers {
+                let own = layer * hd..(layer + 1) * hd;
+                state.h[own.clone()].copy_from_slice(&h[slot(layer, b)]);
+                state.c[own].copy_from_slice(&c[slot(layer, b)]);
+            }
             if let Some(last) = steps.last() {
                 state.last_ts = last.ts;
                 state.last_raw = last.raw;

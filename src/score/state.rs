@@ -10,7 +10,7 @@ pub struct SeriesState {
     pub scaler: Scaler,
     /// Calibrated half-width of the band, scaled units.
     pub band: f64,
-    /// LSTM state after the last fed point, `[hidden]` each.
+    /// LSTM state after the last fed point, `[layers × hidden]` each (layer by layer).
     pub h: Vec<f32>,
     pub c: Vec<f32>,
     /// Scaled forecast for the point after `last_ts`.
@@ -28,12 +28,12 @@ pub struct SeriesState {
 }
 
 impl SeriesState {
-    pub fn new(scaler: Scaler, band: f64, hidden: usize, normalizer: Normalizer) -> SeriesState {
+    pub fn new(scaler: Scaler, band: f64, state_len: usize, normalizer: Normalizer) -> SeriesState {
         SeriesState {
             scaler,
             band,
-            h: vec![0.0; hidden],
-            c: vec![0.0; hidden],
+            h: vec![0.0; state_len],
+            c: vec![0.0; state_len],
             pending: None,
             last_ts: i64::MIN,
             last_raw: f64::NAN,

@@ -275,6 +275,7 @@ mod tests {
             detector: detector.into(),
             features: vec![mad_training::contract::Feature::Value],
             hidden: 4,
+            layers: 1,
             step_secs: 60,
             window: 8,
             series: BTreeMap::new(),

@@ -23,6 +23,7 @@ pub fn meta(detector: &str, default_band: f64) -> ModelMeta {
         detector: detector.into(),
         features: Feature::DEFAULT.to_vec(),
         hidden: HIDDEN,
+        layers: 1,
         step_secs: STEP as u64,
         window: WINDOW,
         series: BTreeMap::new(),
@@ -43,7 +44,16 @@ pub fn model_bytes(meta: &ModelMeta) -> Vec<u8> {
 }
 
 pub fn forecaster(detector: &str, default_band: f64) -> Forecaster {
-    let meta = meta(detector, default_band);
-    Forecaster::load(&model_bytes(&meta), "v1", detector, None)
+    stacked_forecaster(detector, default_band, 1)
+}
+
+/// An untrained model of `layers` stacked LSTM layers.
+pub fn stacked_forecaster(detector: &str, default_band: f64, layers: usize) -> Forecaster {
+    let meta = ModelMeta {
+        layers,
+        ..meta(detector, default_band)
+    };
+    let params = LstmParams::init_stacked(Feature::DEFAULT.len(), HIDDEN, layers, 5);
+    Forecaster::load(&onnx::export(&params, &meta), "v1", detector, None)
         .unwrap_or_else(|e| panic!("test model must load: {e}"))
 }

@@ -152,8 +152,11 @@ pub struct ModelMeta {
     pub detector: String,
     /// Input columns of `x`, in order.
     pub features: Vec<Feature>,
-    /// LSTM hidden size: `h0`/`c0` are `[1, batch, hidden]`.
+    /// LSTM hidden size: `h0`/`c0` are `[layers, batch, hidden]`.
     pub hidden: usize,
+    /// Stacked LSTM layers (absent in models from before stacking: one).
+    #[serde(default = "one_layer")]
+    pub layers: usize,
     /// Sampling step in seconds the model was trained on.
     pub step_secs: u64,
     /// Points the model is warmed up on before its forecasts are scored, and the BPTT length.
@@ -169,6 +172,10 @@ pub struct ModelMeta {
     /// Free-form facts about the run: hyperparameters, losses, epochs.
     #[serde(default)]
     pub training: BTreeMap<String, serde_json::Value>,
+}
+
+fn one_layer() -> usize {
+    1
 }
 
 /// Canonical identity of a series: its labels sorted by name, Prometheus-style.

@@ -19,7 +19,7 @@ pub mod search;
 pub mod trainer;
 
 pub use contract::*;
-pub use lstm::{LstmOutput, LstmParams, LstmTape, Real, ShapeError};
+pub use lstm::{Dropout, LstmOutput, LstmParams, LstmTape, Real, ShapeError};
 pub use trainer::{
     train, train_with, Control, Progress, SeriesHistory, TrainError, TrainOptions, TrainedModel,
 };

@@ -1,4 +1,4 @@
-//! A single-layer LSTM with a linear head, forward and backward, written by hand.
+//! Stacked LSTM layers with a linear head, forward and backward, written by hand.
 //!
 //! Parameters live in the ONNX `LSTM` layout (gate order i, o, f, c) so that export is a copy and
 //! the Rust forward pass can be compared with ONNX Runtime number for number. The code is generic
@@ -6,7 +6,8 @@
 //!
 //! Equations (ONNX defaults: sigmoid, tanh, tanh; no peepholes):
 //! `i,o,f = σ(x W_g' + h R_g' + Wb_g + Rb_g)`, `g = tanh(…)`, `c' = f c + i g`, `h' = o tanh(c')`,
-//! `yhat = h' · head_w + head_b`.
+//! `yhat = h' · head_w + head_b` with `h'` the top layer's output; a layer above the first reads
+//! the outputs of the one below as its `x`.
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -276,59 +277,121 @@ fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), S
     }
 }
 
-/// LSTM and head parameters in one flat buffer (so the optimiser sees a single slice), in the
-/// order W `[4H, F]`, R `[4H, H]`, Wb `[4H]`, Rb `[4H]`, head weight `[H]`, head bias `[1]`.
-/// Gradients use the same type and layout.
+/// Dropout while training: each unit of a layer's input from the layer below, and of the
+/// head's input, is zeroed with probability `rate` (the rest scaled by `1 / (1 - rate)`), so at
+/// inference (no dropout) the expected activations match. The recurrent path is left alone, as
+/// in PyTorch's `nn.LSTM`, so the carried state is the one serving sees. `seed` fixes the masks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub rate: f64,
+    pub seed: u64,
+}
+
+/// Stacked LSTM layers and a linear head in one flat buffer (so the optimiser sees a single
+/// slice). Layer `l` holds W `[4H, F_l]` (`F_0` = features, `H` above), R `[4H, H]`, Wb `[4H]`,
+/// Rb `[4H]`; the head weight `[H]` and bias `[1]` follow the last layer. Gradients use the same
+/// type and layout. One layer is the layout of a single ONNX `LSTM` node plus the head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LstmParams<T> {
     features: usize,
     hidden: usize,
+    layers: usize,
     data: Vec<T>,
 }
 
+/// Where one layer's tensors sit in [`LstmParams`]' buffer.
+#[derive(Debug, Clone, Copy)]
+struct LayerOffsets {
+    w: usize,
+    r: usize,
+    wb: usize,
+    rb: usize,
+    end: usize,
+}
+
 impl<T: Real> LstmParams<T> {
-    /// All-zero parameters (also the shape of a gradient buffer).
+    /// All-zero single-layer parameters (also the shape of a gradient buffer).
     pub fn zeros(features: usize, hidden: usize) -> Self {
-        let len = Self::len_for(features, hidden);
+        Self::zeros_stacked(features, hidden, 1)
+    }
+
+    /// All-zero parameters for `layers` stacked layers (at least one).
+    pub fn zeros_stacked(features: usize, hidden: usize, layers: usize) -> Self {
+        let layers = layers.max(1);
+        let len = Self::len_for(features, hidden, layers);
         LstmParams {
             features,
             hidden,
+            layers,
             data: vec![T::ZERO; len],
         }
     }
 
-    /// Small uniform initialisation (±1/√H) with the forget-gate bias at 1, which keeps memory
-    /// open early in training so gradients reach back through the window.
+    /// Single-layer [`LstmParams::init_stacked`].
     pub fn init(features: usize, hidden: usize, seed: u64) -> Self {
-        let mut params = Self::zeros(features, hidden);
+        Self::init_stacked(features, hidden, 1, seed)
+    }
+
+    /// Small uniform initialisation (±1/√H) with the forget-gate bias at 1, which keeps memory
+    /// open early in training so gradients reach back through the window. The first layer and
+    /// the head are drawn first, so a one-layer model is the same for the same seed whatever
+    /// the code's stacking support.
+    pub fn init_stacked(features: usize, hidden: usize, layers: usize, seed: u64) -> Self {
+        let mut params = Self::zeros_stacked(features, hidden, layers);
         let mut rng = SmallRng::seed_from_u64(seed);
         let bound = 1.0 / (hidden.max(1) as f64).sqrt();
-        let weights_end = GATES * hidden * (features + hidden);
-        for v in &mut params.data[..weights_end] {
-            *v = T::from_f64(rng.gen_range(-bound..bound));
+        let mut uniform = |values: &mut [T]| {
+            for v in values {
+                *v = T::from_f64(rng.gen_range(-bound..bound));
+            }
+        };
+        let first = params.layer_offsets(0);
+        uniform(&mut params.data[first.w..first.wb]);
+        let head = params.head_offset();
+        uniform(&mut params.data[head..head + hidden]);
+        for layer in 1..params.layers {
+            let o = params.layer_offsets(layer);
+            uniform(&mut params.data[o.w..o.wb]);
         }
-        for v in params.head_w_mut() {
-            *v = T::from_f64(rng.gen_range(-bound..bound));
-        }
-        let h = hidden;
-        for v in &mut params.wb_mut()[2 * h..3 * h] {
-            *v = T::ONE;
+        for layer in 0..params.layers {
+            let o = params.layer_offsets(layer);
+            for v in &mut params.data[o.wb + 2 * hidden..o.wb + 3 * hidden] {
+                *v = T::ONE;
+            }
         }
         params
     }
 
     /// Builds parameters from a flat buffer in this type's layout.
-    pub fn from_flat(features: usize, hidden: usize, data: Vec<T>) -> Result<Self, ShapeError> {
-        check_len("parameters", Self::len_for(features, hidden), data.len())?;
+    pub fn from_flat(
+        features: usize,
+        hidden: usize,
+        layers: usize,
+        data: Vec<T>,
+    ) -> Result<Self, ShapeError> {
+        let layers = layers.max(1);
+        check_len(
+            "parameters",
+            Self::len_for(features, hidden, layers),
+            data.len(),
+        )?;
         Ok(LstmParams {
             features,
             hidden,
+            layers,
             data,
         })
     }
 
-    fn len_for(features: usize, hidden: usize) -> usize {
-        GATES * hidden * (features + hidden) + 2 * GATES * hidden + hidden + 1
+    fn layer_len(inputs: usize, hidden: usize) -> usize {
+        GATES * hidden * (inputs + hidden) + 2 * GATES * hidden
+    }
+
+    fn len_for(features: usize, hidden: usize, layers: usize) -> usize {
+        Self::layer_len(features, hidden)
+            + (layers - 1) * Self::layer_len(hidden, hidden)
+            + hidden
+            + 1
     }
 
     pub fn features(&self) -> usize {
@@ -337,6 +400,17 @@ impl<T: Real> LstmParams<T> {
     pub fn hidden(&self) -> usize {
         self.hidden
     }
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+    /// Inputs of layer `layer`: the features for the first, the hidden size above.
+    pub fn layer_inputs(&self, layer: usize) -> usize {
+        if layer == 0 {
+            self.features
+        } else {
+            self.hidden
+        }
+    }
     pub fn as_slice(&self) -> &[T] {
         &self.data
     }
@@ -344,52 +418,56 @@ impl<T: Real> LstmParams<T> {
         &mut self.data
     }
 
-    fn offsets(&self) -> [usize; 6] {
+    fn layer_offsets(&self, layer: usize) -> LayerOffsets {
         let (f, h) = (self.features, self.hidden);
-        let w = 0;
-        let r = w + GATES * h * f;
+        let w = if layer == 0 {
+            0
+        } else {
+            Self::layer_len(f, h) + (layer - 1) * Self::layer_len(h, h)
+        };
+        let r = w + GATES * h * self.layer_inputs(layer);
         let wb = r + GATES * h * h;
         let rb = wb + GATES * h;
-        let head_w = rb + GATES * h;
-        let head_b = head_w + h;
-        [w, r, wb, rb, head_w, head_b]
+        LayerOffsets {
+            w,
+            r,
+            wb,
+            rb,
+            end: rb + GATES * h,
+        }
     }
 
-    /// Input weights `[4H, F]`.
-    pub fn w(&self) -> &[T] {
-        let o = self.offsets();
-        &self.data[o[0]..o[1]]
+    fn head_offset(&self) -> usize {
+        self.layer_offsets(self.layers - 1).end
     }
-    /// Recurrent weights `[4H, H]`.
-    pub fn r(&self) -> &[T] {
-        let o = self.offsets();
-        &self.data[o[1]..o[2]]
+
+    /// Input weights of `layer`, `[4H, F_layer]`.
+    pub fn w(&self, layer: usize) -> &[T] {
+        let o = self.layer_offsets(layer);
+        &self.data[o.w..o.r]
     }
-    /// Input bias `[4H]`.
-    pub fn wb(&self) -> &[T] {
-        let o = self.offsets();
-        &self.data[o[2]..o[3]]
+    /// Recurrent weights of `layer`, `[4H, H]`.
+    pub fn r(&self, layer: usize) -> &[T] {
+        let o = self.layer_offsets(layer);
+        &self.data[o.r..o.wb]
     }
-    /// Recurrent bias `[4H]`.
-    pub fn rb(&self) -> &[T] {
-        let o = self.offsets();
-        &self.data[o[3]..o[4]]
+    /// Input bias of `layer`, `[4H]`.
+    pub fn wb(&self, layer: usize) -> &[T] {
+        let o = self.layer_offsets(layer);
+        &self.data[o.wb..o.rb]
+    }
+    /// Recurrent bias of `layer`, `[4H]`.
+    pub fn rb(&self, layer: usize) -> &[T] {
+        let o = self.layer_offsets(layer);
+        &self.data[o.rb..o.end]
     }
     /// Head weight `[H]`.
     pub fn head_w(&self) -> &[T] {
-        let o = self.offsets();
-        &self.data[o[4]..o[5]]
+        let head = self.head_offset();
+        &self.data[head..head + self.hidden]
     }
     pub fn head_b(&self) -> T {
-        self.data[self.offsets()[5]]
-    }
-    fn wb_mut(&mut self) -> &mut [T] {
-        let o = self.offsets();
-        &mut self.data[o[2]..o[3]]
-    }
-    fn head_w_mut(&mut self) -> &mut [T] {
-        let o = self.offsets();
-        &mut self.data[o[4]..o[5]]
+        self.data[self.head_offset() + self.hidden]
     }
 
     /// The same parameters in another precision.
@@ -397,12 +475,13 @@ impl<T: Real> LstmParams<T> {
         LstmParams {
             features: self.features,
             hidden: self.hidden,
+            layers: self.layers,
             data: self.data.iter().map(|v| U::from_f64(v.to_f64())).collect(),
         }
     }
 
-    /// Runs `seq` steps for `batch` streams from state `h0`, `c0` (`[batch, H]`); `x` is
-    /// `[seq, batch, F]`. Allocates; loops should keep an [`LstmTape`] instead.
+    /// Runs `seq` steps for `batch` streams from state `h0`, `c0` (`[layers, batch, H]`); `x`
+    /// is `[seq, batch, F]`. Allocates; loops should keep an [`LstmTape`] instead.
     pub fn forward(
         &self,
         x: &[T],
@@ -413,10 +492,13 @@ impl<T: Real> LstmParams<T> {
     ) -> Result<LstmOutput<T>, ShapeError> {
         let mut tape = LstmTape::new();
         tape.forward(self, x, seq, batch, h0, c0)?;
+        let state = self.layers * batch * self.hidden;
+        let (mut h, mut c) = (vec![T::ZERO; state], vec![T::ZERO; state]);
+        tape.copy_final_state(&mut h, &mut c)?;
         Ok(LstmOutput {
             yhat: tape.yhat().to_vec(),
-            h: tape.final_h().to_vec(),
-            c: tape.final_c().to_vec(),
+            h,
+            c,
         })
     }
 }
@@ -435,12 +517,35 @@ impl LstmParams<f32> {
     }
 }
 
-/// Result of [`LstmParams::forward`]: `yhat` `[seq, batch]`, final `h` and `c` `[batch, H]`.
+/// Result of [`LstmParams::forward`]: `yhat` `[seq, batch]`, final `h` and `c`
+/// `[layers, batch, H]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LstmOutput<T> {
     pub yhat: Vec<T>,
     pub h: Vec<T>,
     pub c: Vec<T>,
+}
+
+/// One layer's activations of the last forward pass, plus its scratch buffers.
+#[derive(Debug, Default)]
+struct LayerTape<T> {
+    /// The layer's input `[seq, batch, inputs]` (after dropout, for layers above the first).
+    input: Vec<T>,
+    inputs: usize,
+    /// Activated gates `[seq, batch, 4H]`.
+    gates: Vec<T>,
+    /// Hidden and cell states `[seq + 1, batch, H]`; index 0 is the initial state.
+    h: Vec<T>,
+    c: Vec<T>,
+    /// `tanh(c_t)` `[seq, batch, H]`.
+    tanh_c: Vec<T>,
+    /// `R` transposed `[H, 4H]` for the small-batch recurrent product.
+    r_transposed: Vec<T>,
+    /// Dropout mask applied to `input` (empty: none).
+    mask: Vec<T>,
+    dgates: Vec<T>,
+    dh: Vec<T>,
+    dc: Vec<T>,
 }
 
 /// Activations of the last forward pass, kept for backpropagation, plus scratch buffers.
@@ -451,20 +556,12 @@ pub struct LstmTape<T> {
     batch: usize,
     features: usize,
     hidden: usize,
-    x: Vec<T>,
-    /// Activated gates `[seq, batch, 4H]`.
-    gates: Vec<T>,
-    /// Hidden and cell states `[seq + 1, batch, H]`; index 0 is the initial state.
-    h: Vec<T>,
-    c: Vec<T>,
-    /// `tanh(c_t)` `[seq, batch, H]`.
-    tanh_c: Vec<T>,
+    layers: Vec<LayerTape<T>>,
+    /// Dropout mask on the head's input `[seq, batch, H]` (empty: none).
+    head_mask: Vec<T>,
     yhat: Vec<T>,
-    /// `R` transposed `[H, 4H]` for the small-batch recurrent product.
-    r_transposed: Vec<T>,
-    dgates: Vec<T>,
-    dh: Vec<T>,
-    dc: Vec<T>,
+    /// Gradient arriving at the current layer's outputs `[seq, batch, H]` from above.
+    from_above: Vec<T>,
 }
 
 fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
@@ -472,80 +569,49 @@ fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
     buffer.resize(len, T::ZERO);
 }
 
-impl<T: Real> LstmTape<T> {
-    pub fn new() -> Self {
-        LstmTape {
-            seq: 0,
-            batch: 0,
-            features: 0,
-            hidden: 0,
-            x: Vec::new(),
-            gates: Vec::new(),
-            h: Vec::new(),
-            c: Vec::new(),
-            tanh_c: Vec::new(),
-            yhat: Vec::new(),
-            r_transposed: Vec::new(),
-            dgates: Vec::new(),
-            dh: Vec::new(),
-            dc: Vec::new(),
+/// Fills `mask` with inverted-dropout factors: 0 with probability `rate`, else `1 / (1 - rate)`.
+fn fill_mask<T: Real>(mask: &mut Vec<T>, len: usize, rate: f64, rng: &mut SmallRng) {
+    let keep = T::from_f64(1.0 / (1.0 - rate));
+    mask.clear();
+    mask.extend((0..len).map(|_| {
+        if rng.gen::<f64>() < rate {
+            T::ZERO
+        } else {
+            keep
         }
-    }
+    }));
+}
 
-    /// Forecasts `[seq, batch]` of the last forward pass.
-    pub fn yhat(&self) -> &[T] {
-        &self.yhat
-    }
-    /// Hidden state after the last step `[batch, H]`.
-    pub fn final_h(&self) -> &[T] {
-        let bh = self.batch * self.hidden;
-        &self.h[self.seq * bh..(self.seq + 1) * bh]
-    }
-    /// Cell state after the last step `[batch, H]`.
-    pub fn final_c(&self) -> &[T] {
-        let bh = self.batch * self.hidden;
-        &self.c[self.seq * bh..(self.seq + 1) * bh]
-    }
-
-    /// Forward pass that records what [`LstmTape::backward`] needs.
-    pub fn forward(
+impl<T: Real> LayerTape<T> {
+    /// Forward pass of one layer over `self.input`, from state `h0`, `c0` (`[batch, H]`).
+    fn forward(
         &mut self,
         params: &LstmParams<T>,
-        x: &[T],
+        layer: usize,
         seq: usize,
         batch: usize,
         h0: &[T],
         c0: &[T],
-    ) -> Result<(), ShapeError> {
-        let (f, h) = (params.features, params.hidden);
+    ) {
+        let (f, h) = (self.inputs, params.hidden);
         let g = GATES * h;
-        check_len("x [seq, batch, features]", seq * batch * f, x.len())?;
-        check_len("h0 [batch, hidden]", batch * h, h0.len())?;
-        check_len("c0 [batch, hidden]", batch * h, c0.len())?;
-        self.seq = seq;
-        self.batch = batch;
-        self.features = f;
-        self.hidden = h;
         let bh = batch * h;
-        self.x.clear();
-        self.x.extend_from_slice(x);
         resize(&mut self.gates, seq * batch * g);
         resize(&mut self.h, (seq + 1) * bh);
         resize(&mut self.c, (seq + 1) * bh);
         resize(&mut self.tanh_c, seq * bh);
-        resize(&mut self.yhat, seq * batch);
         self.h[..bh].copy_from_slice(h0);
         self.c[..bh].copy_from_slice(c0);
 
         // Input projections for all steps in one product, biases folded in.
         gemm(
             T::ONE,
-            MatRef::row_major(x, seq * batch, f),
-            MatRef::transposed(params.w(), f, g),
+            MatRef::row_major(&self.input, seq * batch, f),
+            MatRef::transposed(params.w(layer), f, g),
             T::ZERO,
             &mut self.gates,
         );
-        let (wb, rb) = (params.wb(), params.rb());
+        let (wb, rb) = (params.wb(layer), params.rb(layer));
         for row in self.gates.chunks_exact_mut(g) {
             for ((v, a), b) in row.iter_mut().zip(wb).zip(rb) {
                 *v += *a + *b;
@@ -553,7 +619,7 @@ impl<T: Real> LstmTape<T> {
         }
         let small = batch <= SMALL_BATCH;
         if small {
-            let r = params.r();
+            let r = params.r(layer);
             resize(&mut self.r_transposed, h * g);
             for j in 0..g {
                 for k in 0..h {
@@ -562,8 +628,6 @@ impl<T: Real> LstmTape<T> {
             }
         }
 
-        let head_w = params.head_w();
-        let head_b = params.head_b();
         for t in 0..seq {
             let gates_t = &mut self.gates[t * batch * g..(t + 1) * batch * g];
             let (h_past, h_future) = self.h.split_at_mut((t + 1) * bh);
@@ -581,7 +645,7 @@ impl<T: Real> LstmTape<T> {
                 gemm(
                     T::ONE,
                     MatRef::row_major(h_prev, batch, h),
-                    MatRef::transposed(params.r(), h, g),
+                    MatRef::transposed(params.r(layer), h, g),
                     T::ONE,
                     gates_t,
                 );
@@ -606,69 +670,50 @@ impl<T: Real> LstmTape<T> {
                 tc.copy_from_slice(cell);
                 T::tanh_in_place(tc);
                 let hidden_out = &mut h_next[b * h..(b + 1) * h];
-                let mut y = head_b;
                 for k in 0..h {
                     hidden_out[k] = o_gate[k] * tc[k];
-                    y += hidden_out[k] * head_w[k];
                 }
-                self.yhat[t * batch + b] = y;
             }
         }
-        Ok(())
     }
 
-    /// Backpropagation through the steps of the last forward pass, given `dL/dyhat`
-    /// (`[seq, batch]`). Writes (not accumulates) all parameter gradients into `grads`.
-    /// Gradients into the initial state are dropped: training truncates there.
-    pub fn backward(
+    /// Backpropagation through this layer's steps, given the gradient at its outputs
+    /// (`from_above`, `[seq, batch, H]`). Writes the layer's parameter gradients into `grads`;
+    /// when `to_below` is given, writes there the gradient at the layer's input (before its
+    /// dropout mask, i.e. at the outputs of the layer below).
+    fn backward(
         &mut self,
         params: &LstmParams<T>,
-        dyhat: &[T],
+        layer: usize,
+        (seq, batch): (usize, usize),
+        from_above: &[T],
         grads: &mut LstmParams<T>,
-    ) -> Result<(), ShapeError> {
-        let (seq, batch, f, h) = (self.seq, self.batch, self.features, self.hidden);
-        check_len("params features", f, params.features)?;
-        check_len("params hidden", h, params.hidden)?;
-        check_len("grads", params.data.len(), grads.data.len())?;
-        check_len("dyhat [seq, batch]", seq * batch, dyhat.len())?;
+        to_below: Option<&mut Vec<T>>,
+    ) {
+        let (f, h) = (self.inputs, params.hidden);
         let g = GATES * h;
         let bh = batch * h;
         resize(&mut self.dgates, seq * batch * g);
         resize(&mut self.dh, bh);
         resize(&mut self.dc, bh);
-        grads.data.iter_mut().for_each(|v| *v = T::ZERO);
-        let head_w = params.head_w();
-        let r = params.r();
-        let offsets = grads.offsets();
-
-        let mut head_b_grad = T::ZERO;
+        let r = params.r(layer);
         for t in (0..seq).rev() {
             let gates_t = &self.gates[t * batch * g..(t + 1) * batch * g];
             let dgates_t = &mut self.dgates[t * batch * g..(t + 1) * batch * g];
             let c_prev = &self.c[t * bh..(t + 1) * bh];
-            let h_t = &self.h[(t + 1) * bh..(t + 2) * bh];
             let tanh_c = &self.tanh_c[t * bh..(t + 1) * bh];
-            {
-                let head_w_grad = &mut grads.data[offsets[4]..offsets[5]];
-                for b in 0..batch {
-                    let dy = dyhat[t * batch + b];
-                    head_b_grad += dy;
-                    for (gw, &hv) in head_w_grad.iter_mut().zip(&h_t[b * h..(b + 1) * h]) {
-                        *gw += dy * hv;
-                    }
-                }
-            }
+            let above_t = &from_above[t * bh..(t + 1) * bh];
             for b in 0..batch {
-                let dy = dyhat[t * batch + b];
                 let row = &gates_t[b * g..(b + 1) * g];
                 let drow = &mut dgates_t[b * g..(b + 1) * g];
                 let dh = &self.dh[b * h..(b + 1) * h];
                 let dc = &mut self.dc[b * h..(b + 1) * h];
                 let cp = &c_prev[b * h..(b + 1) * h];
                 let tc = &tanh_c[b * h..(b + 1) * h];
+                let above = &above_t[b * h..(b + 1) * h];
                 for k in 0..h {
                     let (i, o, fg, gg) = (row[k], row[h + k], row[2 * h + k], row[3 * h + k]);
-                    let dh_k = dh[k] + dy * head_w[k];
+                    let dh_k = dh[k] + above[k];
                     let dc_k = dc[k] + dh_k * o * (T::ONE - tc[k] * tc[k]);
                     drow[k] = dc_k * gg * i * (T::ONE - i);
                     drow[h + k] = dh_k * tc[k] * o * (T::ONE - o);
@@ -697,32 +742,223 @@ impl<T: Real> LstmTape<T> {
                 );
             }
         }
-        grads.data[offsets[5]] = head_b_grad;
 
+        let o = grads.layer_offsets(layer);
         let rows = seq * batch;
         let dgates_transposed = MatRef::transposed(&self.dgates, g, rows);
         gemm(
             T::ONE,
             dgates_transposed,
-            MatRef::row_major(&self.x, rows, f),
+            MatRef::row_major(&self.input, rows, f),
             T::ZERO,
-            &mut grads.data[offsets[0]..offsets[1]],
+            &mut grads.data[o.w..o.r],
         );
         gemm(
             T::ONE,
             dgates_transposed,
             MatRef::row_major(&self.h[..rows * h], rows, h),
             T::ZERO,
-            &mut grads.data[offsets[1]..offsets[2]],
+            &mut grads.data[o.r..o.wb],
         );
-        let (before_rb, from_rb) = grads.data.split_at_mut(offsets[3]);
-        let wb_grad = &mut before_rb[offsets[2]..];
+        let (before_rb, from_rb) = grads.data.split_at_mut(o.rb);
+        let wb_grad = &mut before_rb[o.wb..];
         for drow in self.dgates.chunks_exact(g) {
             for (v, &d) in wb_grad.iter_mut().zip(drow) {
                 *v += d;
             }
         }
         from_rb[..g].copy_from_slice(wb_grad);
+
+        if let Some(below) = to_below {
+            resize(below, rows * f);
+            gemm(
+                T::ONE,
+                MatRef::row_major(&self.dgates, rows, g),
+                MatRef::row_major(params.w(layer), g, f),
+                T::ZERO,
+                below,
+            );
+            if !self.mask.is_empty() {
+                for (v, &m) in below.iter_mut().zip(&self.mask) {
+                    *v *= m;
+                }
+            }
+        }
+    }
+}
+
+impl<T: Real> LstmTape<T> {
+    pub fn new() -> Self {
+        LstmTape {
+            seq: 0,
+            batch: 0,
+            features: 0,
+            hidden: 0,
+            layers: Vec::new(),
+            head_mask: Vec::new(),
+            yhat: Vec::new(),
+            from_above: Vec::new(),
+        }
+    }
+
+    /// Forecasts `[seq, batch]` of the last forward pass.
+    pub fn yhat(&self) -> &[T] {
+        &self.yhat
+    }
+
+    /// Writes the state after the last step, `[layers, batch, H]`, into `h` and `c`.
+    pub fn copy_final_state(&self, h: &mut [T], c: &mut [T]) -> Result<(), ShapeError> {
+        let bh = self.batch * self.hidden;
+        check_len("h [layers, batch, hidden]", self.layers.len() * bh, h.len())?;
+        check_len("c [layers, batch, hidden]", self.layers.len() * bh, c.len())?;
+        let last = self.seq * bh..(self.seq + 1) * bh;
+        for (l, layer) in self.layers.iter().enumerate() {
+            h[l * bh..(l + 1) * bh].copy_from_slice(&layer.h[last.clone()]);
+            c[l * bh..(l + 1) * bh].copy_from_slice(&layer.c[last.clone()]);
+        }
+        Ok(())
+    }
+
+    /// Forward pass (no dropout) that records what [`LstmTape::backward`] needs.
+    pub fn forward(
+        &mut self,
+        params: &LstmParams<T>,
+        x: &[T],
+        seq: usize,
+        batch: usize,
+        h0: &[T],
+        c0: &[T],
+    ) -> Result<(), ShapeError> {
+        self.forward_train(params, x, (seq, batch), h0, c0, None)
+    }
+
+    /// Forward pass, with `dropout` when training. `x` is `[seq, batch, F]`, `h0`/`c0`
+    /// `[layers, batch, H]`.
+    pub fn forward_train(
+        &mut self,
+        params: &LstmParams<T>,
+        x: &[T],
+        (seq, batch): (usize, usize),
+        h0: &[T],
+        c0: &[T],
+        dropout: Option<Dropout>,
+    ) -> Result<(), ShapeError> {
+        let (f, h, layers) = (params.features, params.hidden, params.layers);
+        check_len("x [seq, batch, features]", seq * batch * f, x.len())?;
+        check_len("h0 [layers, batch, hidden]", layers * batch * h, h0.len())?;
+        check_len("c0 [layers, batch, hidden]", layers * batch * h, c0.len())?;
+        self.seq = seq;
+        self.batch = batch;
+        self.features = f;
+        self.hidden = h;
+        let bh = batch * h;
+        let mut rng = dropout.map(|d| (d.rate, SmallRng::seed_from_u64(d.seed)));
+        self.layers.resize_with(layers, LayerTape::default);
+        for l in 0..layers {
+            let (below, rest) = self.layers.split_at_mut(l);
+            let layer = &mut rest[0];
+            layer.inputs = params.layer_inputs(l);
+            layer.input.clear();
+            layer.mask.clear();
+            match below.last() {
+                None => layer.input.extend_from_slice(x),
+                Some(prev) => {
+                    layer.input.extend_from_slice(&prev.h[bh..]);
+                    if let Some((rate, rng)) = rng.as_mut() {
+                        fill_mask(&mut layer.mask, layer.input.len(), *rate, rng);
+                        for (v, &m) in layer.input.iter_mut().zip(&layer.mask) {
+                            *v *= m;
+                        }
+                    }
+                }
+            }
+            let state = l * bh..(l + 1) * bh;
+            layer.forward(params, l, seq, batch, &h0[state.clone()], &c0[state]);
+        }
+
+        self.head_mask.clear();
+        if let Some((rate, rng)) = rng.as_mut() {
+            fill_mask(&mut self.head_mask, seq * bh, *rate, rng);
+        }
+        let top = &self.layers[layers - 1];
+        let (head_w, head_b) = (params.head_w(), params.head_b());
+        resize(&mut self.yhat, seq * batch);
+        for (slot, y_out) in self.yhat.iter_mut().enumerate() {
+            let hidden_out = &top.h[bh + slot * h..bh + (slot + 1) * h];
+            let mut y = head_b;
+            if self.head_mask.is_empty() {
+                for k in 0..h {
+                    y += hidden_out[k] * head_w[k];
+                }
+            } else {
+                let mask = &self.head_mask[slot * h..(slot + 1) * h];
+                for k in 0..h {
+                    y += hidden_out[k] * mask[k] * head_w[k];
+                }
+            }
+            *y_out = y;
+        }
+        Ok(())
+    }
+
+    /// Backpropagation through the steps of the last forward pass, given `dL/dyhat`
+    /// (`[seq, batch]`). Writes (not accumulates) all parameter gradients into `grads`.
+    /// Gradients into the initial state are dropped: training truncates there.
+    pub fn backward(
+        &mut self,
+        params: &LstmParams<T>,
+        dyhat: &[T],
+        grads: &mut LstmParams<T>,
+    ) -> Result<(), ShapeError> {
+        let (seq, batch, h) = (self.seq, self.batch, self.hidden);
+        check_len("params features", self.features, params.features)?;
+        check_len("params hidden", h, params.hidden)?;
+        check_len("params layers", self.layers.len(), params.layers)?;
+        check_len("grads", params.data.len(), grads.data.len())?;
+        check_len("dyhat [seq, batch]", seq * batch, dyhat.len())?;
+        let bh = batch * h;
+        let head_w = params.head_w();
+
+        // The head: its gradients, and the gradient at the top layer's outputs.
+        let top = self.layers.len() - 1;
+        let head = grads.head_offset();
+        grads.data.iter_mut().for_each(|v| *v = T::ZERO);
+        resize(&mut self.from_above, seq * bh);
+        let mut head_b_grad = T::ZERO;
+        for t in (0..seq).rev() {
+            for b in 0..batch {
+                let slot = t * batch + b;
+                let dy = dyhat[slot];
+                head_b_grad += dy;
+                let hidden_out = &self.layers[top].h[bh + slot * h..bh + (slot + 1) * h];
+                let above = &mut self.from_above[slot * h..(slot + 1) * h];
+                let head_w_grad = &mut grads.data[head..head + h];
+                if self.head_mask.is_empty() {
+                    for k in 0..h {
+                        head_w_grad[k] += dy * hidden_out[k];
+                        above[k] = dy * head_w[k];
+                    }
+                } else {
+                    let mask = &self.head_mask[slot * h..(slot + 1) * h];
+                    for k in 0..h {
+                        head_w_grad[k] += dy * hidden_out[k] * mask[k];
+                        above[k] = dy * head_w[k] * mask[k];
+                    }
+                }
+            }
+        }
+        grads.data[head + h] = head_b_grad;
+
+        let mut from_above = std::mem::take(&mut self.from_above);
+        let mut to_below = Vec::new();
+        for l in (0..self.layers.len()).rev() {
+            let below = (l > 0).then_some(&mut to_below);
+            self.layers[l].backward(params, l, (seq, batch), &from_above, grads, below);
+            if l > 0 {
+                std::mem::swap(&mut from_above, &mut to_below);
+            }
+        }
+        self.from_above = from_above;
         Ok(())
     }
 }
@@ -735,13 +971,6 @@ mod tests {
         (0..len).map(|_| rng.gen_range(-scale..scale)).collect()
     }
 
-    fn weighted_loss(params: &LstmParams<f64>, case: &GradCase) -> f64 {
-        let out = params
-            .forward(&case.x, case.seq, case.batch, &case.h0, &case.c0)
-            .expect("shapes match");
-        out.yhat.iter().zip(&case.weights).map(|(y, w)| y * w).sum()
-    }
-
     struct GradCase {
         seq: usize,
         batch: usize,
@@ -749,28 +978,57 @@ mod tests {
         h0: Vec<f64>,
         c0: Vec<f64>,
         weights: Vec<f64>,
+        dropout: Option<Dropout>,
     }
 
-    fn gradient_check(batch: usize) {
+    /// `Σ weight · yhat`, with the case's dropout masks (same seed, same masks).
+    fn weighted_loss(params: &LstmParams<f64>, case: &GradCase) -> f64 {
+        let mut tape = LstmTape::new();
+        tape.forward_train(
+            params,
+            &case.x,
+            (case.seq, case.batch),
+            &case.h0,
+            &case.c0,
+            case.dropout,
+        )
+        .expect("shapes match");
+        tape.yhat()
+            .iter()
+            .zip(&case.weights)
+            .map(|(y, w)| y * w)
+            .sum()
+    }
+
+    fn gradient_check(batch: usize, layers: usize, dropout: Option<Dropout>) {
         let (features, hidden, seq) = (3, 5, 7);
         let mut rng = SmallRng::seed_from_u64(7);
-        let mut params = LstmParams::<f64>::init(features, hidden, 3);
+        let mut params = LstmParams::<f64>::init_stacked(features, hidden, layers, 3);
         // Perturb everything so no gradient is trivially zero (head bias, Rb).
         for v in params.as_mut_slice() {
             *v += rng.gen_range(-0.3..0.3);
         }
+        let state = layers * batch * hidden;
         let case = GradCase {
             seq,
             batch,
             x: random(seq * batch * features, &mut rng, 1.0),
-            h0: random(batch * hidden, &mut rng, 0.5),
-            c0: random(batch * hidden, &mut rng, 0.5),
+            h0: random(state, &mut rng, 0.5),
+            c0: random(state, &mut rng, 0.5),
             weights: random(seq * batch, &mut rng, 1.0),
+            dropout,
         };
         let mut tape = LstmTape::new();
-        tape.forward(&params, &case.x, seq, batch, &case.h0, &case.c0)
-            .expect("shapes match");
-        let mut grads = LstmParams::zeros(features, hidden);
+        tape.forward_train(
+            &params,
+            &case.x,
+            (seq, batch),
+            &case.h0,
+            &case.c0,
+            case.dropout,
+        )
+        .expect("shapes match");
+        let mut grads = LstmParams::zeros_stacked(features, hidden, layers);
         tape.backward(&params, &case.weights, &mut grads)
             .expect("shapes match");
 
@@ -793,18 +1051,53 @@ mod tests {
             .sqrt();
         let norm: f64 = numeric.iter().map(|a| a * a).sum::<f64>().sqrt();
         let relative = diff / norm;
-        println!("batch {batch}: norm-relative gradient error {relative:e}");
+        println!("batch {batch}, {layers} layers: norm-relative gradient error {relative:e}");
         assert!(relative < 1e-6, "relative gradient error {relative:e}");
+        // Every layer learns: no layer's gradient is all zero.
+        for layer in 0..layers {
+            let o = grads.layer_offsets(layer);
+            assert!(grads.as_slice()[o.w..o.end].iter().any(|g| g.abs() > 1e-9));
+        }
     }
 
     #[test]
     fn backward_matches_finite_differences_small_batch() {
-        gradient_check(2);
+        gradient_check(2, 1, None);
     }
 
     #[test]
     fn backward_matches_finite_differences_gemm_batch() {
-        gradient_check(SMALL_BATCH + 3);
+        gradient_check(SMALL_BATCH + 3, 1, None);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_stacked_with_dropout() {
+        let dropout = Some(Dropout { rate: 0.3, seed: 9 });
+        gradient_check(2, 3, dropout);
+        gradient_check(SMALL_BATCH + 3, 2, dropout);
+    }
+
+    #[test]
+    fn dropout_zeroes_units_and_keeps_the_mean() {
+        let mut mask = Vec::new();
+        let mut rng = SmallRng::seed_from_u64(1);
+        fill_mask::<f64>(&mut mask, 100_000, 0.25, &mut rng);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / 1e5;
+        let mean = mask.iter().sum::<f64>() / 1e5;
+        assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
+        assert!((mean - 1.0).abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn one_layer_is_the_same_model_as_before_stacking() {
+        // Stacking must not change what a one-layer model is: same draw for the same seed, and
+        // the first layer and head of a deeper model are drawn identically.
+        let one = LstmParams::<f64>::init(3, 4, 5);
+        let two = LstmParams::<f64>::init_stacked(3, 4, 2, 5);
+        assert_eq!(one.w(0), two.w(0));
+        assert_eq!(one.r(0), two.r(0));
+        assert_eq!(one.head_w(), two.head_w());
+        assert_eq!(two.wb(1)[8..12], [1.0; 4]);
     }
 
     #[test]
@@ -821,13 +1114,13 @@ mod tests {
     #[test]
     fn f32_matches_f64_and_state_carries() {
         let (features, hidden, seq, batch) = (5, 8, 20, 3);
-        let p64 = LstmParams::<f64>::init(features, hidden, 11);
+        let p64 = LstmParams::<f64>::init_stacked(features, hidden, 2, 11);
         let p32: LstmParams<f32> = p64.convert();
         let mut rng = SmallRng::seed_from_u64(1);
         let x64 = random(seq * batch * features, &mut rng, 2.0);
         let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
-        let zeros64 = vec![0.0; batch * hidden];
-        let zeros32 = vec![0.0f32; batch * hidden];
+        let zeros64 = vec![0.0; 2 * batch * hidden];
+        let zeros32 = vec![0.0f32; 2 * batch * hidden];
         let a = p64.forward(&x64, seq, batch, &zeros64, &zeros64).unwrap();
         let b = p32
             .forward_f32(&x32, seq, batch, &zeros32, &zeros32)
@@ -835,7 +1128,7 @@ mod tests {
         for (u, v) in a.yhat.iter().zip(&b.yhat) {
             assert!((u - *v as f64).abs() < 1e-5);
         }
-        // Running 12 then 8 steps with carried state equals 20 at once.
+        // Running 12 then 8 steps with carried state (both layers') equals 20 at once.
         let split = 12 * batch * features;
         let first = p64
             .forward(&x64[..split], 12, batch, &zeros64, &zeros64)

@@ -261,47 +261,110 @@ fn node(op_type: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodePro
     }
 }
 
-/// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
-/// `x [seq, batch, F]`, `h0`/`c0 [1, batch, H]`; outputs `yhat [seq, batch]`, `h`/`c [1, batch, H]`.
-pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
-    let (f, h) = (params.features(), params.hidden());
-    let mut bias = params.wb().to_vec();
-    bias.extend_from_slice(params.rb());
-
-    let initializer = vec![
-        float_tensor("lstm_W", &[1, 4 * h, f], params.w().iter().copied()),
-        float_tensor("lstm_R", &[1, 4 * h, h], params.r().iter().copied()),
-        float_tensor("lstm_B", &[1, 8 * h], bias),
-        int64_tensor("squeeze_dirs_axes", &[1]),
-        float_tensor("head_W", &[h, 1], params.head_w().iter().copied()),
-        float_tensor("head_B", &[1], [params.head_b()]),
-        int64_tensor("squeeze_out_axes", &[2]),
-    ];
-    let mut lstm = node(
-        "LSTM",
-        "lstm",
-        &[INPUT_X, "lstm_W", "lstm_R", "lstm_B", "", INPUT_H, INPUT_C],
-        &["lstm_Y", OUTPUT_H, OUTPUT_C],
-    );
-    lstm.attribute.push(AttributeProto {
-        name: Some("hidden_size".to_owned()),
+fn int_attribute(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.to_owned()),
         r#type: Some(ATTRIBUTE_TYPE_INT),
-        i: Some(h as i64),
+        i: Some(value),
         ..Default::default()
-    });
-    let nodes = vec![
-        lstm,
+    }
+}
+
+/// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
+/// `x [seq, batch, F]`, `h0`/`c0 [layers, batch, H]`; outputs `yhat [seq, batch]`,
+/// `h`/`c [layers, batch, H]`. Each layer is one standard `LSTM` node; with several, the state
+/// is split per layer on the way in and concatenated on the way out.
+pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
+    let (f, h, layers) = (params.features(), params.hidden(), params.layers());
+    let mut initializer = vec![int64_tensor("squeeze_dirs_axes", &[1])];
+    let mut nodes = Vec::new();
+    // One layer keeps the graph it always had: the state goes straight in and out.
+    let state_name = |base: &str, layer: usize| {
+        if layers == 1 {
+            base.to_owned()
+        } else {
+            format!("{base}_{layer}")
+        }
+    };
+    if layers > 1 {
+        for (input, base) in [(INPUT_H, INPUT_H), (INPUT_C, INPUT_C)] {
+            let outputs: Vec<String> = (0..layers).map(|l| state_name(base, l)).collect();
+            let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+            let mut split = node("Split", &format!("split_{base}"), &[input], &outputs);
+            split.attribute.push(int_attribute("axis", 0));
+            nodes.push(split);
+        }
+    }
+    let mut layer_input = INPUT_X.to_owned();
+    for layer in 0..layers {
+        // Layer 0 keeps the names a one-layer model always had.
+        let suffix = if layer == 0 {
+            String::new()
+        } else {
+            layer.to_string()
+        };
+        let prefix = format!("lstm{suffix}");
+        let inputs = params.layer_inputs(layer);
+        let mut bias = params.wb(layer).to_vec();
+        bias.extend_from_slice(params.rb(layer));
+        let (w, r, b) = (
+            format!("{prefix}_W"),
+            format!("{prefix}_R"),
+            format!("{prefix}_B"),
+        );
+        initializer.push(float_tensor(
+            &w,
+            &[1, 4 * h, inputs],
+            params.w(layer).iter().copied(),
+        ));
+        initializer.push(float_tensor(
+            &r,
+            &[1, 4 * h, h],
+            params.r(layer).iter().copied(),
+        ));
+        initializer.push(float_tensor(&b, &[1, 8 * h], bias));
+        let (h0, c0) = (state_name(INPUT_H, layer), state_name(INPUT_C, layer));
+        let (h_out, c_out) = (state_name(OUTPUT_H, layer), state_name(OUTPUT_C, layer));
+        let y = format!("{prefix}_Y");
+        let mut lstm = node(
+            "LSTM",
+            &prefix,
+            &[&layer_input, &w, &r, &b, "", &h0, &c0],
+            &[&y, &h_out, &c_out],
+        );
+        lstm.attribute.push(int_attribute("hidden_size", h as i64));
+        nodes.push(lstm);
         // Y is [seq, num_directions = 1, batch, H].
-        node(
+        let hidden_seq = format!("hidden_seq{suffix}");
+        nodes.push(node(
             "Squeeze",
-            "squeeze_dirs",
-            &["lstm_Y", "squeeze_dirs_axes"],
-            &["hidden_seq"],
-        ),
+            &format!("squeeze_dirs{suffix}"),
+            &[&y, "squeeze_dirs_axes"],
+            &[&hidden_seq],
+        ));
+        layer_input = hidden_seq;
+    }
+    if layers > 1 {
+        for base in [OUTPUT_H, OUTPUT_C] {
+            let inputs: Vec<String> = (0..layers).map(|l| state_name(base, l)).collect();
+            let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            let mut concat = node("Concat", &format!("concat_{base}"), &inputs, &[base]);
+            concat.attribute.push(int_attribute("axis", 0));
+            nodes.push(concat);
+        }
+    }
+    initializer.push(float_tensor(
+        "head_W",
+        &[h, 1],
+        params.head_w().iter().copied(),
+    ));
+    initializer.push(float_tensor("head_B", &[1], [params.head_b()]));
+    initializer.push(int64_tensor("squeeze_out_axes", &[2]));
+    nodes.extend([
         node(
             "MatMul",
             "head_matmul",
-            &["hidden_seq", "head_W"],
+            &[&layer_input, "head_W"],
             &["head_product"],
         ),
         node(
@@ -316,8 +379,8 @@ pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
             &["head_out", "squeeze_out_axes"],
             &[OUTPUT_YHAT],
         ),
-    ];
-    let state = [Dim::Fixed(1), Dim::Named(DIM_BATCH), Dim::Fixed(h)];
+    ]);
+    let state = [Dim::Fixed(layers), Dim::Named(DIM_BATCH), Dim::Fixed(h)];
     let graph = GraphProto {
         node: nodes,
         name: Some("mad_lstm_forecaster".to_owned()),
@@ -370,6 +433,7 @@ mod tests {
             detector: "cpu".into(),
             features: Feature::DEFAULT.to_vec(),
             hidden,
+            layers: 1,
             step_secs: 60,
             window: 64,
             series: BTreeMap::new(),
@@ -408,7 +472,11 @@ mod tests {
         assert_eq!(shapes["lstm_R"], [1, 4 * h as i64, h as i64]);
         assert_eq!(shapes["lstm_B"], [1, 8 * h as i64]);
         assert_eq!(shapes["head_W"], [h as i64, 1]);
-        let w = &graph.initializer[0];
+        let w = graph
+            .initializer
+            .iter()
+            .find(|t| t.name.as_deref() == Some("lstm_W"))
+            .expect("lstm_W");
         assert_eq!(w.raw_data.as_ref().unwrap().len(), 4 * 4 * h * f);
         let names: Vec<_> = graph
             .input

@@ -1,5 +1,6 @@
 //! Hyperparameter search, Optuna-style: TPE sampling (the `tpe` crate, by one of Optuna's
-//! authors) over window, hidden size, learning rate and epochs, with a median pruner that gives
+//! authors) over window, hidden size, layers, learning rate, dropout and epochs, with a median
+//! pruner that gives
 //! up on a trial whose validation loss is worse than the median of earlier trials at the same
 //! epoch. The objective is the validation loss the trainer already computes; the first trial is
 //! the given options, so a search never ends worse than no search. Seeded: the same data and
@@ -16,6 +17,10 @@ use crate::trainer::{train_with, Control, SeriesHistory, TrainError, TrainOption
 pub const WINDOWS: [usize; 4] = [16, 32, 64, 128];
 /// Hidden sizes a trial may use.
 pub const HIDDEN: [usize; 4] = [8, 16, 32, 64];
+/// Stacked LSTM layers a trial may use.
+pub const LAYERS: [usize; 2] = [1, 2];
+/// Dropout rate while training.
+pub const DROPOUT: (f64, f64) = (0.0, 0.5);
 /// log10 of the learning rate.
 pub const LOG_LEARNING_RATE: (f64, f64) = (-3.5, -1.8);
 /// Maximum epochs a trial may run (early stopping still applies).
@@ -39,7 +44,9 @@ pub struct Trial {
     pub number: usize,
     pub window: usize,
     pub hidden: usize,
+    pub layers: usize,
     pub learning_rate: f64,
+    pub dropout: f64,
     pub max_epochs: usize,
     /// Best validation loss; `None` when pruned or failed.
     pub val_loss: Option<f64>,
@@ -59,9 +66,14 @@ pub struct Searched {
 struct Samplers {
     window: tpe::TpeOptimizer,
     hidden: tpe::TpeOptimizer,
+    layers: tpe::TpeOptimizer,
     learning_rate: tpe::TpeOptimizer,
+    dropout: tpe::TpeOptimizer,
     epochs: tpe::TpeOptimizer,
 }
+
+/// The raw samples of one trial, in the order [`Samplers`] draws them.
+type Raw = [f64; 6];
 
 fn invalid(e: impl std::fmt::Display) -> TrainError {
     TrainError::InvalidOptions(format!("hyperparameter search: {e}"))
@@ -82,26 +94,39 @@ impl Samplers {
         Ok(Samplers {
             window: categorical(WINDOWS.len())?,
             hidden: categorical(HIDDEN.len())?,
+            layers: categorical(LAYERS.len())?,
             learning_rate: numeric(LOG_LEARNING_RATE)?,
+            dropout: numeric(DROPOUT)?,
             epochs: numeric(EPOCHS)?,
         })
     }
 
-    /// The raw samples of the next trial: (window index, hidden index, log10 lr, epochs).
-    fn ask(&mut self, rng: &mut rand_pcg::Pcg64) -> Result<[f64; 4], TrainError> {
-        Ok([
-            self.window.ask(rng).map_err(invalid)?,
-            self.hidden.ask(rng).map_err(invalid)?,
-            self.learning_rate.ask(rng).map_err(invalid)?,
-            self.epochs.ask(rng).map_err(invalid)?,
-        ])
+    fn all(&mut self) -> [&mut tpe::TpeOptimizer; 6] {
+        [
+            &mut self.window,
+            &mut self.hidden,
+            &mut self.layers,
+            &mut self.learning_rate,
+            &mut self.dropout,
+            &mut self.epochs,
+        ]
     }
 
-    fn tell(&mut self, raw: [f64; 4], value: f64) -> Result<(), TrainError> {
-        self.window.tell(raw[0], value).map_err(invalid)?;
-        self.hidden.tell(raw[1], value).map_err(invalid)?;
-        self.learning_rate.tell(raw[2], value).map_err(invalid)?;
-        self.epochs.tell(raw[3], value).map_err(invalid)
+    /// The raw samples of the next trial: (window index, hidden index, layers index, log10 lr,
+    /// dropout, epochs).
+    fn ask(&mut self, rng: &mut rand_pcg::Pcg64) -> Result<Raw, TrainError> {
+        let mut raw = [0.0; 6];
+        for (slot, sampler) in raw.iter_mut().zip(self.all()) {
+            *slot = sampler.ask(rng).map_err(invalid)?;
+        }
+        Ok(raw)
+    }
+
+    fn tell(&mut self, raw: Raw, value: f64) -> Result<(), TrainError> {
+        for (x, sampler) in raw.into_iter().zip(self.all()) {
+            sampler.tell(x, value).map_err(invalid)?;
+        }
+        Ok(())
     }
 }
 
@@ -152,9 +177,11 @@ pub fn search(
             let raw = [
                 index_of(&WINDOWS, base.window),
                 index_of(&HIDDEN, base.hidden),
+                index_of(&LAYERS, base.layers),
                 base.learning_rate
                     .log10()
                     .clamp(LOG_LEARNING_RATE.0, LOG_LEARNING_RATE.1),
+                base.dropout.clamp(DROPOUT.0, DROPOUT.1 - 1e-9),
                 (base.max_epochs as f64).clamp(EPOCHS.0, EPOCHS.1 - 1e-9),
             ];
             (raw, base.clone())
@@ -166,8 +193,10 @@ pub fn search(
             let options = TrainOptions {
                 window: pick(&WINDOWS, raw[0]),
                 hidden: pick(&HIDDEN, raw[1]),
-                learning_rate: 10f64.powf(raw[2]),
-                max_epochs: raw[3].round() as usize,
+                layers: pick(&LAYERS, raw[2]),
+                learning_rate: 10f64.powf(raw[3]),
+                dropout: raw[4],
+                max_epochs: raw[5].round() as usize,
                 ..base.clone()
             };
             (raw, options)
@@ -194,7 +223,9 @@ pub fn search(
             number,
             window: options.window,
             hidden: options.hidden,
+            layers: options.layers,
             learning_rate: options.learning_rate,
+            dropout: options.dropout,
             max_epochs: options.max_epochs,
             val_loss: None,
             pruned_at_epoch: None,
@@ -307,7 +338,10 @@ mod tests {
         assert!(best.val_loss.expect("best finished") <= first_loss);
         for t in &searched.trials {
             assert!(
-                WINDOWS.contains(&t.window) && HIDDEN.contains(&t.hidden),
+                WINDOWS.contains(&t.window)
+                    && HIDDEN.contains(&t.hidden)
+                    && LAYERS.contains(&t.layers)
+                    && (DROPOUT.0..DROPOUT.1).contains(&t.dropout),
                 "{t:?}"
             );
             if t.pruned_at_epoch.is_some() {
@@ -316,6 +350,7 @@ mod tests {
         }
         assert_eq!(searched.model.meta.window, best.window);
         assert_eq!(searched.model.meta.hidden, best.hidden);
+        assert_eq!(searched.model.meta.layers, best.layers);
         // The record travels inside the ONNX file too.
         let needle = b"best_trial";
         assert!(searched

@@ -37,7 +37,7 @@ use crate::contract::{
     input_row, quantile_sorted, series_key, Feature, ModelMeta, Scaler, SeriesCalibration,
     CONTRACT_VERSION, MAX_INTERPOLATED_GAP,
 };
-use crate::lstm::{LstmParams, LstmTape};
+use crate::lstm::{Dropout, LstmParams, LstmTape};
 use crate::onnx;
 
 /// Smallest band (scaled units): a near-perfect forecast must not make every wiggle anomalous.
@@ -54,6 +54,10 @@ const HUBER_DELTA: f64 = 1.0;
 /// which bounds the tape's memory on long histories and many series.
 const EVAL_CHUNK_STEPS: usize = 256;
 const EVAL_BATCH_STREAMS: usize = 256;
+/// Deepest stack trained: beyond this, a per-series forecaster only gets slower.
+pub const MAX_LAYERS: usize = 4;
+/// Dropout rates from here on leave too little signal to learn from.
+pub const MAX_DROPOUT: f64 = 0.9;
 /// A series whose timestamps would span more grid points than this is rejected.
 const MAX_GRID_POINTS: usize = 50_000_000;
 
@@ -72,6 +76,10 @@ pub struct SeriesHistory {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainOptions {
     pub hidden: usize,
+    /// Stacked LSTM layers.
+    pub layers: usize,
+    /// Dropout rate on each layer's output while training (0: none); see [`Dropout`].
+    pub dropout: f64,
     pub window: usize,
     pub max_epochs: usize,
     /// Epochs without a better validation loss before stopping.
@@ -91,6 +99,8 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             hidden: 32,
+            layers: 1,
+            dropout: 0.0,
             window: 64,
             max_epochs: 80,
             patience: 8,
@@ -219,6 +229,14 @@ fn validate_options(opts: &TrainOptions, step_secs: u64) -> Result<(), TrainErro
     }
     if opts.hidden == 0 || opts.window == 0 || opts.max_epochs == 0 || opts.batch_streams == 0 {
         return fail("hidden, window, max_epochs and batch_streams must be positive");
+    }
+    if !(1..=MAX_LAYERS).contains(&opts.layers) {
+        return fail(&format!("layers must be between 1 and {MAX_LAYERS}"));
+    }
+    if !(0.0..MAX_DROPOUT).contains(&opts.dropout) {
+        return fail(&format!(
+            "dropout must be at least 0 and below {MAX_DROPOUT}"
+        ));
     }
     if !(opts.learning_rate.is_finite() && opts.learning_rate > 0.0) {
         return fail("learning_rate must be positive");
@@ -410,11 +428,11 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn new(features: usize, hidden: usize) -> Self {
+    fn new(features: usize, hidden: usize, layers: usize) -> Self {
         Workspace {
             features,
             tape: LstmTape::new(),
-            grads: LstmParams::zeros(features, hidden),
+            grads: LstmParams::zeros_stacked(features, hidden, layers),
             x: Vec::new(),
             targets: Vec::new(),
             valid: Vec::new(),
@@ -474,19 +492,25 @@ fn train_epoch(
     pieces: &[Piece],
     opts: &TrainOptions,
     ws: &mut Workspace,
+    rng: &mut SmallRng,
 ) -> Result<f64, crate::lstm::ShapeError> {
-    let hidden = params.hidden();
+    let state = params.hidden() * params.layers();
     let mut loss_sum = 0.0;
     let mut count_sum = 0usize;
     for batch_pieces in pieces.chunks(opts.batch_streams) {
         let batch = batch_pieces.len();
         let max_steps = batch_pieces.iter().map(Piece::steps).max().unwrap_or(0);
-        ws.reset_state(batch * hidden);
+        ws.reset_state(batch * state);
         let mut first_step = 0;
         while first_step < max_steps {
             let seq = opts.window.min(max_steps - first_step);
             ws.fill_chunk(series, batch_pieces, first_step, seq);
-            ws.tape.forward(params, &ws.x, seq, batch, &ws.h, &ws.c)?;
+            let dropout = (opts.dropout > 0.0).then(|| Dropout {
+                rate: opts.dropout,
+                seed: rng.gen(),
+            });
+            ws.tape
+                .forward_train(params, &ws.x, (seq, batch), &ws.h, &ws.c, dropout)?;
             let count = ws.valid.iter().filter(|&&v| v).count();
             ws.dyhat.clear();
             ws.dyhat.resize(seq * batch, 0.0);
@@ -507,8 +531,7 @@ fn train_epoch(
             count_sum += count;
             ws.tape.backward(params, &ws.dyhat, &mut ws.grads)?;
             adam.step(params.as_mut_slice(), ws.grads.as_slice());
-            ws.h.copy_from_slice(ws.tape.final_h());
-            ws.c.copy_from_slice(ws.tape.final_c());
+            ws.tape.copy_final_state(&mut ws.h, &mut ws.c)?;
             first_step += seq;
         }
     }
@@ -524,11 +547,11 @@ fn run_streams(
     ws: &mut Workspace,
     mut on_forecast: impl FnMut(usize, usize, f32, f32),
 ) -> Result<(), crate::lstm::ShapeError> {
-    let hidden = params.hidden();
+    let state = params.hidden() * params.layers();
     for group in streams.chunks(EVAL_BATCH_STREAMS) {
         let batch = group.len();
         let max_steps = group.iter().map(Piece::steps).max().unwrap_or(0);
-        ws.reset_state(batch * hidden);
+        ws.reset_state(batch * state);
         let mut first_step = 0;
         while first_step < max_steps {
             let seq = EVAL_CHUNK_STEPS.min(max_steps - first_step);
@@ -548,8 +571,7 @@ fn run_streams(
                     }
                 }
             }
-            ws.h.copy_from_slice(ws.tape.final_h());
-            ws.c.copy_from_slice(ws.tape.final_c());
+            ws.tape.copy_final_state(&mut ws.h, &mut ws.c)?;
             first_step += seq;
         }
     }
@@ -676,10 +698,10 @@ pub fn train_with(
     }
 
     let features = opts.features.len();
-    let mut params = LstmParams::<f32>::init(features, opts.hidden, opts.seed);
+    let mut params = LstmParams::<f32>::init_stacked(features, opts.hidden, opts.layers, opts.seed);
     let mut adam = Adam::new(opts.learning_rate, params.as_slice().len());
     let mut rng = SmallRng::seed_from_u64(opts.seed ^ 0x5eed_7a1e);
-    let mut ws = Workspace::new(features, opts.hidden);
+    let mut ws = Workspace::new(features, opts.hidden, opts.layers);
     let mut pieces = Vec::new();
     let mut validation_streams = Vec::new();
     for (i, s) in prepared.iter().enumerate() {
@@ -698,8 +720,16 @@ pub fn train_with(
             &mut rng,
             &mut pieces,
         );
-        let train_loss = train_epoch(&mut params, &mut adam, &prepared, &pieces, opts, &mut ws)
-            .map_err(internal)?;
+        let train_loss = train_epoch(
+            &mut params,
+            &mut adam,
+            &prepared,
+            &pieces,
+            opts,
+            &mut ws,
+            &mut rng,
+        )
+        .map_err(internal)?;
         let val_loss =
             validation_loss(&params, &prepared, &validation_streams, &mut ws).map_err(internal)?;
         if !train_loss.is_finite() || !val_loss.is_finite() {
@@ -749,6 +779,7 @@ pub fn train_with(
         detector: detector.to_owned(),
         features: opts.features.clone(),
         hidden: opts.hidden,
+        layers: opts.layers,
         step_secs,
         window: opts.window,
         series: calibrations,
@@ -924,21 +955,81 @@ mod tests {
     #[test]
     fn training_is_deterministic() {
         let history = noisy_sine(START, STEP, 600, 1.0, 3);
+        // Dropout masks are drawn from the run's seed too.
+        for (layers, dropout) in [(1, 0.0), (2, 0.2)] {
+            let opts = TrainOptions {
+                max_epochs: 3,
+                layers,
+                dropout,
+                ..small_options()
+            };
+            let a = train(
+                "d",
+                STEP as u64,
+                std::slice::from_ref(&history),
+                &opts,
+                &mut |_| {},
+            )
+            .unwrap();
+            let b = train("d", STEP as u64, &[history.clone()], &opts, &mut |_| {}).unwrap();
+            assert_eq!(a.params, b.params);
+            assert_eq!(a.meta.series, b.meta.series);
+        }
+    }
+
+    #[test]
+    fn stacked_layers_with_dropout_learn_the_sine() {
+        let history = noisy_sine(START, STEP, 14 * 96, 2.0, 1);
         let opts = TrainOptions {
-            max_epochs: 3,
+            layers: 2,
+            dropout: 0.1,
             ..small_options()
         };
-        let a = train(
-            "d",
-            STEP as u64,
-            std::slice::from_ref(&history),
-            &opts,
-            &mut |_| {},
-        )
-        .unwrap();
-        let b = train("d", STEP as u64, &[history], &opts, &mut |_| {}).unwrap();
-        assert_eq!(a.params, b.params);
-        assert_eq!(a.meta.series, b.meta.series);
+        let model = train("sine", STEP as u64, &[history], &opts, &mut |_| {}).expect("trains");
+        let meta = &model.meta;
+        let val = meta.training["best_val_loss"].as_f64().unwrap();
+        let baseline = meta.training["baseline_val_loss"].as_f64().unwrap();
+        println!("2 layers, dropout 0.1: best val loss {val:.5}, baseline {baseline:.5}");
+        assert!(
+            val < 0.75 * baseline,
+            "val {val} vs last-value baseline {baseline}"
+        );
+        assert_eq!((meta.layers, model.params.layers()), (2, 2));
+    }
+
+    #[test]
+    fn layers_and_dropout_out_of_range_are_refused() {
+        let history = noisy_sine(START, STEP, 600, 1.0, 3);
+        for opts in [
+            TrainOptions {
+                layers: 0,
+                ..small_options()
+            },
+            TrainOptions {
+                layers: MAX_LAYERS + 1,
+                ..small_options()
+            },
+            TrainOptions {
+                dropout: MAX_DROPOUT,
+                ..small_options()
+            },
+            TrainOptions {
+                dropout: -0.1,
+                ..small_options()
+            },
+        ] {
+            let err = train(
+                "d",
+                STEP as u64,
+                std::slice::from_ref(&history),
+                &opts,
+                &mut |_| {},
+            );
+            assert!(
+                matches!(err, Err(TrainError::InvalidOptions(_))),
+                "{opts:?}"
+            );
+        }
     }
 
     #[test]
