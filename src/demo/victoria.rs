@@ -57,10 +57,19 @@ impl VictoriaMetrics {
     /// Starts `victoria-metrics` with its data in `data_dir`, optionally scraping per
     /// `scrape_config_file`, and waits until it answers.
     pub async fn start(data_dir: &Path, scrape_config_file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::start_on(free_port()?, data_dir, scrape_config_file).await
+    }
+
+    /// As [`VictoriaMetrics::start`], on a given port: a restart keeps the address clients
+    /// already know.
+    pub async fn start_on(
+        port: u16,
+        data_dir: &Path,
+        scrape_config_file: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let binary = find_binary().context(
             "victoria-metrics is not installed: `apt-get install victoria-metrics` (scripts/setup.sh does it)",
         )?;
-        let port = free_port()?;
         let mut command = Command::new(binary);
         command
             .arg(format!("-httpListenAddr=127.0.0.1:{port}"))

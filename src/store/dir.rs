@@ -82,8 +82,13 @@ impl DirStore {
         };
         let sidecar = serde_json::to_vec_pretty(&sidecar)
             .map_err(|e| StoreError::Corrupt(format!("cannot encode metadata: {e}")))?;
-        self.write_atomic(&dir.join(format!("{version}.{MODEL_EXT}")), onnx)?;
-        self.write_atomic(&dir.join(format!("{version}.{META_EXT}")), &sidecar)?;
+        let model_file = dir.join(format!("{version}.{MODEL_EXT}"));
+        self.write_atomic(&model_file, onnx)?;
+        // Without its sidecar the model is not a version; on a full disk it only takes room.
+        if let Err(e) = self.write_atomic(&dir.join(format!("{version}.{META_EXT}")), &sidecar) {
+            let _ = std::fs::remove_file(&model_file);
+            return Err(e);
+        }
         self.write_atomic(&dir.join(ACTIVE_FILE), version.as_bytes())?;
         Ok(VersionInfo {
             active: true,

@@ -971,7 +971,14 @@ mod tests {
                 &mut |_| {},
             )
             .unwrap();
-            let b = train("d", STEP as u64, &[history.clone()], &opts, &mut |_| {}).unwrap();
+            let b = train(
+                "d",
+                STEP as u64,
+                std::slice::from_ref(&history),
+                &opts,
+                &mut |_| {},
+            )
+            .unwrap();
             assert_eq!(a.params, b.params);
             assert_eq!(a.meta.series, b.meta.series);
         }
