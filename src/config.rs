@@ -926,10 +926,12 @@ impl fmt::Debug for Secret {
 /// A configuration that could not be loaded; the message names file, line and field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    // The reason is in the message and deliberately not a `source`: error chains would print it
+    // twice.
+    #[error("cannot read config file {}: {reason}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{}{location}: {field}: {message}", path.display())]
     Invalid {
@@ -943,9 +945,9 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            reason,
         })?;
         let mut config = Config::parse(&text, path)?;
         config

@@ -1,7 +1,9 @@
 //! The `mad` command line.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -290,21 +292,40 @@ async fn models(action: ModelsAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Logs go to stderr and, when `MAD_LOG_DIR` is set, also to `MAD_LOG_DIR/mad-<pid>.log` (for
+/// hosts that collect files; the test suite greps these for secrets). Returns that file.
+fn init_logging(format: LogFormat, filter: &str) -> Option<Arc<std::fs::File>> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let file = std::env::var_os("MAD_LOG_DIR").and_then(|dir| {
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("mad-{}.log", std::process::id())))
+            .ok()
+            .map(Arc::new)
+    });
+    let to_stderr = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+    };
+    let to_file = file
+        .clone()
+        .map(|f| fmt::layer().with_ansi(false).with_writer(f).boxed());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(to_stderr)
+        .with(to_file)
+        .init();
+    file
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log);
+    let log_file = init_logging(cli.log_format, &cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -319,6 +340,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(mut file) = log_file.as_deref() {
+                let _ = writeln!(file, "error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

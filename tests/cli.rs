@@ -193,6 +193,11 @@ fn check_on_a_missing_file_names_the_path() {
     assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "the reason, once: {stderr}"
+    );
 }
 
 fn serve_config(dir: &Path, listen_port: u16, datasource_port: u16, extra: &str) -> String {
