@@ -94,6 +94,8 @@ pub struct FakeTelegram {
     pub url: String,
     state: Arc<Mutex<State>>,
     release: Arc<Notify>,
+    /// Set to true to take the server down: the listener closes and open connections drop.
+    down: Arc<Mutex<tokio::sync::watch::Sender<bool>>>,
 }
 
 impl FakeTelegram {
@@ -104,28 +106,31 @@ impl FakeTelegram {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let state = Arc::new(Mutex::new(State::default()));
         let release = Arc::new(Notify::new());
-        let (shared, released) = (state.clone(), release.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (state, release) = (shared.clone(), released.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let (state, release) = (state.clone(), release.clone());
-                        async move { Ok::<_, Infallible>(handle(state, release, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let down = serve(listener, state.clone(), release.clone());
         FakeTelegram {
             url,
             state,
             release,
+            down: Arc::new(Mutex::new(down)),
+        }
+    }
+
+    /// Telegram becomes unreachable: connections are refused, open ones reset.
+    pub fn go_down(&self) {
+        if let Ok(down) = self.down.lock() {
+            let _ = down.send(true);
+        }
+    }
+
+    /// Telegram answers again, at the same address, remembering what it got before.
+    pub async fn come_back(&self) {
+        let addr = self.url.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .expect("rebind fake telegram on its old port");
+        let down = serve(listener, self.state.clone(), self.release.clone());
+        if let Ok(mut slot) = self.down.lock() {
+            *slot = down;
         }
     }
 
@@ -224,6 +229,41 @@ pub fn hidden_in(text: &str) -> usize {
         .filter_map(|l| l.trim().strip_prefix("… and ")?.strip_suffix(" more"))
         .filter_map(|n| n.trim().parse::<usize>().ok())
         .sum()
+}
+
+/// Accepts connections until the returned sender says down.
+fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<Mutex<State>>,
+    release: Arc<Notify>,
+) -> tokio::sync::watch::Sender<bool> {
+    let (down, is_down) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let mut stop = is_down.clone();
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|down| *down) => return,
+            };
+            let Ok((stream, _)) = accepted else {
+                continue;
+            };
+            let (state, release) = (state.clone(), release.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (state, release) = (state.clone(), release.clone());
+                    async move { Ok::<_, Infallible>(handle(state, release, req).await) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = connection => {}
+                    _ = stop.wait_for(|down| *down) => {}
+                }
+            });
+        }
+    });
+    down
 }
 
 fn json(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
