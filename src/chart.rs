@@ -734,8 +734,10 @@ struct RangeSeries {
     values: Vec<(f64, String)>,
 }
 
-/// The points of a `query_range` answer that names at most one series.
-fn parse_range(body: &[u8], query: &str) -> Result<Vec<(i64, f64)>, String> {
+/// The points of a `query_range` answer that names at most one series. Public for the fuzz
+/// targets only.
+#[doc(hidden)]
+pub fn parse_range(body: &[u8], query: &str) -> Result<Vec<(i64, f64)>, String> {
     let r: RangeResponse =
         serde_json::from_slice(body).map_err(|e| format!("{query}: unexpected answer: {e}"))?;
     if r.status != "success" {

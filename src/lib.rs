@@ -33,6 +33,8 @@ pub mod config;
 pub mod dashboards;
 pub mod demo;
 pub mod expose;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod history;
 pub mod model;
 pub mod registry;

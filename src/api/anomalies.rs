@@ -6,7 +6,11 @@ use serde_json::json;
 use super::{check_range, detector_name, json, Api, ApiError, Params, Reply};
 use crate::registry::AnomalyQuery;
 
-pub(super) async fn list(api: &Api, params: &Params) -> Reply {
+/// Query parameters of `GET /api/v1/anomalies`, besides `match[LABEL]`.
+pub(super) const PARAMS: &[&str] = &["detector", "from", "to", "limit", "before_id"];
+
+/// The registry query the parameters ask for.
+pub(super) fn query(params: &Params) -> Result<AnomalyQuery, ApiError> {
     let detector = params
         .text("detector")
         .map(|d| detector_name("detector", d).map(|n| n.0))
@@ -23,6 +27,12 @@ pub(super) async fn list(api: &Api, params: &Params) -> Reply {
         before_id: params.int("before_id", 1, i64::MAX)?,
         limit,
     };
+    Ok(query)
+}
+
+pub(super) async fn list(api: &Api, params: &Params) -> Reply {
+    let query = query(params)?;
+    let limit = query.limit;
     let rows = api
         .registry
         .anomalies(&query)

@@ -133,14 +133,49 @@ fn find_nul(value: &Value, path: &str) -> Option<String> {
 /// Checks `body` as a detector named `name`: the config file's rules, then the datasource's
 /// opinion of the query. Returns the spec to store (the body without `name`).
 async fn validate(api: &Api, name: &str, body: Value) -> Result<Value, ApiError> {
+    // A body that is not an object is refused first, then a name the config file owns.
+    if body.is_object() && api.in_config(name) {
+        return Err(config_owned(name));
+    }
+    let (mut spec, detector) = check_spec(name, body)?;
+    let queries: Vec<(String, &str)> = match detector.queries() {
+        Queries::Single(q) => vec![("query".to_string(), q)],
+        Queries::Joined { inputs, .. } => inputs
+            .iter()
+            .map(|(name, q)| (format!("inputs.{}", name.0), q.0.as_str()))
+            .collect(),
+    };
+    for (field, query) in queries {
+        match api.datasource.check_query(query).await {
+            Ok(()) => {}
+            Err(SourceError::Query { message, .. }) => {
+                return Err(ApiError::bad_request(format!(
+                    "{field}: the datasource rejected it: {message}"
+                )))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("cannot check the query with the datasource: {e}"),
+                ))
+            }
+        }
+    }
+    spec.remove("name");
+    Ok(Value::Object(spec))
+}
+
+/// The checks of [`validate`] that need neither the config file nor the datasource: `body` as a
+/// detector named `name`. Returns the spec with `name` set, and the detector it describes.
+pub(super) fn check_spec(
+    name: &str,
+    body: Value,
+) -> Result<(Map<String, Value>, Detector), ApiError> {
     let Value::Object(mut spec) = body else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object with a detector's keys (name, query, step, ...)",
         ));
     };
-    if api.in_config(name) {
-        return Err(config_owned(name));
-    }
     if let Some(field) = find_nul(&Value::Object(spec.clone()), "") {
         return Err(ApiError::bad_request(format!(
             "{field}: must not contain NUL characters"
@@ -178,31 +213,19 @@ async fn validate(api: &Api, name: &str, body: Value) -> Result<Value, ApiError>
     if let Err((field, message)) = detector.check_queries() {
         return Err(ApiError::bad_request(format!("{field}: {message}")));
     }
-    let queries: Vec<(String, &str)> = match detector.queries() {
-        Queries::Single(q) => vec![("query".to_string(), q)],
-        Queries::Joined { inputs, .. } => inputs
-            .iter()
-            .map(|(name, q)| (format!("inputs.{}", name.0), q.0.as_str()))
-            .collect(),
-    };
-    for (field, query) in queries {
-        match api.datasource.check_query(query).await {
-            Ok(()) => {}
-            Err(SourceError::Query { message, .. }) => {
-                return Err(ApiError::bad_request(format!(
-                    "{field}: the datasource rejected it: {message}"
-                )))
-            }
-            Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("cannot check the query with the datasource: {e}"),
-                ))
-            }
-        }
+    Ok((spec, detector))
+}
+
+/// The detector's name from a `POST /api/v1/detectors` body.
+pub(super) fn name_of(body: &Value) -> Result<String, ApiError> {
+    match body.get("name") {
+        Some(Value::String(n)) => Ok(detector_name("name", n)?.0),
+        Some(_) => Err(ApiError::bad_request("name: expected a string")),
+        None if body.is_object() => Err(ApiError::bad_request("missing field `name`")),
+        None => Err(ApiError::bad_request(
+            "the body must be a JSON object with a detector's keys (name, query, step, ...)",
+        )),
     }
-    spec.remove("name");
-    Ok(Value::Object(spec))
 }
 
 fn config_owned(name: &str) -> ApiError {
@@ -212,15 +235,7 @@ fn config_owned(name: &str) -> ApiError {
 }
 
 pub(super) async fn create(api: &Api, body: Value) -> Reply {
-    let name =
-        match body.get("name") {
-            Some(Value::String(n)) => detector_name("name", n)?.0,
-            Some(_) => return Err(ApiError::bad_request("name: expected a string")),
-            None if body.is_object() => return Err(ApiError::bad_request("missing field `name`")),
-            None => return Err(ApiError::bad_request(
-                "the body must be a JSON object with a detector's keys (name, query, step, ...)",
-            )),
-        };
+    let name = name_of(&body)?;
     let spec = validate(api, &name, body).await?;
     if !api.registry.put_detector(&name, &spec, true).await? {
         return Err(ApiError::conflict(format!(

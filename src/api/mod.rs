@@ -136,22 +136,19 @@ impl Api {
             (Route::Detector(name), _) => detectors::delete(self, &name).await,
             (Route::Retrain(name), _) => training::retrain(self, &name).await,
             (Route::TrainingRequests, _) => {
-                training::list(self, &Params::parse(&query, &["limit"])?).await
+                training::list(self, &Params::parse(&query, training::PARAMS)?).await
             }
-            (Route::Models, _) => models::list(self, &Params::parse(&query, &["detector"])?).await,
+            (Route::Models, _) => models::list(self, &Params::parse(&query, models::PARAMS)?).await,
             (Route::Activate(name), _) => {
                 models::activate(self, &name, read_json(req).await?).await
             }
             (Route::Rollback(name), _) => models::rollback(self, &name).await,
             (Route::Anomalies, _) => {
-                let params = Params::parse_with_matchers(
-                    &query,
-                    &["detector", "from", "to", "limit", "before_id"],
-                )?;
+                let params = Params::parse_with_matchers(&query, anomalies::PARAMS)?;
                 anomalies::list(self, &params).await
             }
             (Route::Windows, Method::GET) => {
-                windows::list(self, &Params::parse(&query, &["from", "to"])?).await
+                windows::list(self, &Params::parse(&query, windows::PARAMS)?).await
             }
             (Route::Windows, _) => windows::create(self, read_json(req).await?).await,
             (Route::Window(id), _) => windows::delete(self, &id).await,
@@ -355,8 +352,12 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 
 /// The body as `T`; errors name the field (`step: invalid duration ...`).
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = read_body(req).await?;
-    let mut de = serde_json::Deserializer::from_slice(&body);
+    parse_json(&read_body(req).await?)
+}
+
+/// What [`read_json`] does once the body is read.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
@@ -369,6 +370,50 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
     de.end()
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     Ok(value)
+}
+
+/// Everything a request goes through before the database or the datasource is asked, with the
+/// functions [`Api::dispatch`] and the handlers call: the route and method, the query parameters
+/// and the JSON body with its checks. `target` is the request-target (`/api/v1/...?...`).
+/// For the fuzz targets and their regression test; not an API.
+#[doc(hidden)]
+pub fn check_request(method: &str, target: &str, body: &[u8]) -> Result<(), String> {
+    let method = Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let uri: hyper::Uri = target.parse().map_err(|e| format!("{e}"))?;
+    let query = uri.query().unwrap_or_default();
+    let route = Route::parse(uri.path()).ok_or("no such endpoint")?;
+    if !route.methods().contains(&method) {
+        return Err(format!("{method} is not allowed"));
+    }
+    let checked = match (route, method) {
+        (Route::Detectors, Method::GET) => Params::parse(query, &[]).map(drop),
+        (Route::Detectors, _) => parse_json(body).and_then(|body: serde_json::Value| {
+            let name = detectors::name_of(&body)?;
+            detectors::check_spec(&name, body).map(drop)
+        }),
+        (Route::Detector(name), Method::PUT) => detector_name("name", &name)
+            .and_then(|name| detectors::check_spec(&name.0, parse_json(body)?).map(drop)),
+        (Route::Detector(name) | Route::Retrain(name) | Route::Rollback(name), _) => {
+            detector_name("name", &name).map(drop)
+        }
+        (Route::TrainingRequests, _) => {
+            Params::parse(query, training::PARAMS).and_then(|p| p.limit().map(drop))
+        }
+        (Route::Models, _) => {
+            Params::parse(query, models::PARAMS).and_then(|p| models::detector_param(&p).map(drop))
+        }
+        (Route::Activate(name), _) => {
+            parse_json(body).and_then(|body| models::check_activate(&name, &body).map(drop))
+        }
+        (Route::Anomalies, _) => Params::parse_with_matchers(query, anomalies::PARAMS)
+            .and_then(|p| anomalies::query(&p).map(drop)),
+        (Route::Windows, Method::GET) => {
+            Params::parse(query, windows::PARAMS).and_then(|p| windows::range(&p).map(drop))
+        }
+        (Route::Windows, _) => parse_json(body).and_then(|new| windows::validate(&new)),
+        (Route::Window(id), _) => windows::parse_id(&id).map(drop),
+    };
+    checked.map_err(|e| e.message)
 }
 
 /// PostgreSQL refuses NUL in text and JSONB: say so instead of failing in the database.

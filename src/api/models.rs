@@ -23,11 +23,19 @@ fn version(v: &VersionInfo) -> Value {
     })
 }
 
-pub(super) async fn list(api: &Api, params: &Params) -> Reply {
+/// Query parameters of `GET /api/v1/models`.
+pub(super) const PARAMS: &[&str] = &["detector"];
+
+/// The required `detector` parameter.
+pub(super) fn detector_param(params: &Params) -> Result<String, ApiError> {
     let name = params
         .text("detector")
         .ok_or_else(|| ApiError::bad_request("detector: required query parameter"))?;
-    let name = detector_name("detector", name)?.0;
+    Ok(detector_name("detector", name)?.0)
+}
+
+pub(super) async fn list(api: &Api, params: &Params) -> Reply {
+    let name = detector_param(params)?;
     let versions: Vec<Value> = api.models.list(&name).await?.iter().map(version).collect();
     Ok(json(
         StatusCode::OK,
@@ -35,12 +43,18 @@ pub(super) async fn list(api: &Api, params: &Params) -> Reply {
     ))
 }
 
-pub(super) async fn activate(api: &Api, detector: &str, body: Activate) -> Reply {
+/// The detector's name from the path, once the body is known to be usable.
+pub(super) fn check_activate(detector: &str, body: &Activate) -> Result<String, ApiError> {
     let name = detector_name("detector", detector)?.0;
     if body.version.trim().is_empty() {
         return Err(ApiError::bad_request("version: must not be empty"));
     }
     no_nul("version", &body.version)?;
+    Ok(name)
+}
+
+pub(super) async fn activate(api: &Api, detector: &str, body: Activate) -> Reply {
+    let name = check_activate(detector, &body)?;
     let active = api.models.activate(&name, &body.version).await?;
     Ok(json(StatusCode::OK, &version(&active)))
 }

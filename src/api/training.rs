@@ -6,6 +6,9 @@ use serde_json::json;
 
 use super::{detector_name, detectors, json, Api, ApiError, Params, Reply};
 
+/// Query parameters of `GET /api/v1/training-requests`.
+pub(super) const PARAMS: &[&str] = &["limit"];
+
 pub(super) async fn retrain(api: &Api, name: &str) -> Reply {
     let name = detector_name("name", name)?.0;
     if !detectors::exists(api, &name).await? {

@@ -9,18 +9,24 @@ use super::{
 };
 use crate::registry::NewWindow;
 
-pub(super) async fn list(api: &Api, params: &Params) -> Reply {
+/// Query parameters of `GET /api/v1/maintenance-windows`.
+pub(super) const PARAMS: &[&str] = &["from", "to"];
+
+/// The `[from, to]` range the parameters ask for, open ends filled in.
+pub(super) fn range(params: &Params) -> Result<(i64, i64), ApiError> {
     let from = params.time("from")?;
     let to = params.time("to")?;
     check_range(from, to)?;
-    let windows = api
-        .registry
-        .windows(from.unwrap_or(0), to.unwrap_or(MAX_TIMESTAMP))
-        .await?;
+    Ok((from.unwrap_or(0), to.unwrap_or(MAX_TIMESTAMP)))
+}
+
+pub(super) async fn list(api: &Api, params: &Params) -> Reply {
+    let (from, to) = range(params)?;
+    let windows = api.registry.windows(from, to).await?;
     Ok(json(StatusCode::OK, &json!({ "windows": windows })))
 }
 
-fn validate(new: &NewWindow) -> Result<(), ApiError> {
+pub(super) fn validate(new: &NewWindow) -> Result<(), ApiError> {
     for (field, ts) in [("starts_at", new.starts_at), ("ends_at", new.ends_at)] {
         if !(0..=MAX_TIMESTAMP).contains(&ts) {
             return Err(ApiError::bad_request(format!(
@@ -55,10 +61,14 @@ pub(super) async fn create(api: &Api, new: NewWindow) -> Reply {
     Ok(json(StatusCode::CREATED, &window))
 }
 
+/// The window id from the path.
+pub(super) fn parse_id(id: &str) -> Result<i64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("id: expected an integer, got {id:?}")))
+}
+
 pub(super) async fn delete(api: &Api, id: &str) -> Reply {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("id: expected an integer, got {id:?}")))?;
+    let id = parse_id(id)?;
     if !api.registry.delete_window(id).await? {
         return Err(ApiError::not_found(format!(
             "no maintenance window with id {id}"

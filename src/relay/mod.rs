@@ -31,6 +31,10 @@ use prometheus::{
 };
 use tokio::sync::{watch, Notify};
 
+pub use bot::{
+    button_action, command as chat_command, parse_updates, who as user_name, ButtonAction, Command,
+    Updates,
+};
 pub use intake::{parse as parse_alerts, Alert, MAX_BODY_BYTES};
 pub use message::{escape as escape_html, Templates, MAX_MESSAGE_CHARS};
 pub use outbox::{

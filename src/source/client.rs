@@ -420,6 +420,14 @@ fn parse_response(status: StatusCode, body: &[u8]) -> Result<Vec<Series>, Failur
     Ok(out)
 }
 
+/// [`parse_response`] for the fuzz targets and their regression test: the status as a number,
+/// the failure as text. Not an API.
+#[doc(hidden)]
+pub fn parse_query_range(status: u16, body: &[u8]) -> Result<Vec<Series>, String> {
+    let status = StatusCode::from_u16(status).map_err(|e| e.to_string())?;
+    parse_response(status, body).map_err(|f| format!("{f:?}"))
+}
+
 fn quote(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();

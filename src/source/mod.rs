@@ -6,6 +6,8 @@ mod joined;
 
 use std::collections::BTreeMap;
 
+#[doc(hidden)]
+pub use client::parse_query_range;
 pub use client::{Client, SourceError};
 pub use joined::group_of;
 
