@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what MAD's demo and tests need on a fresh Debian machine, idempotently:
-# VictoriaMetrics (+ vmalert), promtool, Alertmanager, the ONNX Runtime shared library, and a
-# running PostgreSQL for the registry tests.
+# VictoriaMetrics (+ vmalert), promtool, Alertmanager, wrk, the ONNX Runtime shared library, and
+# a running PostgreSQL for the registry tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
@@ -13,6 +13,8 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertman
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# benches/load.rs: concurrent scrapers.
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)…"
   sudo_cmd=""

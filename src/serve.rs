@@ -20,7 +20,10 @@ use crate::model::Forecaster;
 use crate::registry::{merged_detectors, MaintenanceWindow, Registry};
 use crate::score::{group, DetectorScorer, Score};
 use crate::shard::{Membership, Owner, Sharding};
-use crate::source::{align_down, group_of, unix_now, Client, Labels, Series, SourceError};
+use crate::source::{
+    align_down, drop_oversized, group_of, unix_now, Client, Labels, Series, SourceError,
+    MAX_LABELS, MAX_LABEL_SET_BYTES,
+};
 use crate::store::{ModelStore, PgStore};
 
 /// Everything the detector loops and the HTTP server share.
@@ -514,7 +517,7 @@ async fn run_cycle(
     let now = unix_now();
     let step = scorer.model().meta.step_secs as i64;
     let end = align_down(now, step);
-    let (fetched, given_up) = match fetch(exporter, detector, scorer, end, step).await {
+    let (mut fetched, given_up) = match fetch(exporter, detector, scorer, end, step).await {
         Ok(fetched) => fetched,
         Err(e) => {
             tracing::warn!(detector = name, error = %e, "fetch failed; dropping this detector's scores until it recovers");
@@ -525,6 +528,19 @@ async fn run_cycle(
         }
     };
     scorer.forget(&given_up);
+    let oversized = drop_oversized(&mut fetched);
+    if oversized > 0 {
+        tracing::warn!(
+            detector = name,
+            series = oversized,
+            max_labels = MAX_LABELS,
+            max_bytes = MAX_LABEL_SET_BYTES,
+            "series whose label set is too large are not scored"
+        );
+        t.errors
+            .with_label_values(&[name, "label_limit"])
+            .inc_by(oversized as u64);
+    }
     let inference = Instant::now();
     let result = tokio::task::block_in_place(|| scorer.score_cycle(&fetched, now));
     t.inference_duration

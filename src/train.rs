@@ -10,7 +10,9 @@ use mad_training::{Progress, SeriesHistory};
 use crate::config::{Config, Detector};
 use crate::registry::{exclude_windows, merged_detectors, MaintenanceWindow, Registry};
 use crate::shard::Sharding;
-use crate::source::{align_down, unix_now, Client, Series};
+use crate::source::{
+    align_down, drop_oversized, unix_now, Client, Series, MAX_LABELS, MAX_LABEL_SET_BYTES,
+};
 use crate::store::{ModelStore, PgStore, VersionInfo};
 
 /// What one detector's training produced, for the summary line.
@@ -200,9 +202,13 @@ async fn train_detector(
     let step = detector.step.0.as_secs().max(1) as i64;
     let end = align_down(end, step);
     let start = end - detector.train_range.0.as_secs() as i64;
-    let fetched = client
+    let mut fetched = client
         .query_detector(detector.queries(), start, end, step)
         .await?;
+    let oversized = drop_oversized(&mut fetched);
+    if oversized > 0 {
+        tracing::warn!(detector = %detector.name, series = oversized, max_labels = MAX_LABELS, max_bytes = MAX_LABEL_SET_BYTES, "series whose label set is too large are left out");
+    }
     let min_points = detector.window.0 * 4;
     let mut excluded = 0;
     let history: Vec<SeriesHistory> = fetched

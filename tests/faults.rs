@@ -272,6 +272,14 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
         has_scores(&body),
         "the first successful cycle after the return served no score:\n{body}"
     );
+    println!(
+        "outage {outage:?}: scores withdrawn {:.1} s after the stop, served again by the \
+         first successful cycle, {:.1} s after the data was back",
+        failure_seen
+            .map(|at| at.duration_since(stopped).as_secs_f64())
+            .unwrap_or(f64::NAN),
+        now() as f64 - delivered
+    );
     serving.stop().await;
 }
 
@@ -426,5 +434,61 @@ async fn a_corrupt_version_and_a_full_or_read_only_store_leave_the_served_model_
         || async { served_version(&metrics(port).await).as_deref() == Some(newest.as_str()) },
     )
     .await;
+    serving.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_with_a_runaway_label_set_is_left_out_and_counted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vm = VictoriaMetrics::start(&tmp.path().join("vm"), None)
+        .await
+        .expect("start victoria-metrics");
+    let start = now();
+    let mut synth = synth(start - HISTORY_SECS);
+    // Three values of 3,000 bytes: each within VictoriaMetrics' own limit, 9 KB together.
+    let mut runaway = synth.profiles[0].clone();
+    runaway.labels = [
+        ("instance", "b"),
+        ("trace", "x"),
+        ("body", "y"),
+        ("dump", "z"),
+    ]
+    .into_iter()
+    .map(|(k, v)| {
+        let value = if k == "instance" {
+            v.to_string()
+        } else {
+            v.repeat(3000)
+        };
+        (k.to_string(), value)
+    })
+    .collect();
+    synth.profiles.push(runaway);
+    let mut history = String::new();
+    for ts in start - HISTORY_SECS..=start {
+        synth.exposition_at(ts, &mut history);
+    }
+    vm.import(history).await.expect("import history");
+    let port = free_port().expect("port");
+    let config = config(&vm.url, &tmp.path().join("models"), port);
+    let trained = mad::train::run(&config, &[], Some(start))
+        .await
+        .expect("training succeeds on the series that fit");
+    assert_eq!(trained[0].series, 1, "the runaway series is not modelled");
+    let _feeder = Feeder::start(vm.url.clone(), synth, start + 1);
+    let serving = common::serve::start(config);
+    let limited = format!("mad_errors_total{{detector=\"{DETECTOR}\",kind=\"label_limit\"}}");
+    eventually(Duration::from_secs(60), "scores and the count", || async {
+        try_metrics(port)
+            .await
+            .is_some_and(|body| has_scores(&body) && sample(&body, &limited) >= 1.0)
+    })
+    .await;
+    let body = metrics(port).await;
+    assert!(
+        !body.contains("instance=\"b\""),
+        "the runaway series is exposed"
+    );
+    assert!(body.len() < 64 * 1024, "{} bytes of /metrics", body.len());
     serving.stop().await;
 }

@@ -181,12 +181,18 @@ async fn telegram_down_for_a_while_loses_nothing_and_keeps_order() {
     );
 
     telegram.come_back().await;
+    let back_at = Instant::now();
     let alerts = BATCHES * PER_BATCH;
     let deadline = Instant::now() + DRAIN;
     let delivered = loop {
         let sent = telegram.sent();
         let named: usize = sent.iter().map(|m| alerts_in(&m.text).len()).sum();
         if named >= alerts {
+            println!(
+                "{alerts} alerts held through a {outage:?} outage, delivered {:.1} s after \
+                 Telegram came back",
+                back_at.elapsed().as_secs_f64()
+            );
             break sent;
         }
         assert!(

@@ -48,6 +48,26 @@ impl Series {
     }
 }
 
+/// Most labels a series may carry to be modelled and exposed. Every label is copied onto five
+/// exposed series per scored one, so a runaway label set (a request body or a stack trace in a
+/// label) would blow up /metrics and model metadata; VictoriaMetrics itself stops at 30.
+pub const MAX_LABELS: usize = 64;
+/// Most bytes of label names and values together, per series.
+pub const MAX_LABEL_SET_BYTES: usize = 8 * 1024;
+
+/// Whether a label set is within [`MAX_LABELS`] and [`MAX_LABEL_SET_BYTES`].
+pub fn label_set_fits(labels: &Labels) -> bool {
+    labels.len() <= MAX_LABELS
+        && labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= MAX_LABEL_SET_BYTES
+}
+
+/// Removes the series whose label set does not fit and says how many there were.
+pub fn drop_oversized(series: &mut Vec<Series>) -> usize {
+    let before = series.len();
+    series.retain(|s| label_set_fits(&s.labels));
+    before - series.len()
+}
+
 /// Rounds `ts` down to a multiple of `step` so every query and every model sees the same grid.
 pub fn align_down(ts: i64, step: i64) -> i64 {
     ts.div_euclid(step) * step
@@ -58,4 +78,35 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(labels: Labels) -> Series {
+        Series {
+            labels,
+            points: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn label_sets_beyond_the_limits_are_dropped() {
+        let many: Labels = (0..=MAX_LABELS)
+            .map(|i| (format!("l{i}"), "v".to_string()))
+            .collect();
+        let long: Labels = [("blob".to_string(), "x".repeat(MAX_LABEL_SET_BYTES))].into();
+        let edge: Labels = [("b".to_string(), "x".repeat(MAX_LABEL_SET_BYTES - 1))].into();
+        let normal: Labels = [("instance".to_string(), "a".to_string())].into();
+        let mut fetched = vec![
+            series(many),
+            series(normal.clone()),
+            series(long),
+            series(edge.clone()),
+        ];
+        assert_eq!(drop_oversized(&mut fetched), 2);
+        let kept: Vec<&Labels> = fetched.iter().map(|s| &s.labels).collect();
+        assert_eq!(kept, [&normal, &edge]);
+    }
 }
