@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use anyhow::Context;
+use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 use crate::config::{Config, Detector};
@@ -52,14 +53,15 @@ struct DetectorStatus {
 }
 
 impl Probes for Exporter {
-    fn metrics(&self) -> String {
-        let mut out = String::with_capacity(64 * 1024);
-        self.telemetry.write_to(&mut out);
+    fn metrics(&self) -> Vec<Bytes> {
+        let mut telemetry = String::with_capacity(64 * 1024);
+        self.telemetry.write_to(&mut telemetry);
+        let mut chunks = vec![Bytes::from(telemetry)];
         match self.exposition.read() {
-            Ok(exposition) => exposition.write_to(&mut out),
+            Ok(exposition) => exposition.chunks(&mut chunks),
             Err(_) => tracing::error!("exposition lock poisoned"),
         }
-        out
+        chunks
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -1,11 +1,13 @@
 //! The score series in Prometheus text format (DESIGN.md, Contract 1).
 //!
 //! Scores change once per cycle but may be scraped many times in between, so each detector's
-//! lines are rendered once after its cycle and a scrape only concatenates them. Label sets are
-//! rendered once per series and cached.
+//! lines are rendered once after its cycle into shared buffers, and a scrape sends those buffers
+//! as they are: concurrent scrapes of 100,000 series would otherwise each hold their own copy of
+//! a 50 MB body. Label sets are rendered once per series and cached.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write;
+
+use bytes::Bytes;
 
 use crate::score::{group, DetectorScorer, Score};
 use crate::source::Labels;
@@ -66,7 +68,7 @@ pub const FAMILIES: [Family; 6] = [
 #[derive(Default)]
 pub struct Exposition {
     /// detector → one block of sample lines per family.
-    blocks: BTreeMap<String, [String; FAMILIES.len()]>,
+    blocks: BTreeMap<String, [Bytes; FAMILIES.len()]>,
     /// detector → input labels → rendered `{...}` label set.
     label_cache: HashMap<String, HashMap<Labels, String>>,
     /// The same for the groups of multivariate detectors.
@@ -109,7 +111,8 @@ impl Exposition {
             }
             self.group_cache.insert(detector.to_string(), cache);
         }
-        self.blocks.insert(detector.to_string(), block);
+        self.blocks
+            .insert(detector.to_string(), block.map(Bytes::from));
     }
 
     /// Removes a detector's series (datasource down, model unloaded).
@@ -117,23 +120,41 @@ impl Exposition {
         self.blocks.remove(detector);
     }
 
-    /// Appends all families, each with one HELP and TYPE header.
-    pub fn write_to(&self, out: &mut String) {
+    /// All families, each with one HELP and TYPE header, as the shared buffers they are kept
+    /// in: appending them costs a reference count each, not a copy.
+    pub fn chunks(&self, out: &mut Vec<Bytes>) {
         for (i, family) in FAMILIES.iter().enumerate() {
             if self.blocks.values().all(|b| b[i].is_empty()) {
                 continue;
             }
-            let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
-            let _ = writeln!(out, "# TYPE {} gauge", family.name);
-            for block in self.blocks.values() {
-                out.push_str(&block[i]);
-            }
+            out.push(Bytes::from(format!(
+                "# HELP {} {}\n# TYPE {} gauge\n",
+                family.name, family.help, family.name
+            )));
+            out.extend(
+                self.blocks
+                    .values()
+                    .filter(|b| !b[i].is_empty())
+                    .map(|b| b[i].clone()),
+            );
+        }
+    }
+
+    /// [`Exposition::chunks`] appended to one string.
+    pub fn write_to(&self, out: &mut String) {
+        let mut chunks = Vec::new();
+        self.chunks(&mut chunks);
+        for chunk in chunks {
+            out.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
 
     /// Number of scored series (or groups) exposed, for readiness and tests.
     pub fn series_count(&self) -> usize {
-        self.blocks.values().map(|b| b[SCORE].lines().count()).sum()
+        self.blocks
+            .values()
+            .map(|b| b[SCORE].iter().filter(|&&c| c == b'\n').count())
+            .sum()
     }
 }
 

@@ -1,15 +1,18 @@
 //! The HTTP server: `/metrics`, `/healthz`, `/readyz`, with graceful shutdown; paths under
 //! `/api/` go to the management API when one is given.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -23,8 +26,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// What the server asks the rest of the exporter.
 pub trait Probes: Send + Sync + 'static {
-    /// The full `/metrics` body.
-    fn metrics(&self) -> String;
+    /// The `/metrics` body, in pieces sent one after another.
+    fn metrics(&self) -> Vec<Bytes>;
     /// `Ok` when ready to be scraped, or what is still missing.
     fn ready(&self) -> Result<(), String>;
 }
@@ -34,6 +37,48 @@ pub trait Probes: Send + Sync + 'static {
 pub trait ApiHandler: Send + Sync {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>>;
 }
+
+/// A response body of shared pieces: the scores, rendered once per cycle, go out to every
+/// concurrent scrape without being copied into a buffer per scrape.
+pub struct Chunks {
+    chunks: VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl Chunks {
+    pub fn new(chunks: Vec<Bytes>) -> Chunks {
+        let chunks: VecDeque<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
+        let remaining = chunks.iter().map(|c| c.len() as u64).sum();
+        Chunks { chunks, remaining }
+    }
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        Poll::Ready(this.chunks.pop_front().map(|chunk| {
+            this.remaining -= chunk.len() as u64;
+            Ok(Frame::data(chunk))
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// What the server answers with: a plain body, or `/metrics` in pieces.
+type ResponseBody = Either<Full<Bytes>, Chunks>;
 
 /// Serves until `shutdown` completes, then lets open connections finish.
 pub async fn serve_http<P: Probes>(
@@ -65,7 +110,7 @@ pub async fn serve_http<P: Probes>(
                     async move {
                         let response = match api {
                             Some(api) if req.uri().path().starts_with("/api/") => {
-                                api.handle(req).await
+                                api.handle(req).await.map(Either::Left)
                             }
                             _ => route(&*probes, &req),
                         };
@@ -91,7 +136,7 @@ pub async fn serve_http<P: Probes>(
     }
 }
 
-fn route<P: Probes>(probes: &P, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route<P: Probes>(probes: &P, req: &Request<Incoming>) -> Response<ResponseBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -100,7 +145,7 @@ fn route<P: Probes>(probes: &P, req: &Request<Incoming>) -> Response<Full<Bytes>
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut response = text(StatusCode::OK, probes.metrics());
+            let mut response = Response::new(Either::Right(Chunks::new(probes.metrics())));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
@@ -122,12 +167,34 @@ fn route<P: Probes>(probes: &P, req: &Request<Incoming>) -> Response<Full<Bytes>
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn chunks_send_every_piece_in_order_with_the_exact_length() {
+        let pieces = vec![
+            Bytes::from_static(b"# HELP a\n"),
+            Bytes::new(),
+            Bytes::from_static(b"a 1\n"),
+            Bytes::from_static(b"a{x=\"y\"} 2\n"),
+        ];
+        let body = Chunks::new(pieces);
+        assert_eq!(body.size_hint().exact(), Some(24));
+        let collected = body.collect().await.expect("infallible").to_bytes();
+        assert_eq!(&collected[..], b"# HELP a\na 1\na{x=\"y\"} 2\n");
+        assert!(Chunks::new(Vec::new()).is_end_stream());
+    }
 }

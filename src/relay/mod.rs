@@ -156,10 +156,10 @@ async fn watch_backlog(
 }
 
 impl Probes for RelayHttp {
-    fn metrics(&self) -> String {
+    fn metrics(&self) -> Vec<Bytes> {
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.metrics.registry.gather(), &mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        vec![Bytes::from(buf)]
     }
 
     fn ready(&self) -> Result<(), String> {
