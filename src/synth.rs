@@ -91,19 +91,26 @@ impl Synth {
     /// The samples of every series at `ts` in Prometheus text format with millisecond
     /// timestamps, as `/api/v1/import/prometheus` takes them.
     pub fn exposition_at(&self, ts: i64, out: &mut String) {
-        for (i, p) in self.profiles.iter().enumerate() {
-            out.push_str(&p.metric);
-            out.push('{');
-            for (j, (k, v)) in p.labels.iter().enumerate() {
-                if j > 0 {
-                    out.push(',');
-                }
-                let _ = write!(out, "{k}=\"");
-                crate::expose::escape_label_value(v, out);
-                out.push('"');
-            }
-            let _ = writeln!(out, "}} {} {}", self.value(i, ts), ts * 1000);
+        for index in 0..self.profiles.len() {
+            self.sample_of(index, ts, out);
         }
+    }
+
+    /// The sample of series `index` at `ts`, as one line of [`Synth::exposition_at`]: for
+    /// tests whose series come and go.
+    pub fn sample_of(&self, index: usize, ts: i64, out: &mut String) {
+        let p = &self.profiles[index];
+        out.push_str(&p.metric);
+        out.push('{');
+        for (j, (k, v)) in p.labels.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"");
+            crate::expose::escape_label_value(v, out);
+            out.push('"');
+        }
+        let _ = writeln!(out, "}} {} {}", self.value(index, ts), ts * 1000);
     }
 
     /// The incident of series `index` covering `ts`, if any.

@@ -9,12 +9,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::Process;
 use common::telegram::{alerts_in, FakeTelegram, Sent};
 use mad::config::Config;
 use mad::demo::{free_port, scrape_config, VictoriaMetrics};
@@ -46,64 +47,6 @@ fn profile(instance: &str, base: f64, period: f64) -> Profile {
         fast_period_secs: period,
         trend_per_week: 0.0,
         noise: 0.02,
-    }
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Process {
-    child: Child,
-    name: &'static str,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(name: &'static str, command: &mut Command, log: PathBuf) -> Process {
-        let file = std::fs::File::create(&log).expect("log file");
-        let stderr = file.try_clone().expect("log file");
-        let child = command
-            .stdout(file)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e} (scripts/setup.sh installs it)"));
-        Process { child, name, log }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- {} log ---\n{}",
-            self.name,
-            lines[lines.len().saturating_sub(15)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_ok(url: &str, what: &str, process: &mut Process) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if reqwest::get(url)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        if let Ok(Some(status)) = process.child.try_wait() {
-            panic!("{what} exited with {status}\n{}", process.log_tail());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not ready at {url}\n{}",
-            process.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -247,12 +190,8 @@ async fn run(via_alertmanager: bool) -> Run {
                 .arg("--log.level=debug"),
             dir.join("alertmanager.log"),
         );
-        wait_ok(
-            &format!("http://127.0.0.1:{port}/-/ready"),
-            "alertmanager",
-            &mut am,
-        )
-        .await;
+        am.wait_ok(&format!("http://127.0.0.1:{port}/-/ready"))
+            .await;
         alertmanager = Some(am);
         format!("http://127.0.0.1:{port}")
     } else {
@@ -279,12 +218,9 @@ async fn run(via_alertmanager: bool) -> Run {
             .stdin(Stdio::null()),
         dir.join("vmalert.log"),
     );
-    wait_ok(
-        &format!("http://127.0.0.1:{vmalert_port}/health"),
-        "vmalert",
-        &mut vmalert,
-    )
-    .await;
+    vmalert
+        .wait_ok(&format!("http://127.0.0.1:{vmalert_port}/health"))
+        .await;
 
     // Live points, one a second, with the spike; when each phase's first point went in.
     let stop_feeding = Arc::new(AtomicBool::new(false));

@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,8 @@ detectors:
 /// in a backlog and go in once it answers again, as vmagent's buffer does in production.
 struct Feeder {
     backlog: Arc<Mutex<Vec<String>>>,
+    /// The newest point VictoriaMetrics has accepted.
+    delivered_until: Arc<AtomicI64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -73,6 +76,8 @@ impl Feeder {
     fn start(url: String, synth: Synth, from: i64) -> Feeder {
         let backlog: Arc<Mutex<Vec<String>>> = Arc::default();
         let pending = backlog.clone();
+        let delivered_until = Arc::new(AtomicI64::new(from - 1));
+        let accepted = delivered_until.clone();
         let task = tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut ts = from;
@@ -94,12 +99,17 @@ impl Feeder {
                         .is_ok_and(|r| r.status().is_success());
                     if sent {
                         pending.lock().expect("backlog lock").clear();
+                        accepted.store(ts - 1, Ordering::SeqCst);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
-        Feeder { backlog, task }
+        Feeder {
+            backlog,
+            delivered_until,
+            task,
+        }
     }
 
     fn backlog(&self) -> usize {
@@ -247,7 +257,7 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
     assert!(samples_during > 0, "the outage was too short to check");
     assert!(feeder.backlog() > 0, "points piled up while it was down");
 
-    let _vm = VictoriaMetrics::start_on(vm_port, &tmp.path().join("vm"), None)
+    let vm = VictoriaMetrics::start_on(vm_port, &tmp.path().join("vm"), None)
         .await
         .expect("restart victoria-metrics on its old port and data");
     eventually(
@@ -256,11 +266,25 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
         || async { feeder.backlog() <= 2 },
     )
     .await;
+    // Accepted points take a moment to become searchable; the exporter cannot score what
+    // VictoriaMetrics does not yet return.
+    let sent = feeder.delivered_until.load(Ordering::SeqCst) as f64;
+    eventually(
+        Duration::from_secs(10),
+        "the delivered points are searchable",
+        || async {
+            vm.query("tlast_over_time(app_requests_rate[5m])")
+                .await
+                .is_ok_and(|rows| rows.iter().any(|(_, ts)| *ts >= sent))
+        },
+    )
+    .await;
     let delivered = now() as f64;
-    // The first cycle that succeeds after the data is back must serve scores again.
+    // The first cycle that succeeds after the data is back must serve scores again. A cycle
+    // takes milliseconds; one ending within half a second may have fetched before.
     let mut body = metrics(port).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while last_success(&body) <= delivered {
+    while last_success(&body) <= delivered + 0.5 {
         assert!(
             Instant::now() < deadline,
             "no successful cycle after the return"

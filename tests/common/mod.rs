@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod process;
 pub mod serve;
 pub mod telegram;
 
