@@ -32,7 +32,8 @@
 #      rule groups with expressions).
 #   4. Plain grep/awk assertions on the renders: the sharded render has a StatefulSet with
 #      replicas: 3 and MAD_SHARDS "3" and an Indexed trainer Job with 3 completions; secrets
-#      are passed by secretKeyRef; no ConfigMap holds a DSN or a token (a dummy token set in the
+#      are passed by secretKeyRef (the relay's intake token from a Secret the chart generates
+#      when the values name none); no ConfigMap holds a DSN or a token (a dummy token set in the
 #      config is refused, and with configAsSecret lands in the Secret, not in a ConfigMap); the
 #      chart refuses impossible values (trainer.watch without PostgreSQL, relay without a chat);
 #      the rules and dashboard ConfigMaps carry the chart's files byte for byte.
@@ -320,7 +321,20 @@ indexed_trainer() {
     env_value MAD_SHARDS "$1" "$2"
 }
 from_secret() { grep -A3 -- "- name: $1\$" "$2" | grep -q 'secretKeyRef:'; }
-secrets_by_reference() { from_secret MAD_POSTGRES_DSN "$1" && from_secret MAD_TELEGRAM_TOKEN "$1"; }
+secrets_by_reference() {
+  from_secret MAD_POSTGRES_DSN "$1" && from_secret MAD_TELEGRAM_TOKEN "$1" &&
+    from_secret MAD_RELAY_INTAKE_TOKEN "$1"
+}
+# The relay's intake token comes from the Secret the chart generates, holding a 40-char token.
+generated_intake_token() {
+  grep -A4 -- '- name: MAD_RELAY_INTAKE_TOKEN$' "$1" | grep -q 'name: mad-relay-intake$' &&
+    "$venv/bin/python" - "$1" <<'PY'
+import base64, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+secret = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "mad-relay-intake"]
+sys.exit(0 if len(secret) == 1 and len(base64.b64decode(secret[0]["data"]["token"])) == 40 else 1)
+PY
+}
 lacks() { ! grep -Eq -- "$1" "$2"; }
 has() { grep -Eq -- "$1" "$2"; }
 watch_trainer() { grep -A1 -- '- train$' "$1" | grep -q -- '- --watch$'; }
@@ -365,13 +379,15 @@ if [ -s "$sharded" ] && [ -s "$default" ]; then
     pod_name_from_downward_api "$out/sharded.statefulset.yaml"
   expect "sharded: the trainer CronJob's Job is Indexed, completions = parallelism = MAD_SHARDS = 3, Forbid" \
     indexed_trainer "$out/sharded.cronjob.yaml" 3
-  expect "sharded: MAD_POSTGRES_DSN and MAD_TELEGRAM_TOKEN come from secretKeyRef" \
+  expect "sharded: MAD_POSTGRES_DSN, MAD_TELEGRAM_TOKEN and MAD_RELAY_INTAKE_TOKEN come from secretKeyRef" \
     secrets_by_reference "$sharded"
   expect "sharded: a Deployment runs mad train --watch" watch_trainer "$out/sharded.deployments.yaml"
   expect "sharded: no model volume claim with the PostgreSQL store" lacks 'claimName: mad-models' "$sharded"
   expect "sharded: the ConfigMaps hold no DSN and no token, and the pod listen addresses" \
     configmaps_clean "$out/sharded.configmaps.yaml"
   expect "sharded: the chart creates no Secret" lacks '^kind: Secret$' "$sharded"
+  expect "embedded-relay: the relay's intake token is generated into a Secret and passed by secretKeyRef" \
+    generated_intake_token "$out/embedded-relay.yaml"
   expect "default: a StatefulSet of 1 with MAD_SHARDS \"1\" on the shared model claim" \
     default_exporter "$default"
   expect "default: an Indexed trainer of 1" indexed_trainer "$default" 1

@@ -52,7 +52,8 @@ pub struct Relay {
     #[serde(default = "default_relay_listen")]
     pub listen: SocketAddr,
     /// Bearer token intake requests must carry (vmalert `-notifier.bearerToken`,
-    /// Alertmanager `http_config.authorization`); none: intake is open.
+    /// Alertmanager `http_config.authorization`); or [`RELAY_INTAKE_TOKEN_ENV`]. The relay
+    /// refuses to start with neither this nor `intake_basic_auth`.
     #[serde(default)]
     pub intake_token: Option<Secret>,
     /// Basic auth intake requests must carry instead (vmalert `-notifier.basicAuth.*`).
@@ -75,6 +76,35 @@ pub struct Relay {
     #[serde(default = "default_chart_window")]
     pub chart_window: Duration,
     pub telegram: Telegram,
+}
+
+/// The intake's bearer token when `relay.intake_token` is not in the file (a Kubernetes
+/// Secret by reference).
+pub const RELAY_INTAKE_TOKEN_ENV: &str = "MAD_RELAY_INTAKE_TOKEN";
+
+impl Relay {
+    /// Takes the intake token from `var(RELAY_INTAKE_TOKEN_ENV)` when the file has none, and
+    /// refuses a relay whose intake would take alerts from anyone: whoever can post there can
+    /// write into the team's chat.
+    pub fn require_intake_auth(
+        &mut self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), String> {
+        if self.intake_token.is_none() {
+            self.intake_token = var(RELAY_INTAKE_TOKEN_ENV)
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| Secret::new(t.trim()));
+        }
+        if self.intake_token.is_none() && self.intake_basic_auth.is_none() {
+            return Err(format!(
+                "the relay's intake has no credentials: set relay.intake_token (or \
+                 {RELAY_INTAKE_TOKEN_ENV} in the environment) or relay.intake_basic_auth, and \
+                 send it from vmalert (-notifier.bearerToken) or Alertmanager \
+                 (http_config.authorization)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// See `relay::message` for the variables: header gets `kind` and `count`; alert gets
@@ -1433,5 +1463,46 @@ detectors:
         assert!(e.contains("alerting.grafana_url"), "{e}");
         let e = error(&at_top("{ model_max_age: 0s }"));
         assert!(e.contains("alerting.model_max_age"), "{e}");
+    }
+
+    #[test]
+    fn a_relay_without_intake_credentials_is_refused_unless_the_environment_has_a_token() {
+        let with_relay = |extra: &str| {
+            let text = format!("{GOOD}relay: {{ telegram: {{ default_chat: 1 }}{extra} }}\n");
+            parse(&text)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .relay
+                .expect("relay")
+        };
+        let mut open = with_relay("");
+        let refused = open.require_intake_auth(|_| None).expect_err("refused");
+        assert!(refused.contains("relay.intake_token"), "{refused}");
+        assert!(refused.contains(RELAY_INTAKE_TOKEN_ENV), "{refused}");
+        // A blank variable is no credential.
+        assert!(open.require_intake_auth(|_| Some("  ".into())).is_err());
+
+        let mut from_env = with_relay("");
+        from_env
+            .require_intake_auth(|name| {
+                (name == RELAY_INTAKE_TOKEN_ENV).then(|| "env-t0k3n".into())
+            })
+            .expect("the environment's token");
+        assert_eq!(
+            from_env.intake_token.as_ref().map(Secret::expose),
+            Some("env-t0k3n")
+        );
+
+        // The file's token wins over the environment's; basic auth alone suffices.
+        let mut in_file = with_relay(", intake_token: file-t0k3n");
+        in_file
+            .require_intake_auth(|_| Some("env-t0k3n".into()))
+            .expect("the file's token");
+        assert_eq!(
+            in_file.intake_token.as_ref().map(Secret::expose),
+            Some("file-t0k3n")
+        );
+        with_relay(", intake_basic_auth: { username: vm, password: pw }")
+            .require_intake_auth(|_| None)
+            .expect("basic auth");
     }
 }

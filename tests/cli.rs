@@ -407,3 +407,86 @@ detectors:
     }
     vm.stop().await;
 }
+
+#[test]
+fn relay_without_intake_credentials_refuses_to_start_and_takes_them_from_the_environment() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port().expect("port");
+    let config = format!(
+        r#"
+datasource: {{ url: "http://127.0.0.1:1" }}
+detectors: [{{ name: cli, query: up, step: 1m }}]
+relay:
+  listen: "127.0.0.1:{port}"
+  state_path: "{}"
+  telegram: {{ token: "9:AAH-very-secret-bot-token", api_url: "http://127.0.0.1:1", default_chat: 1 }}
+"#,
+        tmp.path().join("relay.redb").display()
+    );
+    let file = write(tmp.path(), "mad.yaml", &config);
+    let output = mad()
+        .args(["relay", "--config", file.to_str().expect("utf-8 path")])
+        .env_remove("MAD_RELAY_INTAKE_TOKEN")
+        .output()
+        .expect("run mad relay");
+    let stderr = text(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "an open intake started:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("relay.intake_token"), "{stderr}");
+    assert!(stderr.contains("MAD_RELAY_INTAKE_TOKEN"), "{stderr}");
+    assert!(!stderr.contains("AAH-very-secret"), "{stderr}");
+
+    // The token from the environment: the relay starts and takes only alerts that carry it.
+    let mut child = mad()
+        .args(["relay", "--config", file.to_str().expect("utf-8 path")])
+        .env("MAD_RELAY_INTAKE_TOKEN", "t0ken-for-tests")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mad relay");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(port, "/healthz").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the relay with a token from the environment did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let post = |token: Option<&str>| {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let body = "[]";
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "POST /api/v2/alerts HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: \
+             application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse::<u16>().ok())
+            .unwrap_or(0)
+    };
+    let (without, wrong, right) = (
+        post(None),
+        post(Some("guess")),
+        post(Some("t0ken-for-tests")),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(without, 401, "no credentials");
+    assert_eq!(wrong, 401, "a wrong token");
+    assert_eq!(right, 200, "the environment's token");
+}

@@ -77,6 +77,7 @@ detectors:
     interval: 1s
 relay:
   listen: "127.0.0.1:{relay_port}"
+  intake_token: dash-intake-secret
   telegram: {{ token: "1:dashboards", api_url: "{telegram}", default_chat: {CHAT} }}
 "#
     )
@@ -181,6 +182,7 @@ async fn every_panel_returns_data_from_real_mad_output() {
     loop {
         let posted = reqwest::Client::new()
             .post(format!("http://127.0.0.1:{relay_port}/api/v2/alerts"))
+            .bearer_auth("dash-intake-secret")
             .body(alert)
             .send()
             .await;

@@ -180,7 +180,8 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 impl RelayHttp {
-    /// Bearer token, basic auth, both or neither, as configured; any configured one suffices.
+    /// Bearer token, basic auth or both, as configured; any configured one suffices. The relay
+    /// does not start with neither (`require_intake_auth`).
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         let header = req
             .headers()
@@ -189,9 +190,6 @@ impl RelayHttp {
             .unwrap_or_default();
         let token = self.settings.intake_token.as_ref();
         let basic = self.settings.intake_basic_auth.as_ref();
-        if token.is_none() && basic.is_none() {
-            return true;
-        }
         let bearer_ok = token.is_some_and(|t| {
             header
                 .strip_prefix("Bearer ")
@@ -289,10 +287,13 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let settings = config
+    let mut settings = config
         .relay
         .clone()
         .context("the config has no relay: section")?;
+    settings
+        .require_intake_auth(|name| std::env::var(name).ok())
+        .map_err(|e| anyhow::anyhow!(e))?;
     let token: Secret = settings.telegram.token().map_err(|e| anyhow::anyhow!(e))?;
     let api_url = settings.telegram.api_url.as_ref().map(|u| &u.0);
     let bot = telegram::bot(&token, api_url).map_err(|e| anyhow::anyhow!(e))?;

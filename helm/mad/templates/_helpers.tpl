@@ -151,6 +151,21 @@ app.kubernetes.io/part-of: mad
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the relay's intake token: the user's, else the one the chart creates;
+empty when config.relay or the relay's environment has its own credentials. */}}
+{{- define "mad.relayIntakeSecret" -}}
+{{- $relay := (.Values.config | default dict).relay | default dict -}}
+{{- $envToken := false -}}
+{{- range concat (.Values.extraEnv | default list) (.Values.relay.env | default list) -}}
+{{- if eq .name "MAD_RELAY_INTAKE_TOKEN" -}}{{- $envToken = true -}}{{- end -}}
+{{- end -}}
+{{- if .Values.secrets.relayIntakeToken.name -}}
+{{- .Values.secrets.relayIntakeToken.name -}}
+{{- else if not (or $relay.intake_token $relay.intake_basic_auth $envToken) -}}
+{{- include "mad.fullname" . }}-relay-intake
+{{- end -}}
+{{- end -}}
+
 {{/* The config file ------------------------------------------------------------------------ */}}
 
 {{/* mad.yaml: .Values.config with the pod's listen addresses and volume paths filled in. */}}
@@ -232,6 +247,15 @@ Call with (dict "root" $ "component" "exporter" "values" .Values.exporter). */}}
     secretKeyRef:
       name: {{ $root.Values.secrets.telegramToken.name }}
       key: {{ $root.Values.secrets.telegramToken.key }}
+{{- end }}
+{{- if .intake }}
+{{- with include "mad.relayIntakeSecret" $root }}
+- name: MAD_RELAY_INTAKE_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ if $root.Values.secrets.relayIntakeToken.name }}{{ $root.Values.secrets.relayIntakeToken.key }}{{ else }}token{{ end }}
+{{- end }}
 {{- end }}
 {{- with $root.Values.extraEnv }}
 {{ toYaml . }}
