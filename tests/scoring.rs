@@ -1,6 +1,6 @@
 //! The scorer's promises, checked through ONNX Runtime on a real (untrained) model: carried state
 //! equals one run over the same history, batching changes nothing, new series score on their
-//! first cycle, gaps are bridged or restart the stream, stale series disappear.
+//! first cycle (and one seen from its first point scales itself on a warm-up, not on that point), gaps are bridged or restart the stream, stale series disappear.
 
 mod common;
 
@@ -232,6 +232,55 @@ fn new_series_score_on_their_first_cycle() {
     assert_eq!(scored.len(), 1);
     assert_eq!(scored[0].1.len(), 1);
     assert_eq!(scored[0].1[0].ts, T0 + 49 * STEP);
+}
+
+#[test]
+fn a_series_born_after_training_fits_its_scaler_on_a_warm_up_not_on_its_first_point() {
+    let model = Arc::new(common::forecaster("d", 1e9));
+    // Seen from its first point on, one point a cycle: a pod that has just started.
+    let mut born = band_scorer(model.clone(), 3600);
+    let mut from_birth = BTreeMap::new();
+    for i in 0..POINTS {
+        let fetched = [series("a", 0, i.saturating_sub(2)..i + 1)];
+        let stats = cycle(&mut born, &fetched, now_after(i), &mut from_birth);
+        if i + 1 < WINDOW {
+            assert_eq!(
+                stats.points_fed, 0,
+                "point {i}: held until a warm-up is there"
+            );
+        }
+    }
+    // Seen first with its warm-up already in the datasource.
+    let mut late = band_scorer(model, 3600);
+    let mut reference = BTreeMap::new();
+    cycle(
+        &mut late,
+        &[series("a", 0, 0..WINDOW)],
+        now_after(WINDOW - 1),
+        &mut reference,
+    );
+    for i in WINDOW..POINTS {
+        cycle(
+            &mut late,
+            &[series("a", 0, i - 2..i + 1)],
+            now_after(i),
+            &mut reference,
+        );
+    }
+    assert_eq!(
+        from_birth.len(),
+        POINTS - WINDOW,
+        "scores start after the warm-up"
+    );
+    for (key, expected) in &reference {
+        let got = from_birth.get(key).expect("the same points are scored");
+        assert!(
+            (got.yhat - expected.yhat).abs() <= 1e-9 * expected.yhat.abs().max(1.0),
+            "{key:?}: forecast {} from birth vs {} with the warm-up at once",
+            got.yhat,
+            expected.yhat
+        );
+    }
 }
 
 #[test]

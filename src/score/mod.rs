@@ -22,6 +22,7 @@ use crate::source::{Labels, Series};
 pub use detection::{Detection, Direction, Scoring};
 use likelihood::Normalizer;
 pub use state::SeriesState;
+use state::Step;
 
 /// Series per ONNX Runtime run: bounds the tensors of a cold start with many new series.
 pub const MAX_BATCH: usize = 4096;
@@ -72,15 +73,6 @@ pub struct CycleStats {
     pub runs: usize,
     pub new_series: usize,
     pub expired_series: usize,
-}
-
-/// A point ready to be fed: its time, raw value (interpolated if it was missing) and whether it
-/// was observed (only observed points are scored).
-#[derive(Debug, Clone, Copy)]
-struct Step {
-    ts: i64,
-    raw: f64,
-    observed: bool,
 }
 
 /// Scores one detector's series with one model, keeping per-series state between cycles.
@@ -175,7 +167,7 @@ impl DetectorScorer {
                 continue;
             };
             if restart {
-                let mut state = self.fresh_state(&series.labels, &steps);
+                let mut state = self.fresh_state(&series.labels);
                 state.last_seen = now;
                 // A restarted stream (after a long gap) is the same series: its deviations'
                 // history still holds.
@@ -188,6 +180,9 @@ impl DetectorScorer {
             } else if let Some(state) = self.series.get_mut(&series.labels) {
                 state.last_seen = now;
             }
+            let Some(steps) = self.hold_until_fitted(&series.labels, steps) else {
+                continue;
+            };
             by_len.entry(steps.len()).or_default().push((index, steps));
         }
         let mut scored = Vec::new();
@@ -281,22 +276,45 @@ impl DetectorScorer {
         Some((steps, restart))
     }
 
-    fn fresh_state(&self, labels: &Labels, steps: &[Step]) -> SeriesState {
+    /// A series the model was calibrated on starts with its scaler; any other one gets its own
+    /// in [`Self::hold_until_fitted`].
+    fn fresh_state(&self, labels: &Labels) -> SeriesState {
         let meta = &self.model.meta;
-        let (scaler, band) = match meta.series.get(&series_key(labels)) {
-            Some(cal) => (cal.scaler, cal.band),
-            None => {
-                let observed: Vec<f64> =
-                    steps.iter().filter(|p| p.observed).map(|p| p.raw).collect();
-                (Scaler::fit(&observed), meta.default_band)
-            }
-        };
-        SeriesState::new(
-            scaler,
-            band,
+        let calibration = meta.series.get(&series_key(labels));
+        let mut state = SeriesState::new(
+            calibration.map_or(Scaler::fit(&[]), |cal| cal.scaler),
+            calibration.map_or(meta.default_band, |cal| cal.band),
             meta.layers * meta.hidden,
             Normalizer::new(self.detection.scoring),
-        )
+        );
+        if calibration.is_none() {
+            state.unfitted = Some(Vec::new());
+        }
+        state
+    }
+
+    /// The steps to feed now. A series without a scaler holds its points back until it has a
+    /// warm-up's worth, fits its scaler on them and then feeds them all: a series that has just
+    /// appeared shows one or two points, and a scaler fitted on those made all its later scores
+    /// meaningless. Scores start no later for it: they need a warm-up of fed points anyway.
+    fn hold_until_fitted(&mut self, labels: &Labels, steps: Vec<Step>) -> Option<Vec<Step>> {
+        let needed = self.warmup_points();
+        let Some(state) = self.series.get_mut(labels) else {
+            return Some(steps);
+        };
+        let Some(held) = state.unfitted.as_mut() else {
+            return Some(steps);
+        };
+        held.extend(steps);
+        if let Some(last) = held.last() {
+            (state.last_ts, state.last_raw) = (last.ts, last.raw);
+        }
+        let observed: Vec<f64> = held.iter().filter(|p| p.observed).map(|p| p.raw).collect();
+        if observed.len() < needed {
+            return None;
+        }
+        state.scaler = Scaler::fit(&observed);
+        state.unfitted.take()
     }
 
     /// Feeds a group of series that all need `len` steps, at most [`MAX_BATCH`] series per run,

@@ -5,6 +5,15 @@ use mad_training::contract::Scaler;
 use super::likelihood::Normalizer;
 use super::Score;
 
+/// A point ready to be fed: its time, raw value (interpolated if it was missing) and whether it
+/// was observed (only observed points are scored).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Step {
+    pub(crate) ts: i64,
+    pub(crate) raw: f64,
+    pub(crate) observed: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct SeriesState {
     pub scaler: Scaler,
@@ -25,6 +34,9 @@ pub struct SeriesState {
     pub latest: Option<Score>,
     /// Turns the series' deviations into its scores (the detector's `detection.scoring`).
     pub normalizer: Normalizer,
+    /// Points held back, not fed, while the series has no scaler of its own yet (`None` once
+    /// it has): see `DetectorScorer::hold_until_fitted`.
+    pub(crate) unfitted: Option<Vec<Step>>,
 }
 
 impl SeriesState {
@@ -41,6 +53,7 @@ impl SeriesState {
             last_seen: 0,
             latest: None,
             normalizer,
+            unfitted: None,
         }
     }
 }
