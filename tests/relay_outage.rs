@@ -3,6 +3,11 @@
 //! halfway: intake keeps accepting, the outbox holds everything, the failure shows in the relay's
 //! metrics, and once Telegram answers again every alert is delivered exactly once, in the order
 //! it arrived, per chat.
+//!
+//! And the relay SIGKILLed at random moments while it delivers, again and again: every accepted
+//! alert arrives, and one arrives twice only when the kill fell between Telegram's answer and
+//! the relay recording it (Telegram has no idempotency key: re-sending is the price of losing
+//! nothing).
 
 mod common;
 
@@ -236,6 +241,103 @@ async fn telegram_down_for_a_while_loses_nothing_and_keeps_order() {
         sorted.sort_unstable();
         assert_eq!(indices, &sorted, "chat {chat}: out of order");
     }
+    assert_eq!(family_sum(port, "mad_relay_queued").await, 0.0);
+    drop(relay);
+}
+
+/// Kill moments, reproducible: a seeded xorshift64*.
+struct Moments(u64);
+
+impl Moments {
+    fn next_millis(&mut self, from: u64, to: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        from + self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % (to - from)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_again_and_again_while_delivering_loses_nothing() {
+    let kills: usize = std::env::var("MAD_RELAY_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let telegram = FakeTelegram::start().await;
+    let port = free_port().expect("port");
+    let config = tmp.path().join("mad.yaml");
+    std::fs::write(&config, config_text(tmp.path(), port, &telegram.url)).expect("config");
+    let mut relay = Relay::spawn(&config);
+    wait_healthy(port).await;
+
+    let mut moments = Moments(0x5EED_0FC0_FFEE);
+    let mut killed_at = Vec::new();
+    let mut batches = 0;
+    for _ in 0..kills {
+        // Accepted alerts, then a kill while they are being delivered.
+        for _ in 0..2 {
+            post(port, batches).await;
+            batches += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(moments.next_millis(50, 1500))).await;
+        drop(relay);
+        killed_at.push(Instant::now());
+        relay = Relay::spawn(&config);
+        wait_healthy(port).await;
+    }
+
+    let alerts = batches * PER_BATCH;
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let sent = telegram.sent();
+        let named: BTreeMap<String, ()> = sent
+            .iter()
+            .flat_map(|m| alerts_in(&m.text))
+            .map(|name| (name, ()))
+            .collect();
+        if named.len() >= alerts {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {alerts} alerts delivered {DRAIN:?} after the last of {kills} kills",
+            named.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Let anything sent twice show up before counting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let delivered = telegram.sent();
+
+    let mut first: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut again = 0;
+    for message in &delivered {
+        for name in alerts_in(&message.text) {
+            match first.get(&name) {
+                None => {
+                    first.insert(name, message.at);
+                }
+                Some(&sent_at) => {
+                    again += 1;
+                    // Sending and recording take milliseconds; a second is room for a busy CI.
+                    assert!(
+                        killed_at
+                            .iter()
+                            .any(|k| *k >= sent_at && *k <= sent_at + Duration::from_secs(1)),
+                        "{name} was sent twice though no kill fell right after its first send"
+                    );
+                }
+            }
+        }
+    }
+    for i in 0..alerts {
+        assert!(first.contains_key(&instance(i)), "{} was lost", instance(i));
+    }
+    println!(
+        "{kills} kills while delivering: all {alerts} accepted alerts delivered, {again} sent \
+         again after a kill between Telegram's answer and its record"
+    );
     assert_eq!(family_sum(port, "mad_relay_queued").await, 0.0);
     drop(relay);
 }
