@@ -58,6 +58,7 @@ impl DirStore {
     fn put_blocking(&self, onnx: &[u8], meta: &ModelMeta) -> Result<VersionInfo, StoreError> {
         let dir = self.detector_dir(&meta.detector)?;
         std::fs::create_dir_all(&dir).map_err(|e| self.io(&dir, e))?;
+        self.remove_leftovers(&dir);
         let mut version = version_name(SystemTime::now());
         let existing = self.list_blocking(&meta.detector)?;
         if let Some(last) = existing.last() {
@@ -94,6 +95,32 @@ impl DirStore {
             active: true,
             ..info
         })
+    }
+
+    /// Removes what a writer killed mid-put or mid-prune left: temporary files and models
+    /// without metadata (invisible, but each kill would add one for good). Puts to one detector
+    /// do not overlap (`ACTIVE.tmp` is shared already), so none of these is being written now.
+    fn remove_leftovers(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            let stale = match path.extension().and_then(|e| e.to_str()) {
+                Some("tmp") => true,
+                Some(MODEL_EXT) => !path.with_extension(META_EXT).exists(),
+                _ => false,
+            };
+            if stale {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed a leftover of an interrupted write")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover of an interrupted write")
+                    }
+                }
+            }
+        }
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -310,11 +337,27 @@ mod tests {
         assert!(v2.version > v1.version);
         // A crash between the two renames leaves a model without metadata: never loaded.
         std::fs::write(tmp.path().join("cpu/29990101T000000.000Z.onnx"), b"half").expect("write");
+        std::fs::write(tmp.path().join("cpu/29990101T000000.000Z.tmp"), b"half").expect("write");
         let active = store.load_active("cpu").await.expect("load").expect("some");
         assert_eq!(active.onnx, b"two");
         assert_eq!(active.info.version, v2.version);
         assert_eq!(store.prune("cpu", 1).await.expect("prune"), 1);
         assert_eq!(store.list("cpu").await.expect("list").len(), 1);
+        // The next put clears what the crash left.
+        let v3 = store.put(b"three", &meta("cpu")).await.expect("put");
+        let mut files: Vec<String> = std::fs::read_dir(tmp.path().join("cpu"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let mut expected = vec!["ACTIVE".to_string()];
+        for v in [&v2.version, &v3.version] {
+            expected.push(format!("{v}.json"));
+            expected.push(format!("{v}.onnx"));
+        }
+        expected.sort();
+        assert_eq!(files, expected);
     }
 
     #[tokio::test]

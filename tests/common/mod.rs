@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod feeder;
 pub mod pg;
 pub mod process;
 pub mod serve;
