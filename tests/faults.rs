@@ -9,6 +9,9 @@
 
 mod common;
 
+use common::exporter::{
+    eventually, has_scores, last_success, metrics, sample, served_version, try_metrics,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,65 +126,6 @@ impl Drop for Feeder {
     }
 }
 
-/// `/metrics`, or nothing while the exporter is still starting.
-async fn try_metrics(port: u16) -> Option<String> {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?;
-    response.text().await.ok()
-}
-
-async fn metrics(port: u16) -> String {
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let response = reqwest::get(&url)
-        .await
-        .unwrap_or_else(|e| panic!("the exporter must keep answering: {e}"));
-    assert_eq!(response.status().as_u16(), 200);
-    response.text().await.expect("metrics body")
-}
-
-/// The value of the sample whose name and labels start with `series` (0 when absent).
-fn sample(body: &str, series: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn has_scores(body: &str) -> bool {
-    let detector = format!("for=\"{DETECTOR}\"");
-    body.lines()
-        .any(|l| l.starts_with("anomaly_score{") && l.contains(&detector))
-}
-
-fn last_success(body: &str) -> f64 {
-    sample(
-        body,
-        &format!("mad_last_successful_cycle_timestamp_seconds{{detector=\"{DETECTOR}\"}}"),
-    )
-}
-
-fn served_version(body: &str) -> Option<String> {
-    let line = body
-        .lines()
-        .find(|l| l.starts_with(&format!("mad_model_info{{detector=\"{DETECTOR}\"")))?;
-    let start = line.find("version=\"")? + "version=\"".len();
-    let end = start + line[start..].find('"')?;
-    Some(line[start..end].to_string())
-}
-
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// A VictoriaMetrics with an hour of history, a trained model in `store`, and the feeder.
 async fn stack(dir: &Path, store: &Path) -> (VictoriaMetrics, Config, u16, Feeder) {
     let vm = VictoriaMetrics::start(&dir.join("vm"), None)
@@ -223,7 +167,7 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
     eventually(Duration::from_secs(60), "first scores", || async {
         try_metrics(port)
             .await
-            .is_some_and(|body| has_scores(&body))
+            .is_some_and(|body| has_scores(&body, DETECTOR))
     })
     .await;
     let unreachable =
@@ -243,7 +187,7 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
         if failure_seen.is_some_and(|at| at.elapsed() > Duration::from_millis(1500)) {
             samples_during += 1;
             assert!(
-                !has_scores(&body),
+                !has_scores(&body, DETECTOR),
                 "a stale score is served {:?} into the outage",
                 stopped.elapsed()
             );
@@ -284,7 +228,7 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
     // takes milliseconds; one ending within half a second may have fetched before.
     let mut body = metrics(port).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while last_success(&body) <= delivered + 0.5 {
+    while last_success(&body, DETECTOR) <= delivered + 0.5 {
         assert!(
             Instant::now() < deadline,
             "no successful cycle after the return"
@@ -293,7 +237,7 @@ async fn a_victoriametrics_outage_is_reported_and_recovered_from_in_one_cycle() 
         body = metrics(port).await;
     }
     assert!(
-        has_scores(&body),
+        has_scores(&body, DETECTOR),
         "the first successful cycle after the return served no score:\n{body}"
     );
     println!(
@@ -371,10 +315,10 @@ async fn a_corrupt_version_and_a_full_or_read_only_store_leave_the_served_model_
     eventually(Duration::from_secs(60), "first scores", || async {
         try_metrics(port)
             .await
-            .is_some_and(|body| has_scores(&body))
+            .is_some_and(|body| has_scores(&body, DETECTOR))
     })
     .await;
-    let first = served_version(&metrics(port).await).expect("a version is served");
+    let first = served_version(&metrics(port).await, DETECTOR).expect("a version is served");
 
     // A corrupt version becomes the store's active one: rejected, the first keeps serving.
     let store = DirStore::new(&disk.path);
@@ -396,11 +340,14 @@ async fn a_corrupt_version_and_a_full_or_read_only_store_leave_the_served_model_
             &format!("mad_model_reloads_total{{detector=\"{DETECTOR}\",result=\"rejected\"}}")
         ) >= 1.0
     );
-    assert_eq!(served_version(&body).as_deref(), Some(first.as_str()));
-    let cycle = last_success(&body);
+    assert_eq!(
+        served_version(&body, DETECTOR).as_deref(),
+        Some(first.as_str())
+    );
+    let cycle = last_success(&body, DETECTOR);
     eventually(Duration::from_secs(10), "cycles go on", || async {
         let body = metrics(port).await;
-        last_success(&body) > cycle && has_scores(&body)
+        last_success(&body, DETECTOR) > cycle && has_scores(&body, DETECTOR)
     })
     .await;
 
@@ -443,8 +390,11 @@ async fn a_corrupt_version_and_a_full_or_read_only_store_leave_the_served_model_
     let message = format!("{err:#}");
     assert!(message.contains("Read-only file system"), "{message}");
     let body = metrics(port).await;
-    assert_eq!(served_version(&body).as_deref(), Some(first.as_str()));
-    assert!(has_scores(&body), "{body}");
+    assert_eq!(
+        served_version(&body, DETECTOR).as_deref(),
+        Some(first.as_str())
+    );
+    assert!(has_scores(&body, DETECTOR), "{body}");
 
     // Writable again: the next training is stored and served without a restart.
     disk.remount("rw");
@@ -455,7 +405,9 @@ async fn a_corrupt_version_and_a_full_or_read_only_store_leave_the_served_model_
     eventually(
         Duration::from_secs(15),
         "the new version is served",
-        || async { served_version(&metrics(port).await).as_deref() == Some(newest.as_str()) },
+        || async {
+            served_version(&metrics(port).await, DETECTOR).as_deref() == Some(newest.as_str())
+        },
     )
     .await;
     serving.stop().await;
@@ -505,7 +457,7 @@ async fn a_series_with_a_runaway_label_set_is_left_out_and_counted() {
     eventually(Duration::from_secs(60), "scores and the count", || async {
         try_metrics(port)
             .await
-            .is_some_and(|body| has_scores(&body) && sample(&body, &limited) >= 1.0)
+            .is_some_and(|body| has_scores(&body, DETECTOR) && sample(&body, &limited) >= 1.0)
     })
     .await;
     let body = metrics(port).await;

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::exporter::{last_success, score_count, served_version, try_metrics};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -194,47 +195,6 @@ impl Drop for Mad {
     }
 }
 
-async fn try_metrics(port: u16) -> Option<String> {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.text().await.ok()
-}
-
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// Scores of this detector, one per input series.
-fn scores(body: &str) -> usize {
-    let detector = format!("for=\"{DETECTOR}\"");
-    body.lines()
-        .filter(|l| l.starts_with("anomaly_score{") && l.contains(&detector))
-        .count()
-}
-
-fn last_success(body: &str) -> f64 {
-    sample(
-        body,
-        &format!("mad_last_successful_cycle_timestamp_seconds{{detector=\"{DETECTOR}\"}}"),
-    )
-    .unwrap_or(0.0)
-}
-
-fn served_version(body: &str) -> Option<String> {
-    let line = body
-        .lines()
-        .find(|l| l.starts_with(&format!("mad_model_info{{detector=\"{DETECTOR}\"")))?;
-    let start = line.find("version=\"")? + "version=\"".len();
-    let end = start + line[start..].find('"')?;
-    Some(line[start..end].to_string())
-}
-
 /// Waits until the exporter child serves a score for every series from a cycle of its own.
 async fn wait_for_scores(mad: &mut Mad, port: u16, since: i64) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -243,7 +203,7 @@ async fn wait_for_scores(mad: &mut Mad, port: u16, since: i64) -> String {
             panic!("mad serve exited ({status}):\n{}", mad.log_tail());
         }
         if let Some(body) = try_metrics(port).await {
-            if scores(&body) == 2 && last_success(&body) >= since as f64 {
+            if score_count(&body, DETECTOR) == 2 && last_success(&body, DETECTOR) >= since as f64 {
                 return body;
             }
         }
@@ -341,7 +301,10 @@ async fn the_exporter_comes_back_and_serves_after_every_sigkill() {
         let mut serve = Mad::spawn(&stack, "serve", &format!("serve-{round}"));
         let body = wait_for_scores(&mut serve, stack.port, since).await;
         startups.push(serve.started.elapsed());
-        assert_eq!(served_version(&body).as_deref(), Some(version.as_str()));
+        assert_eq!(
+            served_version(&body, DETECTOR).as_deref(),
+            Some(version.as_str())
+        );
         // Killed at a random moment of its scoring cycles.
         let delay = rng.between(Duration::from_millis(200), Duration::from_secs(2));
         tokio::time::sleep(delay).await;
@@ -369,11 +332,17 @@ async fn the_exporter_comes_back_and_serves_after_every_sigkill() {
     let since = now();
     let mut serve = Mad::spawn(&stack, "serve", "serve-last");
     let body = wait_for_scores(&mut serve, stack.port, since).await;
-    let first = last_success(&body);
+    let first = last_success(&body, DETECTOR);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let body = try_metrics(stack.port).await.expect("the exporter answers");
-    assert!(last_success(&body) > first && scores(&body) == 2, "{body}");
-    assert_eq!(served_version(&body).as_deref(), Some(version.as_str()));
+    assert!(
+        last_success(&body, DETECTOR) > first && score_count(&body, DETECTOR) == 2,
+        "{body}"
+    );
+    assert_eq!(
+        served_version(&body, DETECTOR).as_deref(),
+        Some(version.as_str())
+    );
     serve.signal(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -493,5 +462,8 @@ async fn a_trainer_killed_anywhere_leaves_no_partial_version() {
     let since = now();
     let mut serve = Mad::spawn(&stack, "serve", "serve");
     let body = wait_for_scores(&mut serve, stack.port, since).await;
-    assert_eq!(served_version(&body).as_deref(), Some(last.as_str()));
+    assert_eq!(
+        served_version(&body, DETECTOR).as_deref(),
+        Some(last.as_str())
+    );
 }

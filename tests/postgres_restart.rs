@@ -15,6 +15,7 @@
 
 mod common;
 
+use common::exporter::{eventually, has_scores, last_success, metrics, sample, served_version};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -280,14 +281,6 @@ async fn range_queries(vm: &VictoriaMetrics) -> f64 {
     )
 }
 
-/// The value of the sample whose name and labels start with `series` (0 when absent).
-fn sample(body: &str, series: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// What a user checks in the registry: every listed version's bytes load as a model of the
 /// detector, and exactly one is active. Returns the versions, oldest first, and the active one.
 async fn check_versions(db: &TestDb, store: &dyn ModelStore) -> (Vec<String>, String) {
@@ -461,48 +454,6 @@ async fn training_through_a_restart_stores_a_whole_version_or_fails_naming_the_s
     db.drop().await;
 }
 
-async fn metrics(port: u16) -> String {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap_or_else(|e| panic!("the exporter must keep answering: {e}"));
-    assert_eq!(response.status().as_u16(), 200);
-    response.text().await.expect("metrics body")
-}
-
-fn has_scores(body: &str) -> bool {
-    let detector = format!("for=\"{DETECTOR}\"");
-    body.lines()
-        .any(|l| l.starts_with("anomaly_score{") && l.contains(&detector))
-}
-
-fn last_success(body: &str) -> f64 {
-    sample(
-        body,
-        &format!("mad_last_successful_cycle_timestamp_seconds{{detector=\"{DETECTOR}\"}}"),
-    )
-}
-
-fn served_version(body: &str) -> Option<String> {
-    let line = body
-        .lines()
-        .find(|l| l.starts_with(&format!("mad_model_info{{detector=\"{DETECTOR}\"")))?;
-    let start = line.find("version=\"")? + "version=\"".len();
-    let end = start + line[start..].find('"')?;
-    Some(line[start..end].to_string())
-}
-
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoring_goes_on_through_a_restart_and_the_next_version_is_served_after_it() {
     let outage = Duration::from_secs(
@@ -525,7 +476,7 @@ async fn scoring_goes_on_through_a_restart_and_the_next_version_is_served_after_
     let serving = common::serve::start(config.clone());
     eventually(Duration::from_secs(60), "first scores", || async {
         match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(r) => has_scores(&r.text().await.unwrap_or_default()),
+            Ok(r) => has_scores(&r.text().await.unwrap_or_default(), DETECTOR),
             Err(_) => false,
         }
     })
@@ -533,7 +484,7 @@ async fn scoring_goes_on_through_a_restart_and_the_next_version_is_served_after_
     let store_errors = format!("mad_errors_total{{detector=\"{DETECTOR}\",kind=\"store\"}}");
     let body = metrics(port).await;
     assert_eq!(
-        served_version(&body).as_deref(),
+        served_version(&body, DETECTOR).as_deref(),
         Some(first.version.version.as_str())
     );
     let errors_before = sample(&body, &store_errors);
@@ -545,18 +496,18 @@ async fn scoring_goes_on_through_a_restart_and_the_next_version_is_served_after_
     while stopped.elapsed() < outage {
         let body = metrics(port).await;
         assert!(
-            has_scores(&body),
+            has_scores(&body, DETECTOR),
             "no score {:?} into the outage",
             stopped.elapsed()
         );
-        let age = now() as f64 - last_success(&body);
+        let age = now() as f64 - last_success(&body, DETECTOR);
         assert!(
             age <= 3.0,
             "the newest score is {age} s old {:?} into the outage",
             stopped.elapsed()
         );
         assert_eq!(
-            served_version(&body).as_deref(),
+            served_version(&body, DETECTOR).as_deref(),
             Some(first.version.version.as_str()),
             "the model in memory keeps serving"
         );
@@ -586,7 +537,8 @@ async fn scoring_goes_on_through_a_restart_and_the_next_version_is_served_after_
         "the version trained after the restart is served",
         || async {
             let body = metrics(port).await;
-            served_version(&body).as_deref() == Some(version.as_str()) && has_scores(&body)
+            served_version(&body, DETECTOR).as_deref() == Some(version.as_str())
+                && has_scores(&body, DETECTOR)
         },
     )
     .await;

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod exporter;
 pub mod feeder;
 pub mod pg;
 pub mod process;
