@@ -11,7 +11,7 @@ use common::{STEP, WINDOW};
 use mad::expose::Exposition;
 use mad::score::{CycleStats, Detection, DetectorScorer, Score, Scoring};
 use mad::source::{Labels, Series};
-use mad_training::contract::{input_row, Feature, Scaler};
+use mad_training::contract::{input_row, Feature, Scaler, SeriesCalibration};
 
 const T0: i64 = 1_700_000_040; // a multiple of STEP
 const POINTS: usize = 120;
@@ -281,6 +281,51 @@ fn a_series_born_after_training_fits_its_scaler_on_a_warm_up_not_on_its_first_po
             expected.yhat
         );
     }
+}
+
+#[test]
+fn a_series_born_after_training_borrows_the_spread_of_the_calibrated_ones() {
+    // Calibrated series vary by 30 % of their level.
+    let mut meta = common::meta("d", 1.0);
+    for (name, center) in [("x", 100.0), ("y", 200.0), ("z", 40.0)] {
+        meta.series.insert(
+            mad_training::contract::series_key(&labels(name)),
+            SeriesCalibration {
+                scaler: Scaler {
+                    center,
+                    scale: 0.3 * center,
+                },
+                band: 1.0,
+            },
+        );
+    }
+    let params = mad_training::LstmParams::init(Feature::DEFAULT.len(), common::HIDDEN, 5);
+    let model =
+        mad::model::Forecaster::load(&mad_training::onnx::export(&params, &meta), "v1", "d", None)
+            .expect("test model loads");
+    let mut scorer = band_scorer(Arc::new(model), 3600);
+    // A new series whose warm-up is almost flat: fitted alone, its scale would be tiny.
+    let flat = |i: usize| 50.0 + 0.01 * (i % 3) as f64;
+    let mut scores = BTreeMap::new();
+    for i in 0..WINDOW + 3 {
+        let fetched = [Series {
+            labels: labels("new"),
+            points: (i.saturating_sub(2)..=i)
+                .map(|k| (T0 + k as i64 * STEP, flat(k)))
+                .collect(),
+        }];
+        cycle(&mut scorer, &fetched, now_after(i), &mut scores);
+    }
+    let (_, state, _) = scorer
+        .latest()
+        .find(|(l, _, _)| l["instance"] == "new")
+        .expect("the new series is scored");
+    assert!(
+        (state.scaler.scale - 0.3 * state.scaler.center).abs() < 1e-9,
+        "scale {} for a level of {}",
+        state.scaler.scale,
+        state.scaler.center
+    );
 }
 
 #[test]

@@ -12,10 +12,12 @@ pub mod group;
 pub mod likelihood;
 mod state;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use mad_training::contract::{input_row, series_key, Feature, Scaler, MAX_INTERPOLATED_GAP};
+use mad_training::contract::{
+    input_row, series_key, Feature, Scaler, SeriesCalibration, MAX_INTERPOLATED_GAP,
+};
 
 use crate::model::{Forecaster, ModelError};
 use crate::source::{Labels, Series};
@@ -75,6 +77,18 @@ pub struct CycleStats {
     pub expired_series: usize,
 }
 
+/// The median of scale over |centre| among calibrated series; `None` without any.
+fn typical_relative_spread(series: &BTreeMap<String, SeriesCalibration>) -> Option<f64> {
+    let mut ratios: Vec<f64> = series
+        .values()
+        .filter(|cal| cal.scaler.center.abs() > 0.0)
+        .map(|cal| cal.scaler.scale / cal.scaler.center.abs())
+        .filter(|r| r.is_finite())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied()
+}
+
 /// Scores one detector's series with one model, keeping per-series state between cycles.
 pub struct DetectorScorer {
     model: Arc<Forecaster>,
@@ -82,12 +96,16 @@ pub struct DetectorScorer {
     staleness: i64,
     detection: Detection,
     series: HashMap<Labels, SeriesState>,
+    /// Scale over level of the series the model was calibrated on (median): see
+    /// [`Self::hold_until_fitted`].
+    relative_spread: Option<f64>,
 }
 
 impl DetectorScorer {
     pub fn new(model: Arc<Forecaster>, staleness_secs: i64) -> DetectorScorer {
         DetectorScorer {
             step: model.meta.step_secs as i64,
+            relative_spread: typical_relative_spread(&model.meta.series),
             model,
             staleness: staleness_secs,
             detection: Detection::default(),
@@ -298,7 +316,7 @@ impl DetectorScorer {
     /// appeared shows one or two points, and a scaler fitted on those made all its later scores
     /// meaningless. Scores start no later for it: they need a warm-up of fed points anyway.
     fn hold_until_fitted(&mut self, labels: &Labels, steps: Vec<Step>) -> Option<Vec<Step>> {
-        let needed = self.warmup_points();
+        let (needed, relative_spread) = (self.warmup_points(), self.relative_spread);
         let Some(state) = self.series.get_mut(labels) else {
             return Some(steps);
         };
@@ -313,7 +331,15 @@ impl DetectorScorer {
         if observed.len() < needed {
             return None;
         }
-        state.scaler = Scaler::fit(&observed);
+        let mut scaler = Scaler::fit(&observed);
+        // A warm-up may cover a fraction of the series' cycle, and a scale fitted on it alone
+        // can be a small part of the real one: the inputs then leave the range the model was
+        // trained on and its forecasts are lost. Series of one query vary alike for their
+        // level (pods of one deployment), so the calibrated ones lend their spread.
+        if let Some(relative) = relative_spread {
+            scaler.scale = scaler.scale.max(relative * scaler.center.abs());
+        }
+        state.scaler = scaler;
         state.unfitted.take()
     }
 
