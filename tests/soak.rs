@@ -478,6 +478,13 @@ async fn the_stack_stays_flat_and_alerts_every_incident_once() {
             trace.samples.len()
         );
     }
+    // The series that left are forgotten: at most the live ones and one that has just left
+    // (staleness 10 s, far less than a round).
+    let tracked = *tracked_max.lock().expect("tracked");
+    assert!(
+        tracked <= (LIVE_SERIES + 1) as f64,
+        "the exporter tracked {tracked} series, {LIVE_SERIES} are live"
+    );
     for trace in traces.iter().filter(|t| t.name.starts_with("mad")) {
         let (warm_rss, tail_rss) = (
             trace.median_rss(warm.0, warm.1),
