@@ -510,6 +510,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     d.describe_queries()
                 );
             }
+            if let Some(relay) = &config.relay {
+                // The environment may differ where the relay runs (a pod's Secret): a note, not
+                // an error.
+                let intake = match relay.clone().require_intake_auth(|n| std::env::var(n).ok()) {
+                    Ok(()) => "intake credentials set".to_string(),
+                    Err(e) => format!("mad relay will not start here: {e}"),
+                };
+                println!("  relay on {}: {intake}", relay.listen);
+            }
         }
         Command::Demo {
             dir,

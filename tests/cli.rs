@@ -438,6 +438,18 @@ relay:
     assert!(stderr.contains("relay.intake_token"), "{stderr}");
     assert!(stderr.contains("MAD_RELAY_INTAKE_TOKEN"), "{stderr}");
     assert!(!stderr.contains("AAH-very-secret"), "{stderr}");
+    // `mad check` says so before a deployment finds out.
+    let check = mad()
+        .args(["check", "--config", file.to_str().expect("utf-8 path")])
+        .env_remove("MAD_RELAY_INTAKE_TOKEN")
+        .output()
+        .expect("run mad check");
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(
+        text(&check.stdout).contains("mad relay will not start here"),
+        "{}",
+        text(&check.stdout)
+    );
 
     // The token from the environment: the relay starts and takes only alerts that carry it.
     let mut child = mad()
