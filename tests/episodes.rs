@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::feeder::steady;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,25 +13,11 @@ use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::registry::{AnomalyQuery, NewWindow, Registry};
 use mad::source::unix_now as now;
-use mad::synth::{Incident, IncidentKind, Profile, Synth};
+use mad::synth::{Incident, IncidentKind, Synth};
 
 const HISTORY_SECS: i64 = 3600;
 const LIVE_SECS: i64 = 30;
 const SPIKE_AT: i64 = 16;
-
-fn profile(instance: &str, base: f64) -> Profile {
-    Profile {
-        metric: "queue_depth".into(),
-        labels: [("instance".to_string(), instance.to_string())].into(),
-        base,
-        daily: 0.0,
-        weekend_dip: 0.0,
-        fast: 0.3,
-        fast_period_secs: 300.0,
-        trend_per_week: 0.0,
-        noise: 0.02,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn episodes_are_recorded_outside_maintenance_windows_only() {
@@ -50,7 +37,10 @@ async fn episodes_are_recorded_outside_maintenance_windows_only() {
     };
     // The same spike on both series; "b" is under maintenance at the time.
     let synth = Synth {
-        profiles: vec![profile("a", 50.0), profile("b", 80.0)],
+        profiles: vec![
+            steady("queue_depth", "a", 50.0),
+            steady("queue_depth", "b", 80.0),
+        ],
         incidents: vec![spike(0), spike(1)],
         seed: 3,
         origin: start - HISTORY_SECS,

@@ -12,6 +12,7 @@ mod common;
 use common::exporter::{
     eventually, has_scores, last_success, metrics, sample, served_version, try_metrics,
 };
+use common::feeder::{requests, with_history};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,29 +22,10 @@ use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::source::unix_now as now;
 use mad::store::{DirStore, ModelStore};
-use mad::synth::{Profile, Synth};
+use mad::synth::Synth;
 
 const DETECTOR: &str = "faults";
 const HISTORY_SECS: i64 = 3600;
-
-fn synth(origin: i64) -> Synth {
-    Synth {
-        profiles: vec![Profile {
-            metric: "app_requests_rate".into(),
-            labels: [("instance".to_string(), "a".to_string())].into(),
-            base: 100.0,
-            daily: 0.0,
-            weekend_dip: 0.0,
-            fast: 0.3,
-            fast_period_secs: 300.0,
-            trend_per_week: 0.0,
-            noise: 0.02,
-        }],
-        incidents: Vec::new(),
-        seed: 3,
-        origin,
-    }
-}
 
 fn config(vm_url: &str, store: &Path, port: u16) -> Config {
     let text = format!(
@@ -128,16 +110,8 @@ impl Drop for Feeder {
 
 /// A VictoriaMetrics with an hour of history, a trained model in `store`, and the feeder.
 async fn stack(dir: &Path, store: &Path) -> (VictoriaMetrics, Config, u16, Feeder) {
-    let vm = VictoriaMetrics::start(&dir.join("vm"), None)
-        .await
-        .expect("start victoria-metrics");
-    let start = now();
-    let synth = synth(start - HISTORY_SECS);
-    let mut history = String::new();
-    for ts in start - HISTORY_SECS..=start {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    let (vm, synth, start) =
+        with_history(dir, HISTORY_SECS, |origin| requests(&["a"], 3, origin)).await;
     let port = free_port().expect("port");
     let config = config(&vm.url, store, port);
     mad::train::run(&config, &[], Some(start))
@@ -420,7 +394,7 @@ async fn a_series_with_a_runaway_label_set_is_left_out_and_counted() {
         .await
         .expect("start victoria-metrics");
     let start = now();
-    let mut synth = synth(start - HISTORY_SECS);
+    let mut synth = requests(&["a"], 3, start - HISTORY_SECS);
     // Three values of 3,000 bytes: each within VictoriaMetrics' own limit, 9 KB together.
     let mut runaway = synth.profiles[0].clone();
     runaway.labels = [

@@ -16,12 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::feeder::Feeder;
+use common::feeder::{requests, with_history, Feeder};
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::model::Forecaster;
 use mad::source::unix_now as now;
 use mad::store::{DirStore, ModelStore, VersionInfo};
-use mad::synth::{Profile, Synth};
 
 const DETECTOR: &str = "killed";
 const HISTORY_SECS: i64 = 3600;
@@ -57,28 +56,6 @@ fn rng() -> Rng {
     Rng(seed)
 }
 
-fn synth(origin: i64) -> Synth {
-    Synth {
-        profiles: ["a", "b"]
-            .into_iter()
-            .map(|instance| Profile {
-                metric: "app_requests_rate".into(),
-                labels: [("instance".to_string(), instance.to_string())].into(),
-                base: 100.0,
-                daily: 0.0,
-                weekend_dip: 0.0,
-                fast: 0.3,
-                fast_period_secs: 300.0,
-                trend_per_week: 0.0,
-                noise: 0.02,
-            })
-            .collect(),
-        incidents: Vec::new(),
-        seed: 5,
-        origin,
-    }
-}
-
 /// VictoriaMetrics with an hour of history and the feeder, and a config file for the children.
 struct Stack {
     _vm: VictoriaMetrics,
@@ -92,16 +69,8 @@ struct Stack {
 }
 
 async fn stack(dir: &Path) -> Stack {
-    let vm = VictoriaMetrics::start(&dir.join("vm"), None)
-        .await
-        .expect("start victoria-metrics");
-    let start = now();
-    let synth = synth(start - HISTORY_SECS);
-    let mut history = String::new();
-    for ts in start - HISTORY_SECS..=start {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    let (vm, synth, start) =
+        with_history(dir, HISTORY_SECS, |origin| requests(&["a", "b"], 5, origin)).await;
     let feeder = Feeder::start(vm.url.clone(), synth, start + 1);
     let port = free_port().expect("port");
     let store = dir.join("models");

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::feeder::Feeder;
+use common::feeder::{requests, with_history, Feeder};
 use common::pg::TestDb;
 use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
@@ -30,7 +30,6 @@ use mad::score::Score;
 use mad::source::unix_now as now;
 use mad::source::Labels;
 use mad::store::ModelStore;
-use mad::synth::{Profile, Synth};
 
 /// Held by each test for its whole run: they stop the one server the others use.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -205,41 +204,11 @@ async fn pg(action: &'static str) {
     }
 }
 
-fn synth(origin: i64) -> Synth {
-    Synth {
-        profiles: ["a", "b"]
-            .into_iter()
-            .map(|instance| Profile {
-                metric: "app_requests_rate".into(),
-                labels: [("instance".to_string(), instance.to_string())].into(),
-                base: 100.0,
-                daily: 0.0,
-                weekend_dip: 0.0,
-                fast: 0.3,
-                fast_period_secs: 300.0,
-                trend_per_week: 0.0,
-                noise: 0.02,
-            })
-            .collect(),
-        incidents: Vec::new(),
-        seed: 7,
-        origin,
-    }
-}
-
 /// A VictoriaMetrics with an hour of history up to the returned time, and the store's DSN
 /// with a password in it.
 async fn history(dir: &Path, db: &TestDb) -> (VictoriaMetrics, i64, String) {
-    let vm = VictoriaMetrics::start(&dir.join("vm"), None)
-        .await
-        .expect("start victoria-metrics");
-    let start = now();
-    let synth = synth(start - HISTORY_SECS);
-    let mut history = String::new();
-    for ts in start - HISTORY_SECS..=start {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    let (vm, _, start) =
+        with_history(dir, HISTORY_SECS, |origin| requests(&["a", "b"], 7, origin)).await;
     let dsn = db
         .url
         .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
@@ -472,7 +441,11 @@ async fn scoring_goes_on_through_a_restart_and_the_next_version_is_served_after_
         .await
         .expect("training succeeds")
         .remove(0);
-    let _feeder = Feeder::start(vm.url.clone(), synth(start - HISTORY_SECS), start + 1);
+    let _feeder = Feeder::start(
+        vm.url.clone(),
+        requests(&["a", "b"], 7, start - HISTORY_SECS),
+        start + 1,
+    );
     let serving = common::serve::start(config.clone());
     eventually(Duration::from_secs(60), "first scores", || async {
         match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
