@@ -12,6 +12,20 @@ use crate::source::Labels;
 
 const BINARY: &str = "victoria-metrics";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Ports [`VictoriaMetrics::start`] tries before it gives up.
+const PORT_ATTEMPTS: usize = 3;
+
+/// VictoriaMetrics exited before it answered (a port taken meanwhile, a locked data directory).
+#[derive(Debug)]
+struct Exited(std::process::ExitStatus);
+
+impl std::fmt::Display for Exited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exited before it was healthy ({})", self.0)
+    }
+}
+
+impl std::error::Error for Exited {}
 
 pub struct VictoriaMetrics {
     child: Child,
@@ -57,7 +71,15 @@ impl VictoriaMetrics {
     /// Starts `victoria-metrics` with its data in `data_dir`, optionally scraping per
     /// `scrape_config_file`, and waits until it answers.
     pub async fn start(data_dir: &Path, scrape_config_file: Option<&Path>) -> anyhow::Result<Self> {
-        Self::start_on(free_port()?, data_dir, scrape_config_file).await
+        // The free port can be taken by another process before VictoriaMetrics binds it: then
+        // it exits at once, and another port is tried.
+        let mut attempt = 1;
+        loop {
+            match Self::start_on(free_port()?, data_dir, scrape_config_file).await {
+                Err(e) if attempt < PORT_ATTEMPTS && e.is::<Exited>() => attempt += 1,
+                result => return result,
+            }
+        }
     }
 
     /// As [`VictoriaMetrics::start`], on a given port: a restart keeps the address clients
@@ -84,7 +106,7 @@ impl VictoriaMetrics {
             command.arg(format!("-promscrape.config={}", file.display()));
         }
         let child = command.spawn().context("cannot start victoria-metrics")?;
-        let vm = VictoriaMetrics {
+        let mut vm = VictoriaMetrics {
             child,
             url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
@@ -94,11 +116,16 @@ impl VictoriaMetrics {
             let healthy = vm
                 .http
                 .get(format!("{}/health", vm.url))
+                .timeout(Duration::from_secs(1))
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if healthy {
                 return Ok(vm);
+            }
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                return Err(anyhow::Error::new(Exited(status)))
+                    .with_context(|| format!("victoria-metrics on port {port}"));
             }
             if Instant::now() > deadline {
                 bail!("victoria-metrics did not become healthy on port {port}");
