@@ -7,6 +7,10 @@ use super::detection::Scoring;
 
 /// Points averaged into the short-term error: a lone wobble is not an anomaly, a run is.
 pub const SHORT_WINDOW: usize = 6;
+/// Span (in points) of the slow scale's exponential average of errors: a run of moderate
+/// errors that no six points show (a drift, a level that stays off) still adds up. Measured on
+/// NAB, SMD and ASD alike (README).
+pub const SLOW_SPAN: f64 = 60.0;
 /// Points of error history the distribution is estimated from: a running mean and variance
 /// up to this many points, exponentially weighted with this memory after (a few numbers per
 /// series instead of a window of them: 100,000 series must fit).
@@ -23,15 +27,42 @@ pub const EDGE_TAIL: f64 = 1e-9;
 /// tiny error into certainty (in units of the raw score, where 1 is the calibrated band).
 const MIN_SPREAD: f64 = 0.02;
 
-/// Streaming per-series state.
+/// Running mean and variance of one scale's averaged errors over the series' history.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moments {
+    mean: f64,
+    variance: f64,
+}
+
+impl Moments {
+    /// The likelihood score of `recent` against the history so far: 1 at a tail probability
+    /// of [`EDGE_TAIL`], 2 at its square.
+    fn score(&self, recent: f64) -> f64 {
+        let spread = self.variance.sqrt().max(MIN_SPREAD);
+        let z = (recent - self.mean) / spread;
+        let tail = 0.5 * libm::erfc(z / std::f64::consts::SQRT_2);
+        (tail.max(f64::MIN_POSITIVE).log10() / EDGE_TAIL.log10()).max(0.0)
+    }
+
+    fn add(&mut self, recent: f64, weight: f64) {
+        let delta = recent - self.mean;
+        self.mean += weight * delta;
+        self.variance = (1.0 - weight) * (self.variance + weight * delta * delta);
+    }
+}
+
+/// Streaming per-series state: errors averaged at two scales (the last [`SHORT_WINDOW`]
+/// points, and an exponential average spanning [`SLOW_SPAN`]), each judged against its own
+/// history; the more surprising of the two is the score.
 #[derive(Debug, Clone, Default)]
 pub struct Likelihood {
     short: [f64; SHORT_WINDOW],
     short_len: usize,
     short_next: usize,
     seen: usize,
-    mean: f64,
-    variance: f64,
+    fast: Moments,
+    slow_average: f64,
+    slow: Moments,
 }
 
 impl Likelihood {
@@ -45,19 +76,25 @@ impl Likelihood {
         self.short_next = (self.short_next + 1) % SHORT_WINDOW;
         self.short_len = (self.short_len + 1).min(SHORT_WINDOW);
         let recent = self.short[..self.short_len].iter().sum::<f64>() / self.short_len as f64;
+        // A plain mean until the span is reached, so the start does not hang on one point.
+        let slow_weight = (2.0 / (SLOW_SPAN + 1.0)).max(1.0 / (self.seen + 1) as f64);
+        self.slow_average += slow_weight * (raw - self.slow_average);
         let score = if self.seen >= MIN_HISTORY {
-            let spread = self.variance.sqrt().max(MIN_SPREAD);
-            let z = (recent - self.mean) / spread;
-            let tail = 0.5 * libm::erfc(z / std::f64::consts::SQRT_2);
-            (tail.max(f64::MIN_POSITIVE).log10() / EDGE_TAIL.log10()).max(0.0)
+            let slow = self.slow.score(self.slow_average);
+            self.fast.score(recent).max(slow)
         } else {
             0.0
         };
         self.seen += 1;
         let weight = 1.0 / self.seen.min(LONG_WINDOW) as f64;
-        let delta = recent - self.mean;
-        self.mean += weight * delta;
-        self.variance = (1.0 - weight) * (self.variance + weight * delta * delta);
+        self.fast.add(recent, weight);
+        // The slow average's history starts once it spans its points; before, it mostly shows
+        // how few it had.
+        if self.seen > SLOW_SPAN as usize {
+            let slow_seen = self.seen - SLOW_SPAN as usize;
+            self.slow
+                .add(self.slow_average, 1.0 / slow_seen.min(LONG_WINDOW) as f64);
+        }
         score
     }
 }
@@ -181,6 +218,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lasting_shift_keeps_raising_the_score_after_the_short_window_is_full() {
+        let mut l = Likelihood::default();
+        // Errors of 0 or 1 at random: six points' mean wanders a lot, sixty points' hardly.
+        let mut bits: u32 = 0x9e37_79b9;
+        let mut quiet_max: f64 = 0.0;
+        for _ in 0..LONG_WINDOW {
+            bits ^= bits << 13;
+            bits ^= bits >> 17;
+            bits ^= bits << 5;
+            quiet_max = quiet_max.max(l.update(f64::from(bits & 1)));
+        }
+        assert!(quiet_max < 1.0, "noise alone: {quiet_max}");
+        // Then every error is 1: never more than the noise's six-point highs. Six points in,
+        // the short mean has seen all it will; the slow average goes on rising, and so does
+        // the score.
+        let run: Vec<f64> = (0..3 * SLOW_SPAN as usize).map(|_| l.update(1.0)).collect();
+        let (peak_at, peak) = run
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or_default();
+        let short_full = run[SHORT_WINDOW - 1];
+        assert!(
+            peak_at >= 2 * SHORT_WINDOW && peak > 1.4 * short_full,
+            "peak {peak} at {peak_at}, {short_full} when the short window filled: {run:?}"
+        );
+    }
+
+    #[test]
     fn no_history_no_verdict_and_nan_is_ignored() {
         let mut l = Likelihood::default();
         assert_eq!(l.update(50.0), 0.0);
@@ -194,11 +261,21 @@ mod tests {
             l.update(if i % 2 == 0 { 1.0 } else { 3.0 });
         }
         // Short averages of 6 alternating points: mean 2, small spread.
-        assert!((l.mean - 2.0).abs() < 0.01, "{}", l.mean);
+        assert!((l.fast.mean - 2.0).abs() < 0.01, "{}", l.fast.mean);
+        assert!((l.slow.mean - 2.0).abs() < 0.05, "{}", l.slow.mean);
         for _ in 0..10 * LONG_WINDOW {
             l.update(5.0);
         }
-        assert!((l.mean - 5.0).abs() < 0.01, "old history fades: {}", l.mean);
-        assert_eq!(std::mem::size_of::<Likelihood>(), 8 * (SHORT_WINDOW + 5));
+        assert!(
+            (l.fast.mean - 5.0).abs() < 0.01,
+            "old history fades: {}",
+            l.fast.mean
+        );
+        assert!(
+            (l.slow.mean - 5.0).abs() < 0.01,
+            "old history fades: {}",
+            l.slow.mean
+        );
+        assert_eq!(std::mem::size_of::<Likelihood>(), 8 * (SHORT_WINDOW + 8));
     }
 }

@@ -179,26 +179,24 @@ impl DetectorScorer {
         // Series (as indices into `fetched`) grouped by how many steps they need, so each
         // group is fed in batched runs.
         let mut by_len: HashMap<usize, Vec<(usize, Vec<Step>)>> = HashMap::new();
+        let (warmup, relative_spread) = (self.warmup_points(), self.relative_spread);
         for (index, series) in fetched.iter().enumerate() {
             let known = self.series.get(&series.labels);
             let Some((steps, restart)) = self.new_steps(series, known) else {
                 continue;
             };
-            if restart {
-                let mut state = self.fresh_state(&series.labels);
-                state.last_seen = now;
-                // A restarted stream (after a long gap) is the same series: its deviations'
-                // history still holds.
-                if let Some(old) = known {
-                    state.normalizer = old.normalizer.clone();
+            let state = if restart {
+                let fresh = self.fresh_state(&series.labels);
+                stats.new_series += 1;
+                self.series.entry(series.labels.clone()).or_insert(fresh)
+            } else {
+                match self.series.get_mut(&series.labels) {
+                    Some(state) => state,
+                    None => continue,
                 }
-                if self.series.insert(series.labels.clone(), state).is_none() {
-                    stats.new_series += 1;
-                }
-            } else if let Some(state) = self.series.get_mut(&series.labels) {
-                state.last_seen = now;
-            }
-            let Some(steps) = self.hold_until_fitted(&series.labels, steps) else {
+            };
+            state.last_seen = now;
+            let Some(steps) = Self::hold_until_fitted(state, steps, warmup, relative_spread) else {
                 continue;
             };
             by_len.entry(steps.len()).or_default().push((index, steps));
@@ -315,11 +313,12 @@ impl DetectorScorer {
     /// warm-up's worth, fits its scaler on them and then feeds them all: a series that has just
     /// appeared shows one or two points, and a scaler fitted on those made all its later scores
     /// meaningless. Scores start no later for it: they need a warm-up of fed points anyway.
-    fn hold_until_fitted(&mut self, labels: &Labels, steps: Vec<Step>) -> Option<Vec<Step>> {
-        let (needed, relative_spread) = (self.warmup_points(), self.relative_spread);
-        let Some(state) = self.series.get_mut(labels) else {
-            return Some(steps);
-        };
+    fn hold_until_fitted(
+        state: &mut SeriesState,
+        steps: Vec<Step>,
+        needed: usize,
+        relative_spread: Option<f64>,
+    ) -> Option<Vec<Step>> {
         let Some(held) = state.unfitted.as_mut() else {
             return Some(steps);
         };
