@@ -19,14 +19,16 @@ if [ -z "$datasets" ] || [ ! -d "$datasets/nab" ]; then
 fi
 [ -e .ort/libonnxruntime.so ] || scripts/fetch-onnxruntime.sh
 cargo build --release --quiet --bin mad
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
 echo "== NAB (${datasets}/nab)"
-target/release/mad backtest --nab "$datasets/nab" "$@"
+target/release/mad backtest --nab "$datasets/nab" "$@" | tee "$logs/nab"
 echo
 echo "== SMD (${datasets}/smd)"
-target/release/mad backtest --machines "$datasets/smd" --step 1m "$@"
+target/release/mad backtest --machines "$datasets/smd" --step 1m "$@" | tee "$logs/smd"
 echo
 echo "== ASD (${datasets}/asd)"
-target/release/mad backtest --machines "$datasets/asd" --step 5m "$@"
+target/release/mad backtest --machines "$datasets/asd" --step 5m "$@" | tee "$logs/asd"
 if compgen -G "$datasets/kpi/*.csv" > /dev/null; then
   echo
   echo "== KPI (${datasets}/kpi)"
@@ -34,3 +36,21 @@ if compgen -G "$datasets/kpi/*.csv" > /dev/null; then
   for file in "$datasets"/kpi/*.csv; do kpi+=(--csv "$file"); done
   target/release/mad backtest "${kpi[@]}" "$@"
 fi
+
+# The one table: each corpus' summary lines, as printed above, side by side.
+nab_profile() { awk -v p="$1" '$1 == "NAB" && $2 == p { print $3 }' "$logs/nab"; }
+machines() { grep '^mean best F1' "$logs/$1"; }
+best_f1() { machines "$1" | sed -E 's/^mean best F1 ([0-9.]+),.*/\1/'; }
+default_f1() { machines "$1" | sed -E 's/.*default threshold ([0-9.]+ \([0-9]+% of best\)).*/\1/'; }
+attribution() { machines "$1" | sed -E 's/.*named in ([0-9]+ of [0-9]+) segments.*/\1/'; }
+train_time() { machines "$1" | sed -E 's/.*training ([0-9.]+ s) per model.*/\1/'; }
+nab_train="$(sed -nE 's/^training: ([0-9]+) models, median ([0-9.]+ s).*/median \2 (\1 models)/p' "$logs/nab")"
+echo
+echo "== Summary"
+printf '%-34s %-28s %-24s %s\n' "" "NAB" "SMD" "ASD"
+printf '%-34s %-28s\n' "NAB standard / low FP / low FN" \
+  "$(nab_profile standard) / $(nab_profile reward_low_FP_rate) / $(nab_profile reward_low_FN_rate)"
+printf '%-34s %-28s %-24s %s\n' "best F1 (no point-adjust)" "" "$(best_f1 smd)" "$(best_f1 asd)"
+printf '%-34s %-28s %-24s %s\n' "F1 at the default threshold" "" "$(default_f1 smd)" "$(default_f1 asd)"
+printf '%-34s %-28s %-24s %s\n' "attribution: labelled in top 3" "" "$(attribution smd)" "$(attribution asd)"
+printf '%-34s %-28s %-24s %s\n' "training time per model" "$nab_train" "$(train_time smd)" "$(train_time asd)"

@@ -86,6 +86,30 @@ pub fn nab_score(score: Option<f64>) -> f64 {
     }
 }
 
+/// NAB is shown a row as a detection only where its score is higher than in each of the
+/// [`ONSET_ROWS`] rows before it (others count 0). NAB charges every row at or above its
+/// threshold outside a window as one more false positive, but an alert fires once per episode:
+/// a run of high scores (one bad point stays in the short average for six rows) is one alert,
+/// raised where the run starts or grows. The exported scores are unchanged (`--out`).
+pub fn alert_onsets(scores: &[f64]) -> Vec<f64> {
+    (0..scores.len())
+        .map(|i| {
+            let before = scores[i.saturating_sub(ONSET_ROWS)..i]
+                .iter()
+                .copied()
+                .fold(0.0, f64::max);
+            if scores[i] > before {
+                scores[i]
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// Rows a score run is looked back over for [`alert_onsets`]: the likelihood's short window.
+pub const ONSET_ROWS: usize = crate::score::likelihood::SHORT_WINDOW;
+
 /// Runs the corpus at `dir` (`data/<category>/<file>.csv`, `labels/combined_windows.json`) as
 /// `run` says; `progress` hears of each file as it is done.
 pub fn run_nab(
@@ -140,7 +164,8 @@ pub fn run_nab(
             .scores
             .iter()
             .map(|s| nab_score(s.map(|s| s.score)))
-            .collect();
+            .collect::<Vec<f64>>();
+        let scores = alert_onsets(&scores);
         if let Some(out) = out {
             let in_window: Vec<bool> = micros
                 .iter()
@@ -227,4 +252,24 @@ fn reference_scores(dir: &Path, files: &[&str], windows: &nab::Windows) -> Optio
             Some(nab::normalize(total, windows_total, profile))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_high_scores_is_shown_to_nab_where_it_starts_or_grows() {
+        let mut scores = vec![0.1, 0.7, 0.7, 0.8, 0.6, 0.6];
+        scores.extend(vec![0.1; ONSET_ROWS]);
+        scores.push(0.6);
+        let shown = alert_onsets(&scores);
+        assert_eq!(&shown[..6], &[0.1, 0.7, 0.0, 0.8, 0.0, 0.0]);
+        assert!(shown[6..6 + ONSET_ROWS].iter().all(|s| *s == 0.0));
+        assert_eq!(
+            shown.last(),
+            Some(&0.6),
+            "a new run after a quiet spell is a new alert"
+        );
+    }
 }
