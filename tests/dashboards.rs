@@ -39,17 +39,12 @@ fn the_shipped_dashboards_match_the_generator() {
     }
 }
 
+/// The shared steady series with a slower, smaller rhythm (±20 % over 400 s).
 fn profile(metric: &str, instance: &str, base: f64) -> Profile {
     Profile {
-        metric: metric.into(),
-        labels: [("instance".to_string(), instance.to_string())].into(),
-        base,
-        daily: 0.0,
-        weekend_dip: 0.0,
         fast: 0.2,
         fast_period_secs: 400.0,
-        trend_per_week: 0.0,
-        noise: 0.02,
+        ..common::feeder::steady(metric, instance, base)
     }
 }
 
