@@ -34,10 +34,25 @@ pub struct VictoriaMetrics {
 }
 
 /// A port nobody listens on right now (the OS picks it).
+/// Never the same port twice in one process: the OS may offer a port again as soon as the
+/// probe closes it, and two parts of one test that both ask before either binds would share it.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
-    Ok(listener.local_addr()?.port())
+    for _ in 0..PORT_PROBES {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free port")?;
+        let port = listener.local_addr()?.port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free port that this process has not handed out already")
 }
+
+/// Ports [`free_port`] has returned.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+/// Ports [`free_port`] asks the OS for before it gives up.
+const PORT_PROBES: usize = 64;
 
 /// A scrape config for VictoriaMetrics' built-in scraper: the exporter every `interval`.
 /// `honor_labels` keeps the input series' own `instance`/`job` labels on the scores.
