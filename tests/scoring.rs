@@ -1,6 +1,8 @@
 //! The scorer's promises, checked through ONNX Runtime on a real (untrained) model: carried state
 //! equals one run over the same history, batching changes nothing, new series score on their
-//! first cycle (and one seen from its first point scales itself on a warm-up, not on that point), gaps are bridged or restart the stream, stale series disappear.
+//! first cycle (and one seen from its first point scales itself on a warm-up, not on that
+//! point), gaps are bridged or restart the stream, stale series disappear, a jump the model
+//! follows is still seen.
 
 mod common;
 
@@ -491,4 +493,46 @@ fn the_likelihood_is_primed_from_history_and_survives_a_long_gap() {
         Some(WINDOW + 1),
         "scores resume right after the gap: {scored:?}"
     );
+}
+
+/// A value that jumps to exactly what the model forecast is no surprise to the model, but it is
+/// to "as the last point": the naive forecast's own likelihood flags the jump.
+#[test]
+fn a_jump_onto_the_models_forecast_is_seen_by_the_naive_forecast() {
+    // A narrow band: deviations are large in band units, far from the likelihood's floor.
+    let model = Arc::new(common::forecaster("d", 0.01));
+    let mut scorer = DetectorScorer::new(model, 3600);
+    let end = scorer.warmup_points() + 50;
+    let steady = |i: usize| 50.0 + 1e-4 * (i as f64 * 1.3).sin();
+    let mut points: Vec<(i64, f64)> = (0..end)
+        .map(|i| (T0 + i as i64 * STEP, steady(i)))
+        .collect();
+    let fetched = Series {
+        labels: labels("a"),
+        points: points.clone(),
+    };
+    let (_, scored) = scorer
+        .score_cycle(&[fetched], now_after(end - 1))
+        .expect("warm-up cycle");
+    let last = *scored[0].1.last().expect("the warm-up ends scored");
+    let half = last.upper - last.yhat;
+    assert!(
+        (last.y - last.yhat).abs() > 5.0 * half,
+        "the untrained model misses the steady level by many bands: {last:?}"
+    );
+    assert!(last.score < 1.0, "a steady miss is normal: {last:?}");
+    points.push((T0 + end as i64 * STEP, last.yhat));
+    let fetched = Series {
+        labels: labels("a"),
+        points,
+    };
+    let (_, scored) = scorer
+        .score_cycle(&[fetched], now_after(end))
+        .expect("cycle with the jump");
+    let jump = scored[0].1[0];
+    assert!(
+        (jump.y - jump.yhat).abs() < half,
+        "the jump lands on the forecast: {jump:?}"
+    );
+    assert!(jump.score > 1.0, "the jump is anomalous: {jump:?}");
 }

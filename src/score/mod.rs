@@ -302,6 +302,7 @@ impl DetectorScorer {
             calibration.map_or(meta.default_band, |cal| cal.band),
             meta.layers * meta.hidden,
             Normalizer::new(self.detection.scoring),
+            Normalizer::for_persistence(self.detection.scoring),
         );
         if calibration.is_none() {
             state.unfitted = Some(Vec::new());
@@ -378,6 +379,17 @@ impl DetectorScorer {
         Ok(results)
     }
 
+    /// The deviation of `y` from the naive forecast "as the previous point", in the series'
+    /// band half-widths. Scored through its own likelihood next to the model's: a forecaster
+    /// that learnt from a short, frozen history can follow a change into a pattern it never
+    /// saw, while a jump from the last value shows it at once (NAB, ASD: README).
+    fn naive_deviation(&self, state: &SeriesState, y: f64, previous: f64) -> f64 {
+        let half = self
+            .detection
+            .half_width(previous, state.band * state.scaler.scale);
+        self.detection.score(y, previous, half)
+    }
+
     fn run_chunk(
         &self,
         len: usize,
@@ -404,6 +416,8 @@ impl DetectorScorer {
         let mut fed: Vec<usize> = states.iter().map(|s| s.fed).collect();
         let mut normalizers: Vec<Normalizer> =
             states.iter().map(|s| s.normalizer.clone()).collect();
+        let mut persistence: Vec<Option<Normalizer>> =
+            states.iter().map(|s| s.persistence.clone()).collect();
         let mut x = vec![0f32; batch * f];
         let mut scores: Vec<Vec<Score>> = vec![Vec::new(); batch];
         let value_columns: Vec<usize> = (0..f).filter(|&i| features[i] == Feature::Value).collect();
@@ -424,8 +438,16 @@ impl DetectorScorer {
                     if score.score > 1.0 {
                         input = p.raw.clamp(score.lower, score.upper);
                     }
+                    let previous = if t == 0 {
+                        state.last_raw
+                    } else {
+                        steps[t - 1].raw
+                    };
+                    let naive = persistence[b].as_mut().and_then(|normalizer| {
+                        normalizer.update(self.naive_deviation(state, p.raw, previous))
+                    });
                     if let Some(normalized) = normalizers[b].update(score.score) {
-                        score.score = normalized;
+                        score.score = normalized.max(naive.unwrap_or(0.0));
                         scores[b].push(score);
                     }
                 }
@@ -455,6 +477,7 @@ impl DetectorScorer {
             state.pending = pending[b];
             state.fed = fed[b];
             state.normalizer = normalizers[b].clone();
+            state.persistence = persistence[b].clone();
             for layer in 0..layers {
                 let own = layer * hd..(layer + 1) * hd;
                 state.h[own.clone()].copy_from_slice(&h[slot(layer, b)]);

@@ -34,13 +34,22 @@ pub struct SeriesState {
     pub latest: Option<Score>,
     /// Turns the series' deviations into its scores (the detector's `detection.scoring`).
     pub normalizer: Normalizer,
+    /// The same for the naive forecast "as the last point", where the scoring has one
+    /// ([`Normalizer::for_persistence`]); the higher of the two scores is the point's.
+    pub persistence: Option<Normalizer>,
     /// Points held back, not fed, while the series has no scaler of its own yet (`None` once
     /// it has): see `DetectorScorer::hold_until_fitted`.
     pub(crate) unfitted: Option<Vec<Step>>,
 }
 
 impl SeriesState {
-    pub fn new(scaler: Scaler, band: f64, state_len: usize, normalizer: Normalizer) -> SeriesState {
+    pub fn new(
+        scaler: Scaler,
+        band: f64,
+        state_len: usize,
+        normalizer: Normalizer,
+        persistence: Option<Normalizer>,
+    ) -> SeriesState {
         SeriesState {
             scaler,
             band,
@@ -53,6 +62,7 @@ impl SeriesState {
             last_seen: 0,
             latest: None,
             normalizer,
+            persistence,
             unfitted: None,
         }
     }
