@@ -107,7 +107,6 @@ fn carried_state_of_stacked_layers_matches_one_run() {
 }
 
 fn carried_state_matches_one_run(layers: usize) {
-    // A band so wide nothing is anomalous, so no input is clipped and a plain run is the reference.
     let model = Arc::new(common::stacked_forecaster("d", 1e9, layers));
     let mut scorer = band_scorer(model.clone(), 3600);
     let scores = score_incrementally(&mut scorer, &["a"]);
@@ -164,7 +163,7 @@ fn many_points_in_one_cycle_equal_one_point_per_cycle() {
     );
     cycle(&mut bulk, &fetch(0..POINTS), now_after(POINTS), &mut all);
     assert_eq!(one_by_one.len(), all.len());
-    // A tight band makes some points anomalous, so clipping is exercised on both paths.
+    // A tight band makes some points anomalous: scores far from 0 are compared too.
     assert!(all.values().any(|s| s.score > 1.0));
     for (key, a) in &one_by_one {
         let b = all[key];
