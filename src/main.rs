@@ -34,6 +34,8 @@ enum BacktestScoring {
     Likelihood,
     /// deviations standardised against all of the series' earlier ones
     Standardized,
+    /// smoothed deviations against a threshold chosen from the recent ones (Hundman et al.)
+    Dynamic,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -397,6 +399,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     Some(BacktestScoring::Band) => mad::score::Scoring::Band,
                     Some(BacktestScoring::Likelihood) => mad::score::Scoring::Likelihood,
                     Some(BacktestScoring::Standardized) => mad::score::Scoring::Standardized,
+                    Some(BacktestScoring::Dynamic) => mad::score::Scoring::Dynamic,
                 },
                 ..mad::score::Detection::default()
             };

@@ -535,3 +535,35 @@ fn a_jump_onto_the_models_forecast_is_seen_by_the_naive_forecast() {
     );
     assert!(jump.score > 1.0, "the jump is anomalous: {jump:?}");
 }
+
+/// Every history-based scoring is primed from the fetched past, so a new series scores at
+/// once, and a burst far outside the band scores above 1.
+#[test]
+fn every_scoring_is_primed_at_once_and_flags_a_burst() {
+    for scoring in [Scoring::Likelihood, Scoring::Standardized, Scoring::Dynamic] {
+        let model = Arc::new(common::forecaster("d", 1.0));
+        let mut scorer = DetectorScorer::new(model, 3600).with_detection(Detection {
+            scoring,
+            ..Detection::default()
+        });
+        let end = scorer.warmup_points() + 30;
+        let (_, scored) = scorer
+            .score_cycle(&[series("a", 0, 0..end)], now_after(end - 1))
+            .expect("first cycle");
+        assert!(!scored.is_empty(), "{scoring:?}: scores on its first cycle");
+        let mut points = series("a", 0, 0..end).points;
+        for i in end..end + 6 {
+            points.push((T0 + i as i64 * STEP, value(0, i) + 1_000.0));
+        }
+        let last = points.len();
+        let fetched = Series {
+            labels: labels("a"),
+            points,
+        };
+        let (_, scored) = scorer
+            .score_cycle(&[fetched], now_after(last))
+            .expect("cycle with the burst");
+        let peak = scored[0].1.iter().map(|s| s.score).fold(0.0, f64::max);
+        assert!(peak > 1.0, "{scoring:?}: a burst of +1000 scores {peak}");
+    }
+}

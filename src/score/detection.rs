@@ -30,6 +30,9 @@ pub enum Scoring {
     Likelihood,
     /// Standard deviations above the series' mean deviation ([`super::likelihood::Standardized`]).
     Standardized,
+    /// Smoothed deviations against a threshold chosen from the series' recent ones (Hundman et
+    /// al., [`super::dynamic::DynamicThreshold`]).
+    Dynamic,
 }
 
 /// A finite number ≥ 0.
@@ -126,6 +129,8 @@ mod tests {
         assert!(serde_yaml::from_str::<Detection>("direction: up\n").is_err());
         let band: Detection = serde_yaml::from_str("scoring: band\n").expect("valid");
         assert_eq!(band.scoring, Scoring::Band);
+        let dynamic: Detection = serde_yaml::from_str("scoring: dynamic\n").expect("valid");
+        assert_eq!(dynamic.scoring, Scoring::Dynamic);
         assert!(serde_yaml::from_str::<Detection>("scoring: magic\n").is_err());
     }
 }

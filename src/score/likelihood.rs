@@ -4,6 +4,7 @@
 //! fits all of them.
 
 use super::detection::Scoring;
+use super::dynamic::DynamicThreshold;
 
 /// Points averaged into the short-term error: a lone wobble is not an anomaly, a run is.
 pub const SHORT_WINDOW: usize = 6;
@@ -105,6 +106,7 @@ pub enum Normalizer {
     Band,
     Likelihood(Likelihood),
     Standardized(Standardized),
+    Dynamic(Box<DynamicThreshold>),
 }
 
 impl Normalizer {
@@ -113,6 +115,7 @@ impl Normalizer {
             Scoring::Band => Normalizer::Band,
             Scoring::Likelihood => Normalizer::Likelihood(Likelihood::default()),
             Scoring::Standardized => Normalizer::Standardized(Standardized::default()),
+            Scoring::Dynamic => Normalizer::Dynamic(Box::default()),
         }
     }
 
@@ -128,7 +131,7 @@ impl Normalizer {
     pub fn history_needed(scoring: Scoring) -> usize {
         match scoring {
             Scoring::Band => 0,
-            Scoring::Likelihood | Scoring::Standardized => MIN_HISTORY,
+            Scoring::Likelihood | Scoring::Standardized | Scoring::Dynamic => MIN_HISTORY,
         }
     }
 
@@ -145,6 +148,11 @@ impl Normalizer {
             Normalizer::Standardized(s) => {
                 let primed = s.count >= MIN_HISTORY as f64;
                 let score = s.update(raw);
+                primed.then_some(score)
+            }
+            Normalizer::Dynamic(d) => {
+                let primed = d.primed();
+                let score = d.update(raw);
                 primed.then_some(score)
             }
         }

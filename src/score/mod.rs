@@ -8,6 +8,7 @@
 //! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous.
 
 pub mod detection;
+pub mod dynamic;
 pub mod group;
 pub mod likelihood;
 mod state;
