@@ -339,28 +339,32 @@ fn scoring_modes(model: &Arc<Forecaster>) {
     let mut a = WindowScorer::new(model.clone(), &synth, n);
     let mut b = StreamScorer::new(model.clone(), &synth, n);
     let mut c = DetectorScorer::new(model.clone(), STALENESS_SECS);
-    // Warm-up cycle for C: 65 points (grid 0..=64), so every series is past warm-up and the
-    // next cycles are steady state. Points 0..64 are what A and B were set up with.
-    let warm = fetch(&synth, 0, n, 0, WINDOW);
+    // Warm-up cycle for C: what a new series needs before its first score (the window, then
+    // the likelihood's history), so the next cycles are steady state and score every series.
+    // A and B were set up with points 0..64.
+    let warm_end = c.warmup_points();
+    let warm = fetch(&synth, 0, n, 0, warm_end);
     let ((stats, _), warm_time) = measure(process_cpu, || {
-        c.score_cycle(&warm, ts_of(WINDOW)).expect("mode C warm-up")
+        c.score_cycle(&warm, ts_of(warm_end))
+            .expect("mode C warm-up")
     });
     drop(warm);
     println!(
         "C warm-up cycle ({} points per series): {:.2} s CPU, {stats:?}",
-        WINDOW + 1,
+        warm_end + 1,
         warm_time.cpu
     );
-    // A and B catch up on point 64, which C's warm-up already scored.
-    let values: Vec<f64> = (0..n).map(|i| synth.value(i, ts_of(WINDOW))).collect();
-    a.cycle(WINDOW, &values);
-    b.cycle(WINDOW, &values);
+    assert_eq!(stats.series_scored, n, "the warm-up must reach scoring");
+    // A and B catch up on the warm-up's last point, which C already scored.
+    let values: Vec<f64> = (0..n).map(|i| synth.value(i, ts_of(warm_end))).collect();
+    a.cycle(warm_end, &values);
+    b.cycle(warm_end, &values);
 
     let (mut sa, mut sb, mut sc, mut srun) = (vec![], vec![], vec![], vec![]);
     let mut c_stats = None;
     let (f, hd) = (model.features(), model.hidden());
     for round in 0..WARMUP_ROUNDS + TIMED_ROUNDS {
-        let k = WINDOW + 1 + round;
+        let k = warm_end + 1 + round;
         let now = ts_of(k);
         // What the datasource returns this cycle, prepared outside the timed region.
         let values: Vec<f64> = (0..n).map(|i| synth.value(i, now)).collect();
@@ -438,12 +442,13 @@ fn render_and_memory(model: &Arc<Forecaster>) {
     trim_heap();
     let rss_before = rss_bytes();
     let mut scorer = DetectorScorer::new(model.clone(), STALENESS_SECS);
+    let warm_end = scorer.warmup_points();
     let ((), fill) = measure(process_cpu, || {
         for first in (0..n).step_by(FILL_CHUNK) {
             let count = FILL_CHUNK.min(n - first);
-            let chunk = fetch(&synth, first, count, 0, WINDOW);
+            let chunk = fetch(&synth, first, count, 0, warm_end);
             scorer
-                .score_cycle(&chunk, ts_of(WINDOW))
+                .score_cycle(&chunk, ts_of(warm_end))
                 .expect("filling the scorer");
         }
     });
@@ -456,8 +461,9 @@ fn render_and_memory(model: &Arc<Forecaster>) {
          {FILL_CHUNK})",
         scorer.len(),
         fill.cpu,
-        WINDOW + 1
+        warm_end + 1
     );
+    assert_eq!(scored, n, "every series must have a score to measure");
     let per_series = |after: u64| (after as f64 - rss_before as f64) / n as f64;
     println!(
         "resident memory per scored series: {:.0} bytes (VmRSS {:.1} -> {:.1} MiB); {:.0} bytes \
@@ -475,7 +481,7 @@ fn render_and_memory(model: &Arc<Forecaster>) {
     let mut cycles = Vec::new();
     let mut last_stats = None;
     for round in 0..WARMUP_ROUNDS + STEADY_100K_CYCLES {
-        let k = WINDOW + 1 + round;
+        let k = warm_end + 1 + round;
         let fetched = fetch(&synth, 0, n, k - 1, k);
         let ((stats, _), t) = measure(process_cpu, || {
             scorer
