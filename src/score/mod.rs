@@ -386,10 +386,8 @@ impl DetectorScorer {
     /// band half-widths. Scored through its own likelihood next to the model's: a forecaster
     /// that learnt from a short, frozen history can follow a change into a pattern it never
     /// saw, while a jump from the last value shows it at once (NAB, ASD: README).
-    fn naive_deviation(&self, state: &SeriesState, y: f64, previous: f64) -> f64 {
-        let half = self
-            .detection
-            .half_width(previous, state.band * state.scaler.scale);
+    fn naive_deviation(&self, calibrated_half_width: f64, y: f64, previous: f64) -> f64 {
+        let half = self.detection.half_width(previous, calibrated_half_width);
         self.detection.score(y, previous, half)
     }
 
@@ -469,11 +467,11 @@ impl DetectorScorer {
                     state.band,
                     &self.detection,
                 );
-                let naive_deviation = self.naive_deviation(state, p.raw, previous);
-                let naive = state
-                    .persistence
-                    .as_mut()
-                    .and_then(|normalizer| normalizer.update(naive_deviation));
+                // Only scorings with a naive likelihood pay for its deviation.
+                let calibrated = state.band * state.scaler.scale;
+                let naive = state.persistence.as_mut().and_then(|normalizer| {
+                    normalizer.update(self.naive_deviation(calibrated, p.raw, previous))
+                });
                 if let Some(normalized) = state.normalizer.update(score.score) {
                     score.score = normalized.max(naive.unwrap_or(0.0));
                     scores.push(score);
