@@ -1,13 +1,15 @@
 //! `mad backtest --machines DIR`: SMD/ASD-layout corpora (`train/`, `test/`, `test_label/`,
 //! `interpretation_label/`, headerless CSV with one column per metric). Each machine is one
 //! detector over its metrics: trained on the end of `train/`, then `test/` replayed point by
-//! point. A row's score is its most anomalous metric's; that metric (and the next two) are what
-//! the detector names as the cause, checked against the interpretation labels.
+//! point. A row's score is its metrics' combined as the exporter combines a group's inputs
+//! ([`group_score`]); the most anomalous metrics are what the detector names as the cause,
+//! checked against the interpretation labels.
 
 use std::path::Path;
 
 use mad_training::TrainOptions;
 
+use crate::score::group::{group_score, MAX_DRIVERS};
 use crate::score::Detection;
 
 use super::metrics::{best_f1, f1, runs};
@@ -16,8 +18,9 @@ use crate::chart::ChartData;
 
 /// Rows of `train/` a model learns from: the most recent ones, as a retrain would read them.
 pub const TRAIN_ROWS: usize = 5_000;
-/// Metrics named per anomalous row, as the attribution check counts them.
-pub const NAMED: usize = 3;
+/// Metrics named per anomalous row, as the attribution check counts them: as many as an alert
+/// names.
+pub const NAMED: usize = MAX_DRIVERS;
 /// Panels per machine in a plot: the metrics the interpretation labels name most often.
 pub const PLOTTED_METRICS: usize = 3;
 
@@ -151,7 +154,11 @@ pub fn run_machine(
         })
         .collect();
     let combined: Vec<f64> = (0..test.len())
-        .map(|i| per_metric.iter().map(|m| m[i]).fold(0.0, f64::max))
+        .map(|i| {
+            let mut ranked: Vec<f64> = per_metric.iter().map(|m| m[i]).collect();
+            ranked.sort_by(|a, b| b.total_cmp(a));
+            group_score(&ranked)
+        })
         .collect();
     let (best_f1, best_threshold) = best_f1(&combined, &labels);
     let (default_f1, default_precision, default_recall) =
