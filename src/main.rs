@@ -806,13 +806,13 @@ fn backtest(
         write_plot(path, &report.charts)?;
     }
     println!(
-        "{:<58} {:>6} {:>8} {:>4} {:>7}",
-        "file", "rows", "windows", "FP", "train"
+        "{:<58} {:>6} {:>8} {:>4} {:>6} {:>7}",
+        "file", "rows", "windows", "FP", "score", "train"
     );
     for f in &report.files {
         println!(
-            "{:<58} {:>6} {:>4}/{:<3} {:>4} {:>6.1}s",
-            f.name, f.rows, f.windows_found, f.windows, f.false_positives, f.train_seconds
+            "{:<58} {:>6} {:>4}/{:<3} {:>4} {:>6.2} {:>6.1}s",
+            f.name, f.rows, f.windows_found, f.windows, f.false_positives, f.score, f.train_seconds
         );
         if let Some(note) = &f.note {
             println!("    not scored: {note}");

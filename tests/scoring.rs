@@ -13,7 +13,7 @@ use common::{STEP, WINDOW};
 use mad::expose::Exposition;
 use mad::score::{CycleStats, Detection, DetectorScorer, Score, Scoring};
 use mad::source::{Labels, Series};
-use mad_training::contract::{input_row, Feature, Scaler, SeriesCalibration};
+use mad_training::contract::{input_row, Feature, Scaler, SeriesCalibration, ValueRange};
 
 const T0: i64 = 1_700_000_040; // a multiple of STEP
 const POINTS: usize = 120;
@@ -297,6 +297,7 @@ fn a_series_born_after_training_borrows_the_spread_of_the_calibrated_ones() {
                     scale: 0.3 * center,
                 },
                 band: 1.0,
+                range: None,
             },
         );
     }
@@ -566,4 +567,53 @@ fn every_scoring_is_primed_at_once_and_flags_a_burst() {
         let peak = scored[0].1.iter().map(|s| s.score).fold(0.0, f64::max);
         assert!(peak > 1.0, "{scoring:?}: a burst of +1000 scores {peak}");
     }
+}
+
+/// A value past everything the series showed in training scores above 1 even where its
+/// deviation from the forecast is nothing special; once seen, the same value is not new.
+#[test]
+fn a_value_beyond_the_trained_range_is_news_once() {
+    let mut meta = common::meta("d", 1.0);
+    meta.series.insert(
+        mad_training::contract::series_key(&labels("a")),
+        SeriesCalibration {
+            scaler: Scaler {
+                center: 50.0,
+                scale: 10.0,
+            },
+            // So wide that no deviation from the untrained model's forecast counts.
+            band: 1e6,
+            range: Some(ValueRange {
+                min: 40.0,
+                max: 60.0,
+            }),
+        },
+    );
+    let params = mad_training::LstmParams::init(Feature::DEFAULT.len(), common::HIDDEN, 5);
+    let model =
+        mad::model::Forecaster::load(&mad_training::onnx::export(&params, &meta), "v1", "d", None)
+            .expect("test model loads");
+    let mut scorer = band_scorer(Arc::new(model), 3600);
+    let end = scorer.warmup_points() + 10;
+    let mut points: Vec<(i64, f64)> = (0..end)
+        .map(|i| (T0 + i as i64 * STEP, 50.0 + 8.0 * (i as f64 / 7.0).sin()))
+        .collect();
+    let mut score_next = |value: f64| {
+        points.push((T0 + points.len() as i64 * STEP, value));
+        let fetched = Series {
+            labels: labels("a"),
+            points: points.clone(),
+        };
+        let (_, scored) = scorer
+            .score_cycle(&[fetched], now_after(points.len() - 1))
+            .expect("cycle");
+        scored[0].1.last().map(|s| s.score).expect("scored")
+    };
+    let inside = score_next(59.0);
+    assert!(inside < 0.01, "inside the trained range: {inside}");
+    // 1.2 past a range 20 wide: 6% of its width, twice the edge.
+    let record = score_next(61.2);
+    assert!(record > 1.5, "a new record is anomalous: {record}");
+    let again = score_next(61.2);
+    assert!(again < 0.01, "the same record again is not news: {again}");
 }

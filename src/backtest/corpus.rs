@@ -35,6 +35,9 @@ pub struct FileReport {
     pub windows_found: usize,
     /// Detections outside every window, at the corpus threshold (standard profile).
     pub false_positives: usize,
+    /// The file's raw standard-profile score at the corpus threshold (NAB's per-file `Score`):
+    /// where the corpus score is won and lost.
+    pub score: f64,
     /// Why the file was not scored (no model could be trained from its first rows).
     pub note: Option<String>,
 }
@@ -181,6 +184,7 @@ pub fn run_nab(
             train_seconds: replayed.train_seconds,
             windows_found: 0,
             false_positives: 0,
+            score: 0.0,
             note,
         });
         progress(name);
@@ -196,7 +200,8 @@ pub fn run_nab(
     for (report, file) in files.iter_mut().zip(&scored) {
         let found = file.windows_detected(threshold);
         report.windows_found = found;
-        report.false_positives = file.raw_score(&nab::STANDARD, threshold).1.fp;
+        let (score, counts) = file.raw_score(&nab::STANDARD, threshold);
+        (report.score, report.false_positives) = (score, counts.fp);
     }
     let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
     let htm = reference_scores(dir, &names, &windows);

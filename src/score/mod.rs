@@ -11,6 +11,7 @@ pub mod detection;
 pub mod dynamic;
 pub mod group;
 pub mod likelihood;
+pub mod novelty;
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +25,7 @@ use crate::model::{Forecaster, ModelError};
 use crate::source::{Labels, Series};
 pub use detection::{Detection, Direction, Scoring};
 use likelihood::Normalizer;
+use novelty::novelty;
 pub use state::SeriesState;
 use state::Step;
 
@@ -305,6 +307,7 @@ impl DetectorScorer {
             Normalizer::new(self.detection.scoring),
             Normalizer::for_persistence(self.detection.scoring),
         );
+        state.range = calibration.and_then(|cal| cal.range);
         if calibration.is_none() {
             state.unfitted = Some(Vec::new());
         }
@@ -472,10 +475,19 @@ impl DetectorScorer {
                 let naive = state.persistence.as_mut().and_then(|normalizer| {
                     normalizer.update(self.naive_deviation(calibrated, p.raw, previous))
                 });
+                // Within the minimum deviation of the forecast nothing is anomalous, new or not.
+                let floor = self.detection.half_width(score.yhat, 0.0);
+                let novel = state
+                    .range
+                    .filter(|_| (p.raw - score.yhat).abs() > floor)
+                    .map_or(0.0, |range| novelty(range, p.raw, self.detection.direction));
                 if let Some(normalized) = state.normalizer.update(score.score) {
-                    score.score = normalized.max(naive.unwrap_or(0.0));
+                    score.score = normalized.max(naive.unwrap_or(0.0)).max(novel);
                     scores.push(score);
                 }
+            }
+            if p.observed && p.raw.is_finite() {
+                state.range = state.range.map(|range| range.including(p.raw));
             }
             state.pending = Some(forecast_after(t));
             state.fed += 1;

@@ -1,6 +1,6 @@
 //! What the exporter remembers about one series between cycles.
 
-use mad_training::contract::Scaler;
+use mad_training::contract::{Scaler, ValueRange};
 
 use super::likelihood::Normalizer;
 use super::Score;
@@ -40,6 +40,9 @@ pub struct SeriesState {
     /// Points held back, not fed, while the series has no scaler of its own yet (`None` once
     /// it has): see `DetectorScorer::hold_until_fitted`.
     pub(crate) unfitted: Option<Vec<Step>>,
+    /// The values seen, from the training history on ([`super::novelty`]); `None` for a series
+    /// the model was not trained on.
+    pub range: Option<ValueRange>,
 }
 
 impl SeriesState {
@@ -64,6 +67,7 @@ impl SeriesState {
             normalizer,
             persistence,
             unfitted: None,
+            range: None,
         }
     }
 }

@@ -141,6 +141,40 @@ pub struct SeriesCalibration {
     /// Half-width of the expected band in scaled units: `|y - yhat| = band * scaler.scale` is
     /// exactly `anomaly_score = 1`.
     pub band: f64,
+    /// The lowest and highest value of the training history (raw units): the exporter scores
+    /// a value beyond everything the series has done. Absent in models from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<ValueRange>,
+}
+
+/// The span of values a series has shown, raw units.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ValueRange {
+    pub min: f64,
+    pub max: f64,
+}
+
+impl ValueRange {
+    /// The range of the finite `values`; `None` when there are none.
+    pub fn of(values: &[f64]) -> Option<ValueRange> {
+        values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(None, |range, &v| {
+                Some(match range {
+                    None => ValueRange { min: v, max: v },
+                    Some(r) => r.including(v),
+                })
+            })
+    }
+
+    /// The range widened to take in `value`.
+    pub fn including(self, value: f64) -> ValueRange {
+        ValueRange {
+            min: self.min.min(value),
+            max: self.max.max(value),
+        }
+    }
 }
 
 /// Metadata stored in the ONNX file under [`META_KEY`].

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::adam::Adam;
 use crate::contract::{
     input_row, quantile_sorted, series_key, Feature, ModelMeta, Scaler, SeriesCalibration,
-    CONTRACT_VERSION, MAX_INTERPOLATED_GAP,
+    ValueRange, CONTRACT_VERSION, MAX_INTERPOLATED_GAP,
 };
 use crate::lstm::{Dropout, LstmParams, LstmTape};
 use crate::onnx;
@@ -164,6 +164,8 @@ pub enum TrainError {
 struct PreparedSeries {
     key: String,
     scaler: Scaler,
+    /// The values' span, for the exporter's range novelty.
+    range: Option<ValueRange>,
     /// Scaled values, one per point of the stream.
     scaled: Vec<f32>,
     /// Model input rows `[len, features]`.
@@ -360,6 +362,7 @@ fn prepare(
         PreparedSeries {
             key,
             scaler,
+            range: ValueRange::of(&values),
             scaled,
             inputs,
             after_gap,
@@ -838,6 +841,7 @@ fn calibrate(
             SeriesCalibration {
                 scaler: s.scaler,
                 band,
+                range: s.range,
             },
         );
     }
