@@ -5,7 +5,8 @@
 //! all series that need the same number of steps go through ONNX Runtime in one batched `run`.
 //! A point is scored against the forecast made one step earlier: its deviation
 //! `|y - yhat| / band` (`band` the series' calibrated half-width) becomes its `anomaly_score` as
-//! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous.
+//! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous. A value beyond
+//! the range the series has shown scores at least its [`novelty::novelty`], whatever the scoring.
 
 pub mod detection;
 pub mod dynamic;
