@@ -40,7 +40,7 @@ pub struct SeriesState {
     /// Points held back, not fed, while the series has no scaler of its own yet (`None` once
     /// it has): see `DetectorScorer::hold_until_fitted`.
     pub(crate) unfitted: Option<Vec<Step>>,
-    /// The values seen, from the training history on ([`super::novelty`]); `None` for a series
+    /// The values seen, from the training history on ([`mod@super::novelty`]); `None` for a series
     /// the model was not trained on.
     pub range: Option<ValueRange>,
 }
