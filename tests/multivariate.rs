@@ -203,8 +203,7 @@ async fn a_group_scores_once_and_names_the_input_that_drove_it() {
     );
     let mut ranked: Vec<f64> = at_peak.iter().map(|d| d.1).collect();
     ranked.sort_by(|x, y| y.total_cmp(x));
-    let top: Vec<f64> = ranked.into_iter().take(3).collect();
-    let top_mean = top.iter().sum::<f64>() / top.len() as f64;
+    let top_mean = mad::score::group::group_score(ranked);
     assert!(
         (top_mean - peak_score).abs() < 1e-9,
         "the group's score {peak_score} is its top three inputs' mean: {at_peak:?}"

@@ -157,7 +157,7 @@ pub fn run_machine(
         .map(|i| {
             let mut ranked: Vec<f64> = per_metric.iter().map(|m| m[i]).collect();
             ranked.sort_by(|a, b| b.total_cmp(a));
-            group_score(&ranked)
+            group_score(ranked)
         })
         .collect();
     let (best_f1, best_threshold) = best_f1(&combined, &labels);

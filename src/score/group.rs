@@ -19,12 +19,16 @@ pub const MAX_DRIVERS: usize = 3;
 
 /// The group's score from its inputs' scores, highest first: the mean of the first
 /// [`MAX_DRIVERS`] (of all of them when there are fewer); 0 for no inputs.
-pub fn group_score(ranked: &[f64]) -> f64 {
-    let top = &ranked[..ranked.len().min(MAX_DRIVERS)];
-    if top.is_empty() {
-        return 0.0;
+pub fn group_score(ranked: impl IntoIterator<Item = f64>) -> f64 {
+    let (sum, count) = ranked
+        .into_iter()
+        .take(MAX_DRIVERS)
+        .fold((0.0, 0), |(sum, count), s| (sum + s, count + 1));
+    if count == 0 {
+        0.0
+    } else {
+        sum / f64::from(count)
     }
-    top.iter().sum::<f64>() / top.len() as f64
 }
 
 /// One group's combined score at one timestamp.
@@ -42,8 +46,7 @@ impl GroupScore {
     /// The group's score from its inputs' scores: they are ranked, the top ones make the score.
     fn ranked(labels: Labels, ts: i64, mut inputs: Vec<(String, f64)>) -> GroupScore {
         inputs.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let ranked: Vec<f64> = inputs.iter().map(|(_, s)| *s).collect();
-        let score = group_score(&ranked);
+        let score = group_score(inputs.iter().map(|(_, s)| *s));
         GroupScore {
             labels,
             ts,
@@ -167,15 +170,15 @@ mod tests {
 
     #[test]
     fn several_inputs_out_or_one_far_out_make_a_group_anomalous() {
-        let at_edge = |inputs: &[f64]| group_score(inputs) > 1.0;
+        let at_edge = |inputs: &[f64]| group_score(inputs.iter().copied()) > 1.0;
         // One input just past its edge among quiet ones: a wobble, not an incident.
         assert!(!at_edge(&[1.5, 0.3, 0.2, 0.1]));
         // Three inputs past their edges together, or one far out, are.
         assert!(at_edge(&[1.2, 1.1, 1.05, 0.1]));
         assert!(at_edge(&[3.5, 0.0, 0.0]));
         // Only the top three count: a fourth high input does not dilute them.
-        assert_eq!(group_score(&[3.0, 2.0, 1.0, 0.0]), 2.0);
-        assert_eq!(group_score(&[0.7]), 0.7);
-        assert_eq!(group_score(&[]), 0.0);
+        assert_eq!(group_score([3.0, 2.0, 1.0, 0.0]), 2.0);
+        assert_eq!(group_score([0.7]), 0.7);
+        assert_eq!(group_score([]), 0.0);
     }
 }

@@ -476,13 +476,10 @@ impl DetectorScorer {
                 let naive = state.persistence.as_mut().and_then(|normalizer| {
                     normalizer.update(self.naive_deviation(calibrated, p.raw, previous))
                 });
-                // Within the minimum deviation of the forecast nothing is anomalous, new or not.
-                let floor = self.detection.half_width(score.yhat, 0.0);
-                let novel = state
-                    .range
-                    .filter(|_| (p.raw - score.yhat).abs() > floor)
-                    .map_or(0.0, |range| novelty(range, p.raw, self.detection.direction));
                 if let Some(normalized) = state.normalizer.update(score.score) {
+                    let novel = state.range.map_or(0.0, |range| {
+                        novelty(range, p.raw, score.yhat, &self.detection)
+                    });
                     score.score = normalized.max(naive.unwrap_or(0.0)).max(novel);
                     scores.push(score);
                 }

@@ -6,7 +6,7 @@
 
 use mad_training::contract::ValueRange;
 
-use super::detection::Direction;
+use super::detection::{Detection, Direction};
 
 /// How far beyond the range seen, as a share of the range's width, a value scores 1. Measured
 /// on NAB (standard profile, 58.8 without novelty): 0.01 → 64.2, 0.02 → 64.9, 0.03 → 65.0,
@@ -14,15 +14,19 @@ use super::detection::Direction;
 /// (README).
 pub const NOVELTY_EDGE: f64 = 0.03;
 
-/// The novelty score of `y` against `range`: its distance beyond the range in range widths,
-/// over [`NOVELTY_EDGE`]. 0 inside the range, on a side `direction` ignores, and for a range
-/// without width (a constant series has no scale to judge "how far" by).
-pub fn novelty(range: ValueRange, y: f64, direction: Direction) -> f64 {
+/// The novelty score of `y` (forecast `yhat`) against `range`: its distance beyond the range in
+/// range widths, over [`NOVELTY_EDGE`]. 0 inside the range, on a side the detection's direction
+/// ignores, within its minimum deviation of the forecast (nothing there is anomalous, new or
+/// not), and for a range without width (a constant series has no scale to judge "how far" by).
+pub fn novelty(range: ValueRange, y: f64, yhat: f64, detection: &Detection) -> f64 {
     let width = range.max - range.min;
     if !(width > 0.0 && width.is_finite() && y.is_finite()) {
         return 0.0;
     }
-    let beyond = match direction {
+    if (y - yhat).abs() <= detection.half_width(yhat, 0.0) {
+        return 0.0;
+    }
+    let beyond = match detection.direction {
         Direction::Both => (y - range.max).max(range.min - y),
         Direction::Above => y - range.max,
         Direction::Below => range.min - y,
@@ -38,6 +42,15 @@ mod tests {
         min: 40.0,
         max: 60.0,
     };
+
+    /// Novelty of `y` forecast at the range's middle, under `direction`.
+    fn novelty(range: ValueRange, y: f64, direction: Direction) -> f64 {
+        let detection = Detection {
+            direction,
+            ..Detection::default()
+        };
+        super::novelty(range, y, 50.0, &detection)
+    }
 
     #[test]
     fn a_value_beyond_the_range_scores_by_how_far() {
@@ -55,6 +68,17 @@ mod tests {
         assert_eq!(novelty(RANGE, 30.0, Direction::Above), 0.0);
         assert!(novelty(RANGE, 30.0, Direction::Below) > 1.0);
         assert_eq!(novelty(RANGE, 70.0, Direction::Below), 0.0);
+    }
+
+    #[test]
+    fn within_the_minimum_deviation_of_the_forecast_nothing_is_new() {
+        let detection = Detection {
+            min_deviation: crate::score::detection::NonNegative(5.0),
+            ..Detection::default()
+        };
+        // 61 is a record, but only 3 from a forecast of 58.
+        assert_eq!(super::novelty(RANGE, 61.0, 58.0, &detection), 0.0);
+        assert!(super::novelty(RANGE, 61.0, 50.0, &detection) > 1.0);
     }
 
     #[test]
