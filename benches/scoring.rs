@@ -87,6 +87,7 @@ fn bench_model() -> Arc<Forecaster> {
         contract_version: CONTRACT_VERSION,
         detector: DETECTOR.to_string(),
         features,
+        inputs: Vec::new(),
         hidden: HIDDEN,
         layers: 1,
         step_secs: STEP as u64,

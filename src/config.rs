@@ -314,6 +314,9 @@ pub struct TrainingOverrides {
     pub seed: Option<u64>,
     pub band_quantile: Option<Fraction>,
     pub band_margin: Option<f64>,
+    /// Multivariate detectors: one joint model reads all inputs of a group together and
+    /// forecasts each (off: one shared model reads each input on its own).
+    pub joint: Option<bool>,
     /// Hyperparameter search (off unless set): TPE over window, hidden size, layers, learning
     /// rate, dropout and epochs, the best trial's model kept.
     pub search: Option<Search>,
@@ -347,6 +350,7 @@ impl TrainingOverrides {
             seed: self.seed.unwrap_or(base.seed),
             band_quantile: self.band_quantile.map_or(base.band_quantile, |f| f.0),
             band_margin: self.band_margin.unwrap_or(base.band_margin),
+            joint: self.joint.unwrap_or(base.joint),
             ..base
         }
     }
@@ -362,6 +366,7 @@ impl TrainingOverrides {
             seed: self.seed.or(fallback.seed),
             band_quantile: self.band_quantile.or(fallback.band_quantile),
             band_margin: self.band_margin.or(fallback.band_margin),
+            joint: self.joint.or(fallback.joint),
             search: self.search.or(fallback.search),
         }
     }
@@ -806,8 +811,9 @@ impl fmt::Display for DetectorName {
     }
 }
 
-/// The label that names a multivariate detector's input on its per-input series.
-pub const INPUT_LABEL: &str = "input";
+/// The label that names a multivariate detector's input on its per-input series (the model
+/// contract's: a joint model groups series by it).
+pub use mad_training::contract::INPUT_LABEL;
 
 /// A multivariate detector's input name, used as the value of its `input` label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -1346,13 +1352,15 @@ detectors:
     fn training_overrides_layer() {
         let text = GOOD.replace(
             "detectors:",
-            "training: { hidden: 16, seed: 7 }\ndetectors:",
+            "training: { hidden: 16, seed: 7, joint: true }\ndetectors:",
         ) + "    training: { hidden: 8 }\n";
         let c = parse(&text).expect("valid");
         let o = c.detectors[0].train_options(&c.training);
         assert_eq!(o.hidden, 8);
         assert_eq!(o.seed, 7);
         assert_eq!(o.window, 64);
+        assert!(o.joint, "a global joint model applies to every detector");
+        assert!(!c.detectors[0].train_options(&Default::default()).joint);
     }
 
     #[test]

@@ -168,6 +168,10 @@ enum Command {
         /// NAB: train again on the rows already seen each time they have doubled.
         #[arg(long)]
         retrain: bool,
+        /// `--machines`: one joint model reads all metrics of a machine together and forecasts
+        /// each (`training.joint`), instead of one shared model reading each metric on its own.
+        #[arg(long)]
+        joint: bool,
         /// Draw the series (value and forecast band, score, labelled windows in green, points
         /// scoring above 1 in red) into this PNG, one panel per series: every NAB or `--csv`
         /// file, a machine's most often labelled metrics, a detector's series.
@@ -386,6 +390,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             config,
             scoring,
             retrain,
+            joint,
             plot,
         } => {
             let retrain = if retrain {
@@ -419,6 +424,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     step,
                     config.as_deref(),
                     detection,
+                    joint,
                     plot.as_deref(),
                 )?,
                 (None, None) if !csv.is_empty() => {
@@ -691,10 +697,12 @@ fn backtest_machines(
     step: std::time::Duration,
     config: Option<&std::path::Path>,
     detection: mad::score::Detection,
+    joint: bool,
     plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     use mad::backtest::machines::{machines, run_machine, NAMED};
-    let (options, library) = backtest_settings(config)?;
+    let (mut options, library) = backtest_settings(config)?;
+    options.joint |= joint;
     let names: Vec<String> = machines(dir)
         .map_err(anyhow::Error::msg)?
         .into_iter()

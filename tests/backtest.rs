@@ -18,6 +18,7 @@ fn jumps_up() -> Recording {
 fn truncated(recording: &Recording, rows: usize) -> Recording {
     Recording {
         name: recording.name.clone(),
+        labels: recording.labels.clone(),
         timestamps: recording.timestamps[..rows].to_vec(),
         values: recording.values[..rows].to_vec(),
     }
@@ -183,6 +184,31 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         .charts
         .iter()
         .all(|c| c.points.len() == r.rows && c.labelled.len() == 2));
+    assert!(r.attribution_hits >= 1, "{r:?}");
+}
+
+#[test]
+fn a_joint_model_reads_all_metrics_of_a_machine_and_finds_the_incident() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    asd_slice(dir.path());
+    let options = TrainOptions {
+        joint: true,
+        ..TrainOptions::default()
+    };
+    let r = mad::backtest::machines::run_machine(
+        dir.path(),
+        "omi-1",
+        300,
+        &options,
+        Detection::default(),
+        None,
+        false,
+    )
+    .expect("backtest");
+    println!("{r:?}");
+    assert_eq!((r.rows, r.metrics, r.segments), (1_400, 19, 2));
+    assert!(r.segments_found >= 1, "{r:?}");
+    assert!(r.best_f1 > 0.2 && r.default_f1 <= r.best_f1, "{r:?}");
     assert!(r.attribution_hits >= 1, "{r:?}");
 }
 

@@ -58,6 +58,7 @@ pub fn read_nab_csv(path: &Path, name: &str) -> Result<Recording, String> {
     }
     Ok(Recording {
         name: name.to_string(),
+        labels: crate::source::Labels::new(),
         timestamps,
         values,
     })

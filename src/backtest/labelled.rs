@@ -11,6 +11,7 @@ use super::nab::parse_timestamp;
 use super::replay::{chart_points, replay, Recording, Replayed, Retrain};
 use crate::chart::ChartData;
 use crate::score::Detection;
+use crate::source::Labels;
 
 /// A labelled recording.
 #[derive(Debug, Clone)]
@@ -48,6 +49,7 @@ pub fn read_labelled_csv(path: &Path) -> Result<Labelled, String> {
     Ok(Labelled {
         recording: Recording {
             name,
+            labels: Labels::new(),
             timestamps,
             values,
         },
@@ -115,6 +117,7 @@ pub fn chart(labelled: &Labelled, report: &LabelledReport) -> ChartData {
     let from = report.learned;
     let scored_part = Recording {
         name: report.name.clone(),
+        labels: labelled.recording.labels.clone(),
         timestamps: ts[from..].to_vec(),
         values: labelled.recording.values[from..].to_vec(),
     };

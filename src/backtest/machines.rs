@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use mad_training::contract::INPUT_LABEL;
 use mad_training::TrainOptions;
 
 use crate::score::group::{group_score, MAX_DRIVERS};
@@ -130,6 +131,12 @@ pub fn run_machine(
     let recordings: Vec<Recording> = (0..metrics)
         .map(|m| Recording {
             name: format!("{name}/{}", m + 1),
+            // One group, one input per metric: what a joint model reads together.
+            labels: [
+                ("machine".to_string(), name.to_string()),
+                (INPUT_LABEL.to_string(), format!("{:02}", m + 1)),
+            ]
+            .into(),
             timestamps: (0..rows.len() as i64).map(|i| i * step_secs).collect(),
             values: rows.iter().map(|r| r[m]).collect(),
         })
@@ -198,6 +205,7 @@ pub fn run_machine(
             .map(|m| {
                 let test_part = |r: &Recording| Recording {
                     name: r.name.clone(),
+                    labels: r.labels.clone(),
                     timestamps: r.timestamps[test_rows.clone()].to_vec(),
                     values: r.values[test_rows.clone()].to_vec(),
                 };

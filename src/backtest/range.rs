@@ -71,6 +71,7 @@ pub async fn run_range(
         .iter()
         .map(|s| Recording {
             name: describe(&s.labels),
+            labels: s.labels.clone(),
             timestamps: timestamps.clone(),
             values: s.on_grid(from, to, step),
         })

@@ -24,6 +24,9 @@ const POINTS_PER_CYCLE: usize = mad_training::contract::MAX_INTERPOLATED_GAP + 2
 #[derive(Debug, Clone)]
 pub struct Recording {
     pub name: String,
+    /// The series' labels; none: `series="<name>"`. A joint model groups by them (all but
+    /// `input`).
+    pub labels: Labels,
     pub timestamps: Vec<i64>,
     pub values: Vec<f64>,
 }
@@ -72,8 +75,13 @@ fn on_grid(recording: &Recording, step: i64) -> Gridded {
         }
         slot_of_row.push(points.len() - 1);
     }
+    let labels = if recording.labels.is_empty() {
+        [("series".to_string(), recording.name.clone())].into()
+    } else {
+        recording.labels.clone()
+    };
     Gridded {
-        labels: [("series".to_string(), recording.name.clone())].into(),
+        labels,
         points,
         slot_of_row,
     }

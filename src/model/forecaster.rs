@@ -6,8 +6,8 @@
 use std::sync::Mutex;
 
 use mad_training::contract::{
-    Feature, ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C, OUTPUT_H,
-    OUTPUT_YHAT,
+    columns, Feature, ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C,
+    OUTPUT_H, OUTPUT_YHAT,
 };
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
@@ -31,7 +31,8 @@ pub enum ModelError {
 /// The outputs of one run, laid out as the contract says.
 #[derive(Debug, Default, Clone)]
 pub struct StepOutput {
-    /// `[seq, batch]`, scaled forecasts of the next point.
+    /// `[seq, batch, outputs]`, scaled forecasts of the next point (of every input, for a
+    /// joint model).
     pub yhat: Vec<f32>,
     /// `[batch, hidden]` each: the state after the last step.
     pub h: Vec<f32>,
@@ -90,8 +91,19 @@ impl Forecaster {
         Ok(forecaster)
     }
 
+    /// Columns of a model input row.
     pub fn features(&self) -> usize {
-        self.meta.features.len()
+        columns(&self.meta.features, self.outputs())
+    }
+
+    /// Forecasts per step and stream: a joint model's inputs, else one.
+    pub fn outputs(&self) -> usize {
+        self.meta.inputs.len().max(1)
+    }
+
+    /// Whether the model reads a group's inputs together ([`ModelMeta::inputs`]).
+    pub fn is_joint(&self) -> bool {
+        !self.meta.inputs.is_empty()
     }
 
     pub fn hidden(&self) -> usize {
@@ -102,8 +114,8 @@ impl Forecaster {
         self.meta.layers
     }
 
-    /// Runs `seq` steps for `batch` series. `x` is `[seq, batch, features]`, `h`/`c` are
-    /// `[layers, batch, hidden]`.
+    /// Runs `seq` steps for `batch` streams (series, or a joint model's groups). `x` is
+    /// `[seq, batch, features]`, `h`/`c` are `[layers, batch, hidden]`.
     pub fn run(
         &self,
         x: &[f32],
@@ -145,7 +157,7 @@ impl Forecaster {
             Ok(data.to_vec())
         };
         Ok(StepOutput {
-            yhat: extract(OUTPUT_YHAT, seq * batch)?,
+            yhat: extract(OUTPUT_YHAT, seq * batch * self.outputs())?,
             h: extract(OUTPUT_H, state)?,
             c: extract(OUTPUT_C, state)?,
         })
@@ -192,6 +204,15 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
     if !meta.features.contains(&Feature::Value) {
         return Err("features must include \"value\"".into());
     }
+    let mut inputs = meta.inputs.clone();
+    inputs.sort();
+    inputs.dedup();
+    if inputs.len() != meta.inputs.len() || inputs.iter().any(String::is_empty) {
+        return Err(format!(
+            "inputs {:?} must be distinct and named",
+            meta.inputs
+        ));
+    }
     let band_ok = |b: f64| b.is_finite() && b > 0.0;
     if !band_ok(meta.default_band) {
         return Err(format!(
@@ -209,8 +230,9 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
 
 /// Checks names, element types and the static dimensions the model declares.
 fn check_signature(session: &Session, meta: &ModelMeta) -> Result<(), String> {
+    let width = meta.inputs.len().max(1);
     let (f, hd, layers) = (
-        meta.features.len() as i64,
+        columns(&meta.features, width) as i64,
         meta.hidden as i64,
         meta.layers as i64,
     );
@@ -253,7 +275,12 @@ fn check_signature(session: &Session, meta: &ModelMeta) -> Result<(), String> {
         return Err(format!("expected exactly 3 inputs, found {}", inputs.len()));
     }
     let outputs = session.outputs();
-    expect(outputs, OUTPUT_YHAT, &[None, None], "output")?;
+    let yhat: &[Option<i64>] = if meta.inputs.is_empty() {
+        &[None, None]
+    } else {
+        &[None, None, Some(meta.inputs.len() as i64)]
+    };
+    expect(outputs, OUTPUT_YHAT, yhat, "output")?;
     expect(outputs, OUTPUT_H, &[Some(layers), None, Some(hd)], "output")?;
     expect(outputs, OUTPUT_C, &[Some(layers), None, Some(hd)], "output")?;
     Ok(())

@@ -11,6 +11,7 @@
 pub mod detection;
 pub mod dynamic;
 pub mod group;
+mod joint;
 pub mod likelihood;
 pub mod novelty;
 mod state;
@@ -100,6 +101,8 @@ pub struct DetectorScorer {
     staleness: i64,
     detection: Detection,
     series: HashMap<Labels, SeriesState>,
+    /// A joint model's per-group stream state, by group labels (empty for any other model).
+    groups: HashMap<Labels, joint::GroupState>,
     /// Scale over level of the series the model was calibrated on (median): see
     /// [`Self::hold_until_fitted`].
     relative_spread: Option<f64>,
@@ -114,6 +117,7 @@ impl DetectorScorer {
             staleness: staleness_secs,
             detection: Detection::default(),
             series: HashMap::new(),
+            groups: HashMap::new(),
         }
     }
 
@@ -179,6 +183,9 @@ impl DetectorScorer {
         fetched: &[Series],
         now: i64,
     ) -> Result<(CycleStats, Vec<SeriesScores>), ModelError> {
+        if self.model.is_joint() {
+            return self.score_joint_cycle(fetched, now);
+        }
         let mut stats = CycleStats::default();
         // Series (as indices into `fetched`) grouped by how many steps they need, so each
         // group is fed in batched runs.
@@ -233,6 +240,7 @@ impl DetectorScorer {
     pub fn forget(&mut self, series: &[Labels]) {
         for labels in series {
             self.series.remove(labels);
+            self.groups.remove(&crate::source::group_of(labels).0);
         }
     }
 

@@ -306,6 +306,7 @@ mod tests {
             contract_version: 1,
             detector: detector.into(),
             features: vec![mad_training::contract::Feature::Value],
+            inputs: Vec::new(),
             hidden: 4,
             layers: 1,
             step_secs: 60,

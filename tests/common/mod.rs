@@ -25,6 +25,7 @@ pub fn meta(detector: &str, default_band: f64) -> ModelMeta {
         contract_version: CONTRACT_VERSION,
         detector: detector.into(),
         features: Feature::DEFAULT.to_vec(),
+        inputs: Vec::new(),
         hidden: HIDDEN,
         layers: 1,
         step_secs: STEP as u64,

@@ -69,8 +69,32 @@ impl Feature {
 
 /// Writes the model input row for one sample into `out` (length = `features.len()`).
 pub fn input_row(features: &[Feature], ts: i64, scaled: f32, out: &mut [f32]) {
-    for (slot, feature) in out.iter_mut().zip(features) {
-        *slot = feature.compute(ts, scaled);
+    joint_input_row(features, ts, std::slice::from_ref(&scaled), out);
+}
+
+/// Columns of `x` for `features` over `inputs` value streams: [`Feature::Value`] takes one
+/// column per input, every other feature one.
+pub fn columns(features: &[Feature], inputs: usize) -> usize {
+    features
+        .iter()
+        .map(|f| if *f == Feature::Value { inputs } else { 1 })
+        .sum()
+}
+
+/// Writes a joint model's input row for one timestamp into `out` (length
+/// [`columns`]`(features, scaled.len())`): each [`Feature::Value`] expands to the scaled values
+/// of all inputs, in order.
+pub fn joint_input_row(features: &[Feature], ts: i64, scaled: &[f32], out: &mut [f32]) {
+    let mut slots = out.iter_mut();
+    for feature in features {
+        if *feature == Feature::Value {
+            // `scaled` first: zip must not take a slot it has no value for.
+            for (value, slot) in scaled.iter().zip(slots.by_ref()) {
+                *slot = *value;
+            }
+        } else if let Some(slot) = slots.next() {
+            *slot = feature.compute(ts, 0.0);
+        }
     }
 }
 
@@ -177,6 +201,10 @@ impl ValueRange {
     }
 }
 
+/// The label that names a multivariate detector's input; a series' group is its labels without
+/// it.
+pub const INPUT_LABEL: &str = "input";
+
 /// Metadata stored in the ONNX file under [`META_KEY`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,8 +212,13 @@ pub struct ModelMeta {
     pub contract_version: u32,
     /// Detector this model belongs to.
     pub detector: String,
-    /// Input columns of `x`, in order.
+    /// Input columns of `x`, in order (see [`columns`] for a joint model).
     pub features: Vec<Feature>,
+    /// A joint model's inputs (values of [`INPUT_LABEL`]), in the order of its value columns
+    /// and of its forecasts: it reads a group's inputs together and forecasts each. Empty for a
+    /// model that reads every series on its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
     /// LSTM hidden size: `h0`/`c0` are `[layers, batch, hidden]`.
     pub hidden: usize,
     /// Stacked LSTM layers (absent in models from before stacking: one).
@@ -255,5 +288,18 @@ mod tests {
         let d = Feature::WeekCos.compute(1_000 + 7 * 86_400, 0.0);
         assert!((c - d).abs() < 1e-6);
         assert_eq!(Feature::Value.compute(5, 1.5), 1.5);
+    }
+
+    #[test]
+    fn joint_rows_expand_the_value_column_per_input() {
+        let features = Feature::DEFAULT;
+        assert_eq!(columns(&features, 1), features.len());
+        assert_eq!(columns(&features, 3), features.len() + 2);
+        let mut joint = vec![f32::NAN; columns(&features, 3)];
+        joint_input_row(&features, 1_000, &[1.0, 2.0, 3.0], &mut joint);
+        let mut single = vec![f32::NAN; features.len()];
+        input_row(&features, 1_000, 1.0, &mut single);
+        assert_eq!(joint[..3], [1.0, 2.0, 3.0]);
+        assert_eq!(joint[3..], single[1..]);
     }
 }

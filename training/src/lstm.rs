@@ -6,8 +6,9 @@
 //!
 //! Equations (ONNX defaults: sigmoid, tanh, tanh; no peepholes):
 //! `i,o,f = σ(x W_g' + h R_g' + Wb_g + Rb_g)`, `g = tanh(…)`, `c' = f c + i g`, `h' = o tanh(c')`,
-//! `yhat = h' · head_w + head_b` with `h'` the top layer's output; a layer above the first reads
-//! the outputs of the one below as its `x`.
+//! `yhat = h' · head_w + head_b` with `h'` the top layer's output (one forecast per output: a
+//! joint model forecasts every input of a group); a layer above the first reads the outputs of
+//! the one below as its `x`.
 
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -289,13 +290,15 @@ pub struct Dropout {
 
 /// Stacked LSTM layers and a linear head in one flat buffer (so the optimiser sees a single
 /// slice). Layer `l` holds W `[4H, F_l]` (`F_0` = features, `H` above), R `[4H, H]`, Wb `[4H]`,
-/// Rb `[4H]`; the head weight `[H]` and bias `[1]` follow the last layer. Gradients use the same
-/// type and layout. One layer is the layout of a single ONNX `LSTM` node plus the head.
+/// Rb `[4H]`; the head weight `[outputs, H]` and bias `[outputs]` follow the last layer.
+/// Gradients use the same type and layout. One layer is the layout of a single ONNX `LSTM` node
+/// plus the head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LstmParams<T> {
     features: usize,
     hidden: usize,
     layers: usize,
+    outputs: usize,
     data: Vec<T>,
 }
 
@@ -317,12 +320,18 @@ impl<T: Real> LstmParams<T> {
 
     /// All-zero parameters for `layers` stacked layers (at least one).
     pub fn zeros_stacked(features: usize, hidden: usize, layers: usize) -> Self {
-        let layers = layers.max(1);
-        let len = Self::len_for(features, hidden, layers);
+        Self::zeros_multi(features, hidden, layers, 1)
+    }
+
+    /// All-zero parameters with `outputs` forecasts per step (at least one).
+    pub fn zeros_multi(features: usize, hidden: usize, layers: usize, outputs: usize) -> Self {
+        let (layers, outputs) = (layers.max(1), outputs.max(1));
+        let len = Self::len_for(features, hidden, layers, outputs);
         LstmParams {
             features,
             hidden,
             layers,
+            outputs,
             data: vec![T::ZERO; len],
         }
     }
@@ -337,7 +346,18 @@ impl<T: Real> LstmParams<T> {
     /// the head are drawn first, so a one-layer model is the same for the same seed whatever
     /// the code's stacking support.
     pub fn init_stacked(features: usize, hidden: usize, layers: usize, seed: u64) -> Self {
-        let mut params = Self::zeros_stacked(features, hidden, layers);
+        Self::init_multi(features, hidden, layers, 1, seed)
+    }
+
+    /// [`LstmParams::init_stacked`] with `outputs` forecasts per step.
+    pub fn init_multi(
+        features: usize,
+        hidden: usize,
+        layers: usize,
+        outputs: usize,
+        seed: u64,
+    ) -> Self {
+        let mut params = Self::zeros_multi(features, hidden, layers, outputs);
         let mut rng = SmallRng::seed_from_u64(seed);
         let bound = 1.0 / (hidden.max(1) as f64).sqrt();
         let mut uniform = |values: &mut [T]| {
@@ -348,7 +368,7 @@ impl<T: Real> LstmParams<T> {
         let first = params.layer_offsets(0);
         uniform(&mut params.data[first.w..first.wb]);
         let head = params.head_offset();
-        uniform(&mut params.data[head..head + hidden]);
+        uniform(&mut params.data[head..head + params.outputs * hidden]);
         for layer in 1..params.layers {
             let o = params.layer_offsets(layer);
             uniform(&mut params.data[o.w..o.wb]);
@@ -362,36 +382,14 @@ impl<T: Real> LstmParams<T> {
         params
     }
 
-    /// Builds parameters from a flat buffer in this type's layout.
-    pub fn from_flat(
-        features: usize,
-        hidden: usize,
-        layers: usize,
-        data: Vec<T>,
-    ) -> Result<Self, ShapeError> {
-        let layers = layers.max(1);
-        check_len(
-            "parameters",
-            Self::len_for(features, hidden, layers),
-            data.len(),
-        )?;
-        Ok(LstmParams {
-            features,
-            hidden,
-            layers,
-            data,
-        })
-    }
-
     fn layer_len(inputs: usize, hidden: usize) -> usize {
         GATES * hidden * (inputs + hidden) + 2 * GATES * hidden
     }
 
-    fn len_for(features: usize, hidden: usize, layers: usize) -> usize {
+    fn len_for(features: usize, hidden: usize, layers: usize, outputs: usize) -> usize {
         Self::layer_len(features, hidden)
             + (layers - 1) * Self::layer_len(hidden, hidden)
-            + hidden
-            + 1
+            + outputs * (hidden + 1)
     }
 
     pub fn features(&self) -> usize {
@@ -402,6 +400,10 @@ impl<T: Real> LstmParams<T> {
     }
     pub fn layers(&self) -> usize {
         self.layers
+    }
+    /// Forecasts per step.
+    pub fn outputs(&self) -> usize {
+        self.outputs
     }
     /// Inputs of layer `layer`: the features for the first, the hidden size above.
     pub fn layer_inputs(&self, layer: usize) -> usize {
@@ -461,13 +463,15 @@ impl<T: Real> LstmParams<T> {
         let o = self.layer_offsets(layer);
         &self.data[o.rb..o.end]
     }
-    /// Head weight `[H]`.
+    /// Head weight `[outputs, H]`.
     pub fn head_w(&self) -> &[T] {
         let head = self.head_offset();
-        &self.data[head..head + self.hidden]
+        &self.data[head..head + self.outputs * self.hidden]
     }
-    pub fn head_b(&self) -> T {
-        self.data[self.head_offset() + self.hidden]
+    /// Head bias `[outputs]`.
+    pub fn head_b(&self) -> &[T] {
+        let bias = self.head_offset() + self.outputs * self.hidden;
+        &self.data[bias..bias + self.outputs]
     }
 
     /// The same parameters in another precision.
@@ -476,6 +480,7 @@ impl<T: Real> LstmParams<T> {
             features: self.features,
             hidden: self.hidden,
             layers: self.layers,
+            outputs: self.outputs,
             data: self.data.iter().map(|v| U::from_f64(v.to_f64())).collect(),
         }
     }
@@ -517,7 +522,7 @@ impl LstmParams<f32> {
     }
 }
 
-/// Result of [`LstmParams::forward`]: `yhat` `[seq, batch]`, final `h` and `c`
+/// Result of [`LstmParams::forward`]: `yhat` `[seq, batch, outputs]`, final `h` and `c`
 /// `[layers, batch, H]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LstmOutput<T> {
@@ -801,7 +806,7 @@ impl<T: Real> LstmTape<T> {
         }
     }
 
-    /// Forecasts `[seq, batch]` of the last forward pass.
+    /// Forecasts `[seq, batch, outputs]` of the last forward pass.
     pub fn yhat(&self) -> &[T] {
         &self.yhat
     }
@@ -881,28 +886,35 @@ impl<T: Real> LstmTape<T> {
             fill_mask(&mut self.head_mask, seq * bh, *rate, rng);
         }
         let top = &self.layers[layers - 1];
-        let (head_w, head_b) = (params.head_w(), params.head_b());
-        resize(&mut self.yhat, seq * batch);
-        for (slot, y_out) in self.yhat.iter_mut().enumerate() {
+        let (head_w, head_b, outputs) = (params.head_w(), params.head_b(), params.outputs);
+        resize(&mut self.yhat, seq * batch * outputs);
+        for (slot, y_out) in self.yhat.chunks_exact_mut(outputs).enumerate() {
             let hidden_out = &top.h[bh + slot * h..bh + (slot + 1) * h];
-            let mut y = head_b;
-            if self.head_mask.is_empty() {
-                for k in 0..h {
-                    y += hidden_out[k] * head_w[k];
+            let mask =
+                (!self.head_mask.is_empty()).then(|| &self.head_mask[slot * h..(slot + 1) * h]);
+            for (o, y_o) in y_out.iter_mut().enumerate() {
+                let w = &head_w[o * h..(o + 1) * h];
+                let mut y = head_b[o];
+                match mask {
+                    None => {
+                        for k in 0..h {
+                            y += hidden_out[k] * w[k];
+                        }
+                    }
+                    Some(mask) => {
+                        for k in 0..h {
+                            y += hidden_out[k] * mask[k] * w[k];
+                        }
+                    }
                 }
-            } else {
-                let mask = &self.head_mask[slot * h..(slot + 1) * h];
-                for k in 0..h {
-                    y += hidden_out[k] * mask[k] * head_w[k];
-                }
+                *y_o = y;
             }
-            *y_out = y;
         }
         Ok(())
     }
 
     /// Backpropagation through the steps of the last forward pass, given `dL/dyhat`
-    /// (`[seq, batch]`). Writes (not accumulates) all parameter gradients into `grads`.
+    /// (`[seq, batch, outputs]`). Writes (not accumulates) all parameter gradients into `grads`.
     /// Gradients into the initial state are dropped: training truncates there.
     pub fn backward(
         &mut self,
@@ -915,7 +927,12 @@ impl<T: Real> LstmTape<T> {
         check_len("params hidden", h, params.hidden)?;
         check_len("params layers", self.layers.len(), params.layers)?;
         check_len("grads", params.data.len(), grads.data.len())?;
-        check_len("dyhat [seq, batch]", seq * batch, dyhat.len())?;
+        let outputs = params.outputs;
+        check_len(
+            "dyhat [seq, batch, outputs]",
+            seq * batch * outputs,
+            dyhat.len(),
+        )?;
         let bh = batch * h;
         let head_w = params.head_w();
 
@@ -924,30 +941,31 @@ impl<T: Real> LstmTape<T> {
         let head = grads.head_offset();
         grads.data.iter_mut().for_each(|v| *v = T::ZERO);
         resize(&mut self.from_above, seq * bh);
-        let mut head_b_grad = T::ZERO;
+        let (head_w_grad, head_b_grad) =
+            grads.data[head..head + outputs * (h + 1)].split_at_mut(outputs * h);
         for t in (0..seq).rev() {
             for b in 0..batch {
                 let slot = t * batch + b;
-                let dy = dyhat[slot];
-                head_b_grad += dy;
                 let hidden_out = &self.layers[top].h[bh + slot * h..bh + (slot + 1) * h];
                 let above = &mut self.from_above[slot * h..(slot + 1) * h];
-                let head_w_grad = &mut grads.data[head..head + h];
-                if self.head_mask.is_empty() {
+                let mask =
+                    (!self.head_mask.is_empty()).then(|| &self.head_mask[slot * h..(slot + 1) * h]);
+                // `from_above` starts zeroed: every output's share adds up.
+                for (o, &dy) in dyhat[slot * outputs..(slot + 1) * outputs]
+                    .iter()
+                    .enumerate()
+                {
+                    head_b_grad[o] += dy;
+                    let w = &head_w[o * h..(o + 1) * h];
+                    let w_grad = &mut head_w_grad[o * h..(o + 1) * h];
                     for k in 0..h {
-                        head_w_grad[k] += dy * hidden_out[k];
-                        above[k] = dy * head_w[k];
-                    }
-                } else {
-                    let mask = &self.head_mask[slot * h..(slot + 1) * h];
-                    for k in 0..h {
-                        head_w_grad[k] += dy * hidden_out[k] * mask[k];
-                        above[k] = dy * head_w[k] * mask[k];
+                        let m = mask.map_or(T::ONE, |mask| mask[k]);
+                        w_grad[k] += dy * hidden_out[k] * m;
+                        above[k] += dy * w[k] * m;
                     }
                 }
             }
         }
-        grads.data[head + h] = head_b_grad;
 
         let mut from_above = std::mem::take(&mut self.from_above);
         let mut to_below = Vec::new();
@@ -1001,9 +1019,18 @@ mod tests {
     }
 
     fn gradient_check(batch: usize, layers: usize, dropout: Option<Dropout>) {
+        gradient_check_outputs(batch, layers, 1, dropout);
+    }
+
+    fn gradient_check_outputs(
+        batch: usize,
+        layers: usize,
+        outputs: usize,
+        dropout: Option<Dropout>,
+    ) {
         let (features, hidden, seq) = (3, 5, 7);
         let mut rng = SmallRng::seed_from_u64(7);
-        let mut params = LstmParams::<f64>::init_stacked(features, hidden, layers, 3);
+        let mut params = LstmParams::<f64>::init_multi(features, hidden, layers, outputs, 3);
         // Perturb everything so no gradient is trivially zero (head bias, Rb).
         for v in params.as_mut_slice() {
             *v += rng.gen_range(-0.3..0.3);
@@ -1015,7 +1042,7 @@ mod tests {
             x: random(seq * batch * features, &mut rng, 1.0),
             h0: random(state, &mut rng, 0.5),
             c0: random(state, &mut rng, 0.5),
-            weights: random(seq * batch, &mut rng, 1.0),
+            weights: random(seq * batch * outputs, &mut rng, 1.0),
             dropout,
         };
         let mut tape = LstmTape::new();
@@ -1028,7 +1055,7 @@ mod tests {
             case.dropout,
         )
         .expect("shapes match");
-        let mut grads = LstmParams::zeros_stacked(features, hidden, layers);
+        let mut grads = LstmParams::zeros_multi(features, hidden, layers, outputs);
         tape.backward(&params, &case.weights, &mut grads)
             .expect("shapes match");
 
@@ -1075,6 +1102,12 @@ mod tests {
         let dropout = Some(Dropout { rate: 0.3, seed: 9 });
         gradient_check(2, 3, dropout);
         gradient_check(SMALL_BATCH + 3, 2, dropout);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_several_outputs() {
+        gradient_check_outputs(2, 1, 3, None);
+        gradient_check_outputs(SMALL_BATCH + 3, 2, 4, Some(Dropout { rate: 0.3, seed: 9 }));
     }
 
     #[test]

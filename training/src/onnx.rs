@@ -271,8 +271,8 @@ fn int_attribute(name: &str, value: i64) -> AttributeProto {
 }
 
 /// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
-/// `x [seq, batch, F]`, `h0`/`c0 [layers, batch, H]`; outputs `yhat [seq, batch]`,
-/// `h`/`c [layers, batch, H]`. Each layer is one standard `LSTM` node; with several, the state
+/// `x [seq, batch, F]`, `h0`/`c0 [layers, batch, H]`; outputs `yhat [seq, batch]` (a joint
+/// model's `[seq, batch, outputs]`), `h`/`c [layers, batch, H]`. Each layer is one standard `LSTM` node; with several, the state
 /// is split per layer on the way in and concatenated on the way out.
 pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
     let (f, h, layers) = (params.features(), params.hidden(), params.layers());
@@ -353,33 +353,56 @@ pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
             nodes.push(concat);
         }
     }
+    // The head is stored `[outputs, H]`; MatMul wants `[H, outputs]`.
+    let outputs = params.outputs();
+    let head_w = params.head_w();
     initializer.push(float_tensor(
         "head_W",
-        &[h, 1],
-        params.head_w().iter().copied(),
+        &[h, outputs],
+        (0..h).flat_map(|k| (0..outputs).map(move |o| head_w[o * h + k])),
     ));
-    initializer.push(float_tensor("head_B", &[1], [params.head_b()]));
-    initializer.push(int64_tensor("squeeze_out_axes", &[2]));
-    nodes.extend([
-        node(
-            "MatMul",
-            "head_matmul",
-            &[&layer_input, "head_W"],
-            &["head_product"],
-        ),
-        node(
+    initializer.push(float_tensor(
+        "head_B",
+        &[outputs],
+        params.head_b().iter().copied(),
+    ));
+    nodes.push(node(
+        "MatMul",
+        "head_matmul",
+        &[&layer_input, "head_W"],
+        &["head_product"],
+    ));
+    let yhat_dims = if outputs == 1 {
+        // A one-output model keeps its `[seq, batch]` forecasts.
+        initializer.push(int64_tensor("squeeze_out_axes", &[2]));
+        nodes.extend([
+            node(
+                "Add",
+                "head_bias",
+                &["head_product", "head_B"],
+                &["head_out"],
+            ),
+            node(
+                "Squeeze",
+                "squeeze_out",
+                &["head_out", "squeeze_out_axes"],
+                &[OUTPUT_YHAT],
+            ),
+        ]);
+        vec![Dim::Named(DIM_SEQ), Dim::Named(DIM_BATCH)]
+    } else {
+        nodes.push(node(
             "Add",
             "head_bias",
             &["head_product", "head_B"],
-            &["head_out"],
-        ),
-        node(
-            "Squeeze",
-            "squeeze_out",
-            &["head_out", "squeeze_out_axes"],
             &[OUTPUT_YHAT],
-        ),
-    ]);
+        ));
+        vec![
+            Dim::Named(DIM_SEQ),
+            Dim::Named(DIM_BATCH),
+            Dim::Fixed(outputs),
+        ]
+    };
     let state = [Dim::Fixed(layers), Dim::Named(DIM_BATCH), Dim::Fixed(h)];
     let graph = GraphProto {
         node: nodes,
@@ -394,7 +417,7 @@ pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
             value_info(INPUT_C, &state),
         ],
         output: vec![
-            value_info(OUTPUT_YHAT, &[Dim::Named(DIM_SEQ), Dim::Named(DIM_BATCH)]),
+            value_info(OUTPUT_YHAT, &yhat_dims),
             value_info(OUTPUT_H, &state),
             value_info(OUTPUT_C, &state),
         ],
@@ -432,6 +455,7 @@ mod tests {
             contract_version: CONTRACT_VERSION,
             detector: "cpu".into(),
             features: Feature::DEFAULT.to_vec(),
+            inputs: Vec::new(),
             hidden,
             layers: 1,
             step_secs: 60,

@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::adam::Adam;
 use crate::contract::{
-    input_row, quantile_sorted, series_key, Feature, ModelMeta, Scaler, SeriesCalibration,
-    ValueRange, CONTRACT_VERSION, MAX_INTERPOLATED_GAP,
+    columns, joint_input_row, quantile_sorted, series_key, Feature, ModelMeta, Scaler,
+    SeriesCalibration, ValueRange, CONTRACT_VERSION, INPUT_LABEL, MAX_INTERPOLATED_GAP,
 };
 use crate::lstm::{Dropout, LstmParams, LstmTape};
 use crate::onnx;
@@ -93,6 +93,10 @@ pub struct TrainOptions {
     pub band_quantile: f64,
     pub band_margin: f64,
     pub features: Vec<Feature>,
+    /// For a multivariate detector: one model reads all inputs of a group (the series that
+    /// differ only in [`INPUT_LABEL`]) and forecasts each of them. Off, every series is a
+    /// stream of its own through one shared model.
+    pub joint: bool,
 }
 
 impl Default for TrainOptions {
@@ -112,6 +116,7 @@ impl Default for TrainOptions {
             band_quantile: 0.999,
             band_margin: 1.25,
             features: Feature::DEFAULT.to_vec(),
+            joint: false,
         }
     }
 }
@@ -160,15 +165,18 @@ pub enum TrainError {
     Abandoned { epoch: usize },
 }
 
-/// One series as one stream (long gaps stepped over), scaled, with its split points.
+/// One stream (long gaps stepped over), scaled, with its split points: a series on its own, or
+/// the inputs of one group side by side for a joint model (`width` of them).
 struct PreparedSeries {
-    key: String,
-    scaler: Scaler,
-    /// The values' span, for the exporter's range novelty.
-    range: Option<ValueRange>,
-    /// Scaled values, one per point of the stream.
+    /// Each input's series key, scaler and span of values (for the exporter's range novelty).
+    keys: Vec<String>,
+    scalers: Vec<Scaler>,
+    ranges: Vec<Option<ValueRange>>,
+    /// Scaled values `[len, width]`; an input absent at a joint row carries its last value.
     scaled: Vec<f32>,
-    /// Model input rows `[len, features]`.
+    /// `[len, width]`: whether the input was there (an absent one is no forecast target).
+    present: Vec<bool>,
+    /// Model input rows `[len, columns]`.
     inputs: Vec<f32>,
     /// Points that follow a long gap (dropped from the arrays): fed, but not a forecast target,
     /// as the exporter scores them.
@@ -181,11 +189,15 @@ struct PreparedSeries {
 
 impl PreparedSeries {
     fn len(&self) -> usize {
-        self.scaled.len()
+        self.after_gap.len()
     }
 
-    /// Number of forecast targets (points with a predecessor, not right after a long gap) in
-    /// `range`.
+    fn width(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Number of points in `range` that are a forecast target of some input (they have a
+    /// predecessor and do not follow a long gap).
     fn targets_in(&self, range: Range<usize>) -> usize {
         (range.start.max(1)..range.end.min(self.len()))
             .filter(|t| self.is_target(*t))
@@ -194,6 +206,11 @@ impl PreparedSeries {
 
     fn is_target(&self, t: usize) -> bool {
         !self.after_gap.get(t).copied().unwrap_or(false)
+    }
+
+    /// Whether input `i`'s value at point `t` is a forecast target.
+    fn is_input_target(&self, t: usize, i: usize) -> bool {
+        self.is_target(t) && self.present[t * self.width() + i]
     }
 
     /// The stream from its start up to the last target in `targets`, if it has one there.
@@ -259,8 +276,12 @@ fn validate_options(opts: &TrainOptions, step_secs: u64) -> Result<(), TrainErro
     Ok(())
 }
 
-/// Places the samples on the regular grid starting at the first timestamp (NaN where absent).
-fn regularise(series: &SeriesHistory, step_secs: u64) -> Result<(i64, Vec<f64>), String> {
+/// Places the samples on the regular grid starting at `origin`, at or before the first sample.
+fn regularise_from(
+    series: &SeriesHistory,
+    origin: i64,
+    step_secs: u64,
+) -> Result<Vec<f64>, String> {
     if series.timestamps.len() != series.values.len() {
         return Err(format!(
             "{} timestamps but {} values",
@@ -268,9 +289,7 @@ fn regularise(series: &SeriesHistory, step_secs: u64) -> Result<(i64, Vec<f64>),
             series.values.len()
         ));
     }
-    let Some(&start) = series.timestamps.first() else {
-        return Ok((0, Vec::new()));
-    };
+    let start = origin;
     let step = step_secs as i64;
     let mut grid: Vec<f64> = Vec::with_capacity(series.values.len());
     let mut previous: Option<usize> = None;
@@ -290,7 +309,7 @@ fn regularise(series: &SeriesHistory, step_secs: u64) -> Result<(i64, Vec<f64>),
         grid.resize(index, f64::NAN);
         grid.push(if value.is_finite() { value } else { f64::NAN });
     }
-    Ok((start, grid))
+    Ok(grid)
 }
 
 /// Linearly fills runs of at most [`MAX_INTERPOLATED_GAP`] NaNs that have values on both sides.
@@ -317,59 +336,112 @@ fn interpolate_short_gaps(values: &mut [f64]) {
     }
 }
 
-fn prepare(
-    series: &SeriesHistory,
+/// The inputs of one group as one stream (`None`: the group lacks that input), on a common grid
+/// from the earliest sample: a point is a row where any input has a value.
+fn prepare_stream(
+    members: &[Option<&SeriesHistory>],
     step_secs: u64,
     opts: &TrainOptions,
 ) -> Result<(PreparedSeries, i64), TrainError> {
-    let key = series_key(&series.labels);
-    let (start_ts, mut values) =
-        regularise(series, step_secs).map_err(|reason| TrainError::InvalidSeries {
-            key: key.clone(),
-            reason,
-        })?;
-    interpolate_short_gaps(&mut values);
-    // What is still missing is a long gap: it is dropped and the stream goes on across it, as
-    // the exporter's scoring does; the point after it is fed but is not a target.
-    let mut timestamps = Vec::with_capacity(values.len());
-    let mut after_gap = Vec::with_capacity(values.len());
-    let mut kept = Vec::with_capacity(values.len());
+    let width = members.len();
+    let keys: Vec<String> = members
+        .iter()
+        .map(|m| m.map(|s| series_key(&s.labels)).unwrap_or_default())
+        .collect();
+    let origin = members
+        .iter()
+        .filter_map(|m| m.and_then(|s| s.timestamps.first().copied()))
+        .min()
+        .unwrap_or(0);
+    let mut grids = Vec::with_capacity(width);
+    for (member, key) in members.iter().zip(&keys) {
+        let mut grid = match member {
+            Some(series) => regularise_from(series, origin, step_secs).map_err(|reason| {
+                TrainError::InvalidSeries {
+                    key: key.clone(),
+                    reason,
+                }
+            })?,
+            None => Vec::new(),
+        };
+        interpolate_short_gaps(&mut grid);
+        grids.push(grid);
+    }
+    let grid_len = grids.iter().map(Vec::len).max().unwrap_or(0);
+    // What is still missing everywhere is a long gap: it is dropped and the stream goes on
+    // across it, as the exporter's scoring does; the point after it is fed but is not a target.
+    let mut timestamps = Vec::with_capacity(grid_len);
+    let mut after_gap = Vec::with_capacity(grid_len);
+    let mut raw = Vec::with_capacity(grid_len * width);
     let mut gap = false;
-    for (t, v) in values.iter().enumerate() {
-        if v.is_nan() {
-            gap = !kept.is_empty();
+    for t in 0..grid_len {
+        let row = grids.iter().map(|g| g.get(t).copied().unwrap_or(f64::NAN));
+        if grids.iter().all(|g| g.get(t).is_none_or(|v| v.is_nan())) {
+            gap = !timestamps.is_empty();
             continue;
         }
-        kept.push(*v);
-        timestamps.push(start_ts + t as i64 * step_secs as i64);
+        raw.extend(row);
+        timestamps.push(origin + t as i64 * step_secs as i64);
         after_gap.push(gap);
         gap = false;
     }
-    let values = kept;
-    let len = values.len();
+    let len = timestamps.len();
     let calibration = (len as f64 * opts.calibration_fraction).round() as usize;
     let validation = (len as f64 * opts.validation_fraction).round() as usize;
     let train_end = len.saturating_sub(calibration + validation);
     let validation_end = len.saturating_sub(calibration);
-    let scaler = Scaler::fit(&values[..train_end]);
-    let scaled: Vec<f32> = values.iter().map(|&v| scaler.scale(v) as f32).collect();
+    let column = |i: usize, rows: Range<usize>| -> Vec<f64> {
+        rows.map(|t| raw[t * width + i])
+            .filter(|v| !v.is_nan())
+            .collect()
+    };
+    let scalers: Vec<Scaler> = (0..width)
+        .map(|i| Scaler::fit(&column(i, 0..train_end)))
+        .collect();
+    let ranges = (0..width)
+        .map(|i| ValueRange::of(&column(i, 0..len)))
+        .collect();
+    let present: Vec<bool> = raw.iter().map(|v| !v.is_nan()).collect();
+    // An absent input carries its last value (its centre before it has one).
+    let mut scaled = vec![0.0f32; len * width];
+    for t in 0..len {
+        for i in 0..width {
+            let v = raw[t * width + i];
+            scaled[t * width + i] = if v.is_nan() {
+                if t == 0 {
+                    0.0
+                } else {
+                    scaled[(t - 1) * width + i]
+                }
+            } else {
+                scalers[i].scale(v) as f32
+            };
+        }
+    }
     let features = &opts.features;
-    let mut inputs = vec![0.0f32; len * features.len()];
-    for (t, row) in inputs.chunks_exact_mut(features.len()).enumerate() {
-        input_row(features, timestamps[t], scaled[t], row);
+    let columns = columns(features, width);
+    let mut inputs = vec![0.0f32; len * columns];
+    for (t, row) in inputs.chunks_exact_mut(columns).enumerate() {
+        joint_input_row(
+            features,
+            timestamps[t],
+            &scaled[t * width..(t + 1) * width],
+            row,
+        );
     }
     Ok((
         PreparedSeries {
-            key,
-            scaler,
-            range: ValueRange::of(&values),
+            keys,
+            scalers,
+            ranges,
             scaled,
+            present,
             inputs,
             after_gap,
             train_end,
             validation_end,
         },
-        start_ts,
+        origin,
     ))
 }
 
@@ -419,7 +491,9 @@ fn training_pieces(
 
 /// Buffers reused across chunks and epochs.
 struct Workspace {
+    /// Columns of a model input row, and forecasts per step.
     features: usize,
+    outputs: usize,
     tape: LstmTape<f32>,
     grads: LstmParams<f32>,
     x: Vec<f32>,
@@ -431,11 +505,12 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn new(features: usize, hidden: usize, layers: usize) -> Self {
+    fn new(features: usize, hidden: usize, layers: usize, outputs: usize) -> Self {
         Workspace {
             features,
+            outputs,
             tape: LstmTape::new(),
-            grads: LstmParams::zeros_stacked(features, hidden, layers),
+            grads: LstmParams::zeros_multi(features, hidden, layers, outputs),
             x: Vec::new(),
             targets: Vec::new(),
             valid: Vec::new(),
@@ -462,13 +537,13 @@ impl Workspace {
         seq: usize,
     ) {
         let batch = pieces.len();
-        let features = self.features;
+        let (features, outputs) = (self.features, self.outputs);
         self.x.clear();
         self.x.resize(seq * batch * features, 0.0);
         self.targets.clear();
-        self.targets.resize(seq * batch, 0.0);
+        self.targets.resize(seq * batch * outputs, 0.0);
         self.valid.clear();
-        self.valid.resize(seq * batch, false);
+        self.valid.resize(seq * batch * outputs, false);
         for t in 0..seq {
             let step = first_step + t;
             for (j, piece) in pieces.iter().enumerate() {
@@ -480,8 +555,15 @@ impl Workspace {
                 let slot = t * batch + j;
                 self.x[slot * features..(slot + 1) * features]
                     .copy_from_slice(&s.inputs[point * features..(point + 1) * features]);
-                self.targets[slot] = s.scaled[point + 1];
-                self.valid[slot] = s.is_target(point + 1);
+                let next = point + 1;
+                self.targets[slot * outputs..(slot + 1) * outputs]
+                    .copy_from_slice(&s.scaled[next * outputs..(next + 1) * outputs]);
+                for (i, valid) in self.valid[slot * outputs..(slot + 1) * outputs]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    *valid = s.is_input_target(next, i);
+                }
             }
         }
     }
@@ -516,7 +598,7 @@ fn train_epoch(
                 .forward_train(params, &ws.x, (seq, batch), &ws.h, &ws.c, dropout)?;
             let count = ws.valid.iter().filter(|&&v| v).count();
             ws.dyhat.clear();
-            ws.dyhat.resize(seq * batch, 0.0);
+            ws.dyhat.resize(ws.targets.len(), 0.0);
             let scale = 1.0 / count.max(1) as f64;
             for (((dy, &y), &target), &valid) in ws
                 .dyhat
@@ -541,15 +623,16 @@ fn train_epoch(
     Ok(loss_sum / count_sum.max(1) as f64)
 }
 
-/// Runs `streams` from zero state, calling `on_forecast(series, target_index, yhat, target)` for
-/// every forecast step.
+/// Runs `streams` from zero state, calling `on_forecast(series, target_index, input, yhat,
+/// target)` for every forecast of an input's value.
 fn run_streams(
     params: &LstmParams<f32>,
     series: &[PreparedSeries],
     streams: &[Piece],
     ws: &mut Workspace,
-    mut on_forecast: impl FnMut(usize, usize, f32, f32),
+    mut on_forecast: impl FnMut(usize, usize, usize, f32, f32),
 ) -> Result<(), crate::lstm::ShapeError> {
+    let outputs = ws.outputs;
     let state = params.hidden() * params.layers();
     for group in streams.chunks(EVAL_BATCH_STREAMS) {
         let batch = group.len();
@@ -562,15 +645,18 @@ fn run_streams(
             ws.tape.forward(params, &ws.x, seq, batch, &ws.h, &ws.c)?;
             for t in 0..seq {
                 for (j, piece) in group.iter().enumerate() {
-                    let slot = t * batch + j;
-                    if ws.valid[slot] {
-                        let target_index = piece.start + first_step + t + 1;
-                        on_forecast(
-                            piece.series,
-                            target_index,
-                            ws.tape.yhat()[slot],
-                            ws.targets[slot],
-                        );
+                    let target_index = piece.start + first_step + t + 1;
+                    for i in 0..outputs {
+                        let slot = (t * batch + j) * outputs + i;
+                        if ws.valid[slot] {
+                            on_forecast(
+                                piece.series,
+                                target_index,
+                                i,
+                                ws.tape.yhat()[slot],
+                                ws.targets[slot],
+                            );
+                        }
                     }
                 }
             }
@@ -594,7 +680,7 @@ fn validation_loss(
         series,
         streams,
         ws,
-        |s, target_index, yhat, target| {
+        |s, target_index, _, yhat, target| {
             let part = &series[s];
             if (part.train_end..part.validation_end).contains(&target_index) {
                 sum += huber(yhat as f64 - target as f64);
@@ -610,10 +696,12 @@ fn last_value_baseline(series: &[PreparedSeries]) -> f64 {
     let mut sum = 0.0;
     let mut count = 0usize;
     for s in series {
-        let (lo, hi) = (s.train_end.max(1), s.validation_end.min(s.len()));
-        for t in (lo..hi).filter(|t| s.is_target(*t)) {
-            sum += huber(s.scaled[t] as f64 - s.scaled[t - 1] as f64);
-            count += 1;
+        let (lo, hi, w) = (s.train_end.max(1), s.validation_end.min(s.len()), s.width());
+        for t in lo..hi {
+            for i in (0..w).filter(|i| s.is_input_target(t, *i)) {
+                sum += huber(s.scaled[t * w + i] as f64 - s.scaled[(t - 1) * w + i] as f64);
+                count += 1;
+            }
         }
     }
     sum / count.max(1) as f64
@@ -666,12 +754,13 @@ pub fn train_with(
         .max(MIN_HELD_OUT_TARGETS as f64 / opts.calibration_fraction)
         .ceil() as usize;
 
+    let (inputs, streams) = streams_of(series, opts.joint)?;
     let mut prepared = Vec::new();
     let mut skipped = Vec::new();
     let mut most_points = 0;
     let (mut train_start, mut train_end) = (i64::MAX, i64::MIN);
-    for history in series {
-        let (p, _) = prepare(history, step_secs, opts)?;
+    for members in &streams {
+        let (p, _) = prepare_stream(members, step_secs, opts)?;
         let points = p.len();
         most_points = most_points.max(points);
         let usable = points >= needed
@@ -679,15 +768,17 @@ pub fn train_with(
             && p.targets_in(p.train_end..p.validation_end) >= MIN_HELD_OUT_TARGETS
             && p.targets_in(p.validation_end..p.len()) >= MIN_HELD_OUT_TARGETS;
         if usable {
-            if let (Some(&first), Some(&last)) =
-                (history.timestamps.first(), history.timestamps.last())
-            {
-                train_start = train_start.min(first);
-                train_end = train_end.max(last);
+            for history in members.iter().flatten() {
+                if let (Some(&first), Some(&last)) =
+                    (history.timestamps.first(), history.timestamps.last())
+                {
+                    train_start = train_start.min(first);
+                    train_end = train_end.max(last);
+                }
             }
             prepared.push(p);
         } else {
-            skipped.push(p.key);
+            skipped.extend(p.keys.into_iter().filter(|k| !k.is_empty()));
         }
     }
     if prepared.is_empty() {
@@ -700,11 +791,13 @@ pub fn train_with(
         });
     }
 
-    let features = opts.features.len();
-    let mut params = LstmParams::<f32>::init_stacked(features, opts.hidden, opts.layers, opts.seed);
+    let width = inputs.len().max(1);
+    let features = columns(&opts.features, width);
+    let mut params =
+        LstmParams::<f32>::init_multi(features, opts.hidden, opts.layers, width, opts.seed);
     let mut adam = Adam::new(opts.learning_rate, params.as_slice().len());
     let mut rng = SmallRng::seed_from_u64(opts.seed ^ 0x5eed_7a1e);
-    let mut ws = Workspace::new(features, opts.hidden, opts.layers);
+    let mut ws = Workspace::new(features, opts.hidden, opts.layers, width);
     let mut pieces = Vec::new();
     let mut validation_streams = Vec::new();
     for (i, s) in prepared.iter().enumerate() {
@@ -781,6 +874,7 @@ pub fn train_with(
         contract_version: CONTRACT_VERSION,
         detector: detector.to_owned(),
         features: opts.features.clone(),
+        inputs,
         hidden: opts.hidden,
         layers: opts.layers,
         step_secs,
@@ -800,6 +894,42 @@ pub fn train_with(
     })
 }
 
+/// The streams to train on, each the members of one stream in input order, and a joint model's
+/// inputs (sorted; empty when every series is a stream of its own). Only a detector whose
+/// series all name an input is joint.
+#[allow(clippy::type_complexity)]
+fn streams_of(
+    series: &[SeriesHistory],
+    joint: bool,
+) -> Result<(Vec<String>, Vec<Vec<Option<&SeriesHistory>>>), TrainError> {
+    if !joint || !series.iter().all(|s| s.labels.contains_key(INPUT_LABEL)) {
+        return Ok((Vec::new(), series.iter().map(|s| vec![Some(s)]).collect()));
+    }
+    let inputs: Vec<String> = series
+        .iter()
+        .filter_map(|s| s.labels.get(INPUT_LABEL).cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut groups: BTreeMap<BTreeMap<String, String>, Vec<Option<&SeriesHistory>>> =
+        BTreeMap::new();
+    for s in series {
+        let mut group = s.labels.clone();
+        let input = group.remove(INPUT_LABEL).unwrap_or_default();
+        let column = inputs.binary_search(&input).unwrap_or_default();
+        let members = groups
+            .entry(group)
+            .or_insert_with(|| vec![None; inputs.len()]);
+        if members[column].replace(s).is_some() {
+            return Err(TrainError::InvalidSeries {
+                key: series_key(&s.labels),
+                reason: "two series for one input of one group".into(),
+            });
+        }
+    }
+    Ok((inputs, groups.into_values().collect()))
+}
+
 /// Per-series bands from calibration residuals, and their median for unseen series.
 fn calibrate(
     params: &LstmParams<f32>,
@@ -811,39 +941,45 @@ fn calibrate(
     for (i, s) in series.iter().enumerate() {
         s.streams_for(i, &(s.validation_end..s.len()), &mut streams);
     }
-    let mut residuals: Vec<Vec<f64>> = vec![Vec::new(); series.len()];
+    let mut residuals: Vec<Vec<Vec<f64>>> =
+        series.iter().map(|s| vec![Vec::new(); s.width()]).collect();
     run_streams(
         params,
         series,
         &streams,
         ws,
-        |s, target_index, yhat, target| {
+        |s, target_index, input, yhat, target| {
             if target_index >= series[s].validation_end {
-                residuals[s].push((yhat as f64 - target as f64).abs());
+                residuals[s][input].push((yhat as f64 - target as f64).abs());
             }
         },
     )
     .map_err(internal)?;
     let mut calibrations = BTreeMap::new();
     let mut bands = Vec::with_capacity(series.len());
-    for (s, mut r) in series.iter().zip(residuals) {
-        r.sort_by(f64::total_cmp);
-        // A high quantile of a few thousand residuals is itself noisy; a floor in robust
-        // standard deviations (1.4826 × median |r| estimates σ) keeps the band from being
-        // narrower than normal noise warrants when the calibration sample happens to be calm.
-        let robust_sigma = 1.4826 * quantile_sorted(&r, 0.5);
-        let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin)
-            .max(MIN_BAND_SIGMAS * robust_sigma)
-            .max(MIN_BAND);
-        bands.push(band);
-        calibrations.insert(
-            s.key.clone(),
-            SeriesCalibration {
-                scaler: s.scaler,
-                band,
-                range: s.range,
-            },
-        );
+    for (s, per_input) in series.iter().zip(residuals) {
+        for (i, mut r) in per_input.into_iter().enumerate() {
+            if s.keys[i].is_empty() {
+                continue;
+            }
+            r.sort_by(f64::total_cmp);
+            // A high quantile of a few thousand residuals is itself noisy; a floor in robust
+            // standard deviations (1.4826 × median |r| estimates σ) keeps the band from being
+            // narrower than normal noise warrants when the calibration sample happens to be calm.
+            let robust_sigma = 1.4826 * quantile_sorted(&r, 0.5);
+            let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin)
+                .max(MIN_BAND_SIGMAS * robust_sigma)
+                .max(MIN_BAND);
+            bands.push(band);
+            calibrations.insert(
+                s.keys[i].clone(),
+                SeriesCalibration {
+                    scaler: s.scalers[i],
+                    band,
+                    range: s.ranges[i],
+                },
+            );
+        }
     }
     bands.sort_by(f64::total_cmp);
     Ok((calibrations, quantile_sorted(&bands, 0.5)))
@@ -852,7 +988,23 @@ fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::input_row;
     use rand::Rng;
+
+    /// Places the samples on the regular grid starting at the first timestamp (NaN where absent).
+    fn regularise(series: &SeriesHistory, step_secs: u64) -> Result<(i64, Vec<f64>), String> {
+        let origin = series.timestamps.first().copied().unwrap_or(0);
+        Ok((origin, regularise_from(series, origin, step_secs)?))
+    }
+
+    /// One series as one stream.
+    fn prepare(
+        series: &SeriesHistory,
+        step_secs: u64,
+        opts: &TrainOptions,
+    ) -> Result<(PreparedSeries, i64), TrainError> {
+        prepare_stream(&[Some(series)], step_secs, opts)
+    }
 
     const DAY: i64 = 86_400;
 
@@ -954,6 +1106,80 @@ mod tests {
             fraction < 0.01,
             "{exceed} of {total} residuals outside the band"
         );
+    }
+
+    /// Two inputs of one group: `b` repeats `a` two steps late, and `a` is noise. Only a model
+    /// that reads both can forecast `b`.
+    fn echoing_group(points: usize) -> Vec<SeriesHistory> {
+        let mut rng = SmallRng::seed_from_u64(8);
+        let a: Vec<f64> = (0..points).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let b: Vec<f64> = (0..points)
+            .map(|t| if t < 2 { 0.0 } else { a[t - 2] })
+            .collect();
+        let timestamps: Vec<i64> = (0..points as i64).map(|i| START + i * 60).collect();
+        [("a", a), ("b", b)]
+            .into_iter()
+            .map(|(input, values)| SeriesHistory {
+                labels: BTreeMap::from([
+                    ("host".to_owned(), "h1".to_owned()),
+                    (INPUT_LABEL.to_owned(), input.to_owned()),
+                ]),
+                timestamps: timestamps.clone(),
+                values,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_joint_model_reads_every_input_of_its_group() {
+        let group = echoing_group(1_500);
+        let separate = train("g", 60, &group, &small_options(), &mut |_| {}).expect("trains");
+        let opts = TrainOptions {
+            joint: true,
+            ..small_options()
+        };
+        let joint = train("g", 60, &group, &opts, &mut |_| {}).expect("trains");
+        assert_eq!(joint.meta.inputs, ["a", "b"]);
+        assert_eq!(joint.params.outputs(), 2);
+        assert_eq!(joint.params.features(), Feature::DEFAULT.len() + 1);
+        assert!(separate.meta.inputs.is_empty());
+        let keys: Vec<&String> = joint.meta.series.keys().collect();
+        let expected: Vec<String> = group.iter().map(|s| series_key(&s.labels)).collect();
+        assert_eq!(keys, expected.iter().collect::<Vec<_>>());
+        let loss = |m: &TrainedModel| m.meta.training["best_val_loss"].as_f64().unwrap();
+        println!(
+            "val loss: joint {}, separate {}",
+            loss(&joint),
+            loss(&separate)
+        );
+        assert!(
+            loss(&joint) < 0.75 * loss(&separate),
+            "joint {} vs separate {}",
+            loss(&joint),
+            loss(&separate)
+        );
+    }
+
+    #[test]
+    fn a_joint_group_missing_an_input_still_trains_the_others() {
+        let mut group = echoing_group(1_500);
+        // A second host has only `a`, with a hole `b`'s host does not have.
+        let mut lone = group[0].clone();
+        lone.labels.insert("host".to_owned(), "h2".to_owned());
+        lone.timestamps.drain(300..320);
+        lone.values.drain(300..320);
+        group.push(lone.clone());
+        let opts = TrainOptions {
+            joint: true,
+            ..small_options()
+        };
+        let model = train("g", 60, &group, &opts, &mut |_| {}).expect("trains");
+        assert_eq!(model.meta.series.len(), 3, "{:?}", model.meta.series.keys());
+        assert!(model.meta.series.contains_key(&series_key(&lone.labels)));
+        let (p, _) = prepare_stream(&[Some(&lone), None], 60, &opts).expect("prepares");
+        assert_eq!(p.len(), 1_480, "the long gap is dropped");
+        assert!(!p.is_input_target(5, 1), "an absent input is no target");
+        assert!(p.is_input_target(5, 0));
     }
 
     #[test]
