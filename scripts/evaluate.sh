@@ -2,8 +2,9 @@
 # Detection quality on the labelled datasets (../shared/datasets or $MAD_DATASETS), through the
 # exporter's own scoring path: every NAB file with a model trained on its first 15% only, scored
 # by NAB's rules; then the SMD and ASD machines (one detector per machine), point-wise F1 without
-# point-adjust and attribution; then the single KPI series, per point and per event. Extra
-# arguments go to every `mad backtest` (try --scoring band).
+# point-adjust and attribution, again with one joint model per machine; then the single KPI
+# series, per point and per event. Extra arguments go to every `mad backtest` (try --scoring
+# band).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -29,6 +30,13 @@ target/release/mad backtest --machines "$datasets/smd" --step 1m "$@" | tee "$lo
 echo
 echo "== ASD (${datasets}/asd)"
 target/release/mad backtest --machines "$datasets/asd" --step 5m "$@" | tee "$logs/asd"
+# The same machines with one joint model per machine reading all its metrics (training.joint).
+echo
+echo "== SMD, joint model (--joint)"
+target/release/mad backtest --machines "$datasets/smd" --step 1m --joint "$@" | tee "$logs/smd-joint"
+echo
+echo "== ASD, joint model (--joint)"
+target/release/mad backtest --machines "$datasets/asd" --step 5m --joint "$@" | tee "$logs/asd-joint"
 if compgen -G "$datasets/kpi/*.csv" > /dev/null; then
   echo
   echo "== KPI (${datasets}/kpi)"
@@ -54,3 +62,6 @@ printf '%-34s %-28s %-24s %s\n' "best F1 (no point-adjust)" "" "$(best_f1 smd)" 
 printf '%-34s %-28s %-24s %s\n' "F1 at the default threshold" "" "$(default_f1 smd)" "$(default_f1 asd)"
 printf '%-34s %-28s %-24s %s\n' "attribution: labelled in top 3" "" "$(attribution smd)" "$(attribution asd)"
 printf '%-34s %-28s %-24s %s\n' "training time per model" "$nab_train" "$(train_time smd)" "$(train_time asd)"
+printf '%-34s %-28s %-24s %s\n' "joint model: best F1" "" "$(best_f1 smd-joint)" "$(best_f1 asd-joint)"
+printf '%-34s %-28s %-24s %s\n' "joint model: F1 at default" "" "$(default_f1 smd-joint)" "$(default_f1 asd-joint)"
+printf '%-34s %-28s %-24s %s\n' "joint model: training per model" "" "$(train_time smd-joint)" "$(train_time asd-joint)"

@@ -13,7 +13,8 @@
 //! - [`config`]: the YAML file, validated while parsed so errors name file, line and field.
 //! - [`source`]: the Prometheus HTTP API client (chunking, retries, error bodies surfaced).
 //! - [`model`]: ONNX Runtime loading and the model contract checks (docs/model-contract.md).
-//! - [`score`]: per-series state, batched inference, scores against calibrated bands.
+//! - [`score`]: per-series state (a joint model's: per group), batched inference, scores
+//!   against calibrated bands.
 //! - [`expose`]: the text exposition and the HTTP server.
 //! - [`store`]: model versions behind one trait; a directory by default.
 //! - [`api`]: the management API under `/api/v1/` (docs/openapi.yaml): detectors, models,

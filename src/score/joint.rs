@@ -64,9 +64,12 @@ impl DetectorScorer {
             let Some(rows) = self.group_rows(group, &members, fetched) else {
                 continue;
             };
+            // A group whose stream starts now starts its inputs afresh too (their forecasts
+            // and warm-up belong to the group's stream).
+            let new_group = !self.groups.contains_key(&rows.group);
             for (index, _) in rows.members.iter().flatten() {
                 let labels = &fetched[*index].labels;
-                if !self.series.contains_key(labels) {
+                if new_group || !self.series.contains_key(labels) {
                     let state = self.fresh_input_state(labels, &rows, *index);
                     self.series.insert(labels.clone(), state);
                     stats.new_series += 1;

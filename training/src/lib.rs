@@ -1,7 +1,8 @@
 //! Training for MAD's LSTM forecasters, entirely in Rust.
 //!
 //! History comes in as raw series; each series is scaled by its own robust scaler so one shared
-//! model can serve many series. The model is trained as a *stream* model (state carried across
+//! model can serve many series (or, for a joint model, the inputs of a group are read side by
+//! side and each forecast: `TrainOptions::joint`). The model is trained as a *stream* model (state carried across
 //! the whole series) because the exporter carries LSTM state between scrape cycles instead of
 //! re-running windows; training, calibration and serving must all see the series the same way.
 //! Residuals on held-out data become a per-series band, so `anomaly_score > 1` means the same

@@ -3,11 +3,13 @@
 //!
 //! # Stream semantics (the contract the exporter relies on)
 //! The model is a **stream** model. For a series on its regular grid, the input at step `t` is
-//! [`input_row`]`(features, ts_t, scaled x_t)` and the output at step `t` is the forecast of
-//! scaled `x_{t+1}`. LSTM state is carried across the whole stream; a stream starts from zero
-//! state. Runs of up to [`MAX_INTERPOLATED_GAP`] missing points are filled by linear
-//! interpolation; a longer gap ends the stream and the next point starts a new one from zero.
-//! Scaling is per series ([`Scaler::fit`] on the training part).
+//! [`input_row`](crate::contract::input_row)`(features, ts_t, scaled x_t)` and the output at
+//! step `t` is the forecast of scaled `x_{t+1}`. LSTM state is carried across the whole stream;
+//! a stream starts from zero state. Runs of up to [`MAX_INTERPOLATED_GAP`] missing points are
+//! filled by linear interpolation; a longer gap is stepped over, the point after it fed but not
+//! a target. Scaling is per series ([`Scaler::fit`] on the training part). A joint model
+//! ([`TrainOptions::joint`]) reads the inputs of a group as one stream, a row per timestamp
+//! ([`joint_input_row`]), and forecasts each input.
 //!
 //! # Training
 //! Each series is split in time into train / validation / calibration parts, in that order.
