@@ -2,7 +2,9 @@
 //! memory) joined on `instance`, trained as one detector, served while VictoriaMetrics scrapes
 //! the exporter, with a memory spike on one instance. What a user checks: one `anomaly_score`
 //! per instance (not per input), above 1 at the spike on that instance only, the per-input
-//! `anomaly_contribution` naming memory as the driver, and `y`/`yhat` per input.
+//! `anomaly_contribution` naming memory as the driver, and `y`/`yhat` per input — with the
+//! shared model that reads each input on its own, and with a joint model (`training.joint`)
+//! that reads both inputs of an instance together.
 
 use std::path::Path;
 use std::time::Duration;
@@ -36,13 +38,17 @@ fn profile(metric: &str, instance: &str, base: f64, period: f64) -> Profile {
     }
 }
 
-fn config(vm_url: &str, dir: &Path, port: u16) -> Config {
+/// The two end-to-end runs start their own VictoriaMetrics and feed it in real time: one at a
+/// time, so neither starves the other of the two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config(vm_url: &str, dir: &Path, port: u16, joint: bool) -> Config {
     let text = format!(
         r#"
 datasource: {{ url: "{vm_url}", timeout: 2s, retries: 1 }}
 store: {{ path: "{}" }}
 server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
-training: {{ max_epochs: 25, seed: 3 }}
+training: {{ max_epochs: 25, seed: 3, joint: {joint} }}
 detectors:
   - name: node
     inputs:
@@ -62,6 +68,16 @@ detectors:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_scores_once_and_names_the_input_that_drove_it() {
+    group_scores_once_and_names_its_driver(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joint_model_scores_the_group_and_names_the_input_that_drove_it() {
+    group_scores_once_and_names_its_driver(true).await;
+}
+
+async fn group_scores_once_and_names_its_driver(joint: bool) {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let port = free_port().expect("port");
     let scrape = tmp.path().join("scrape.yaml");
@@ -99,11 +115,19 @@ async fn a_group_scores_once_and_names_the_input_that_drove_it() {
     }
     vm.import(history).await.expect("import history");
 
-    let config = config(&vm.url, tmp.path(), port);
+    let config = config(&vm.url, tmp.path(), port, joint);
     let trained = mad::train::run(&config, &[], Some(start))
         .await
         .expect("training succeeds");
     assert_eq!(trained[0].series, 4, "two inputs on two instances");
+    let store = mad::store::open(&config.store).await.expect("store");
+    let stored = store
+        .load_active("node")
+        .await
+        .expect("load")
+        .expect("a model");
+    let model = mad::model::Forecaster::load(&stored.onnx, "v", "node", None).expect("valid");
+    assert_eq!(model.is_joint(), joint, "inputs: {:?}", model.meta.inputs);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve_config = config.clone();

@@ -28,7 +28,7 @@ pub struct GroupState {
     last_ts: i64,
     /// Each input's last fed scaled value: an input absent from a fetch carries it.
     last_scaled: Vec<f32>,
-    last_seen: i64,
+    pub(super) last_seen: i64,
 }
 
 /// One group's rows for this cycle: per input (model column), the index of its series in the
@@ -90,22 +90,10 @@ impl DetectorScorer {
                 let chunk: Vec<GroupRows> = all.by_ref().take(MAX_BATCH).collect();
                 stats.runs += 1;
                 stats.points_fed += len * chunk.len();
-                for (index, scores) in self.run_groups(len, &chunk, fetched, now)? {
-                    if !scores.is_empty() {
-                        stats.series_scored += 1;
-                        stats.points_scored += scores.len();
-                        scored.push((index, scores));
-                    }
-                }
+                stats.collect(self.run_groups(len, &chunk, fetched, now)?, &mut scored);
             }
         }
-        let before = self.series.len();
-        let staleness = self.staleness;
-        self.series
-            .retain(|_, s| now.saturating_sub(s.last_seen) <= staleness);
-        self.groups
-            .retain(|_, g| now.saturating_sub(g.last_seen) <= staleness);
-        stats.expired_series = before - self.series.len();
+        self.expire(now, &mut stats);
         Ok((stats, scored))
     }
 
@@ -164,10 +152,11 @@ impl DetectorScorer {
             .map(|member| {
                 let index = (*member)?;
                 let points: BTreeMap<i64, f64> = fresh(&fetched[index], last_ts, step).collect();
+                // A stream that starts now starts its inputs afresh.
                 let previous = self
                     .series
                     .get(&fetched[index].labels)
-                    .filter(|s| s.last_ts != i64::MIN && s.last_raw.is_finite())
+                    .filter(|s| last_ts != i64::MIN && s.last_raw.is_finite())
                     .map(|s| (s.last_ts, s.last_raw));
                 // An input with no value yet to carry is not part of the group yet.
                 if points.is_empty() && previous.is_none() {
@@ -176,9 +165,9 @@ impl DetectorScorer {
                 let steps = timestamps
                     .iter()
                     .map(|&ts| {
-                        let mut step = input_step(&points, previous, ts, self.step);
-                        step.observed &= after_gap.binary_search(&ts).is_err();
-                        step
+                        let mut point = input_step(&points, previous, ts, step);
+                        point.observed &= after_gap.binary_search(&ts).is_err();
+                        point
                     })
                     .collect();
                 Some((index, steps))
@@ -335,5 +324,41 @@ fn input_step(
         ts,
         raw,
         observed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STEP: i64 = 60;
+
+    fn points(pairs: &[(i64, f64)]) -> BTreeMap<i64, f64> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn an_input_between_its_points_is_interpolated_across_a_short_gap_only() {
+        let near = points(&[(0, 10.0), (3 * STEP, 40.0)]);
+        let filled = input_step(&near, None, STEP, STEP);
+        assert_eq!((filled.raw, filled.observed), (20.0, false));
+        let own = input_step(&near, None, 3 * STEP, STEP);
+        assert_eq!((own.raw, own.observed), (40.0, true));
+        // Too far apart to interpolate: the last value is carried.
+        let far = points(&[(0, 10.0), (20 * STEP, 40.0)]);
+        assert_eq!(input_step(&far, None, STEP, STEP).raw, 10.0);
+    }
+
+    #[test]
+    fn an_input_carries_its_last_fed_value_or_waits_for_its_first() {
+        let later = points(&[(5 * STEP, 7.0)]);
+        // Its last fed point, from an earlier cycle, bridges a short gap.
+        let bridged = input_step(&later, Some((2 * STEP, 1.0)), 3 * STEP, STEP);
+        assert_eq!((bridged.raw, bridged.observed), (3.0, false));
+        // Before it has ever had a point: its first one, unscored.
+        let first = input_step(&later, None, 3 * STEP, STEP);
+        assert_eq!((first.raw, first.observed), (7.0, false));
+        let nothing = input_step(&BTreeMap::new(), None, 3 * STEP, STEP);
+        assert!(nothing.raw.is_nan() && !nothing.observed);
     }
 }

@@ -82,6 +82,19 @@ pub struct CycleStats {
     pub expired_series: usize,
 }
 
+impl CycleStats {
+    /// Counts the series a run scored points of, and keeps their scores.
+    fn collect(&mut self, results: Vec<SeriesScores>, scored: &mut Vec<SeriesScores>) {
+        for (index, scores) in results {
+            if !scores.is_empty() {
+                self.series_scored += 1;
+                self.points_scored += scores.len();
+                scored.push((index, scores));
+            }
+        }
+    }
+}
+
 /// The median of scale over |centre| among calibrated series; `None` without any.
 fn typical_relative_spread(series: &BTreeMap<String, SeriesCalibration>) -> Option<f64> {
     let mut ratios: Vec<f64> = series
@@ -219,20 +232,22 @@ impl DetectorScorer {
             let group = by_len.remove(&len).unwrap_or_default();
             stats.runs += group.len().div_ceil(MAX_BATCH);
             stats.points_fed += len * group.len();
-            for (index, scores) in self.run_group(len, group, fetched)? {
-                if !scores.is_empty() {
-                    stats.series_scored += 1;
-                    stats.points_scored += scores.len();
-                    scored.push((index, scores));
-                }
-            }
+            stats.collect(self.run_group(len, group, fetched)?, &mut scored);
         }
+        self.expire(now, &mut stats);
+        Ok((stats, scored))
+    }
+
+    /// Drops the state of series (and of a joint model's groups) not returned for longer than
+    /// the staleness.
+    fn expire(&mut self, now: i64, stats: &mut CycleStats) {
         let before = self.series.len();
         let staleness = self.staleness;
         self.series
             .retain(|_, s| now.saturating_sub(s.last_seen) <= staleness);
+        self.groups
+            .retain(|_, g| now.saturating_sub(g.last_seen) <= staleness);
         stats.expired_series = before - self.series.len();
-        Ok((stats, scored))
     }
 
     /// Forgets these series (state and score): series that moved to another replica leave this
