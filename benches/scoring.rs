@@ -4,7 +4,9 @@
 //!    three modes, each as a ratio to mode A:
 //!    - A: every cycle each series re-runs its last 64 points from zero state (seq 64, batch 1);
 //!    - B: state carried, one series per run (seq 1, batch 1);
-//!    - C: state carried and batched: `DetectorScorer::score_cycle`, one run with batch 10,000.
+//!    - C: state carried and batched: `DetectorScorer::score_cycle`, one run with batch 10,000;
+//!    - D: as C with a joint model (`training.joint`) over groups of [`JOINT_INPUTS`] inputs:
+//!      the same 10,000 series as 2,500 groups, one run with batch 2,500.
 //!
 //!    The modes are interleaved round by round so machine noise hits them alike.
 //! 2. `/metrics` render time with 100,000 series: `Exposition::update` (once per cycle) and
@@ -31,7 +33,9 @@ use mad::model::Forecaster;
 use mad::score::DetectorScorer;
 use mad::source::{Labels, Series};
 use mad::synth::{Profile, Synth};
-use mad_training::contract::{input_row, Feature, ModelMeta, Scaler, CONTRACT_VERSION};
+use mad_training::contract::{
+    columns, input_row, Feature, ModelMeta, Scaler, CONTRACT_VERSION, INPUT_LABEL,
+};
 use mad_training::{onnx, LstmParams};
 
 const DETECTOR: &str = "bench";
@@ -41,6 +45,8 @@ const STEP: i64 = 60;
 /// A step-aligned start time (2023-11-14).
 const T0: i64 = 1_699_999_980;
 const SCORING_SERIES: usize = 10_000;
+/// Inputs per group of mode D's joint model.
+const JOINT_INPUTS: usize = 4;
 const RENDER_SERIES: usize = 100_000;
 /// Series per warm-up `score_cycle` when filling the 100,000-series scorer, to keep the
 /// transient input buffers small next to the state being measured.
@@ -81,13 +87,19 @@ fn trim_heap() {
 
 /// An untrained model with the production shape, exported to ONNX and loaded like a real one.
 fn bench_model() -> Arc<Forecaster> {
+    model_over(Vec::new())
+}
+
+/// An untrained joint model over `inputs` (none: a per-series model).
+fn model_over(inputs: Vec<String>) -> Arc<Forecaster> {
     let features = Feature::DEFAULT.to_vec();
-    let params = LstmParams::<f32>::init(features.len(), HIDDEN, 7);
+    let width = inputs.len().max(1);
+    let params = LstmParams::<f32>::init_multi(columns(&features, width), HIDDEN, 1, width, 7);
     let meta = ModelMeta {
         contract_version: CONTRACT_VERSION,
         detector: DETECTOR.to_string(),
         features,
-        inputs: Vec::new(),
+        inputs,
         hidden: HIDDEN,
         layers: 1,
         step_secs: STEP as u64,
@@ -143,14 +155,32 @@ fn ts_of(k: usize) -> i64 {
 /// Series `first..first + count`, each with points `from..=to` (grid indices), as a range query
 /// returns them.
 fn fetch(synth: &Synth, first: usize, count: usize, from: usize, to: usize) -> Vec<Series> {
-    (first..first + count)
+    fetch_labelled(synth, first..first + count, from, to, host_labels)
+}
+
+/// As [`fetch`], the series labelled by `labels`.
+fn fetch_labelled(
+    synth: &Synth,
+    series: std::ops::Range<usize>,
+    from: usize,
+    to: usize,
+    labels: fn(usize) -> Labels,
+) -> Vec<Series> {
+    series
         .map(|i| Series {
-            labels: host_labels(i),
+            labels: labels(i),
             points: (from..=to)
                 .map(|k| (ts_of(k), synth.value(i, ts_of(k))))
                 .collect(),
         })
         .collect()
+}
+
+/// Series `i` as input `i % JOINT_INPUTS` of group `i / JOINT_INPUTS`.
+fn joint_labels(i: usize) -> Labels {
+    let mut labels = host_labels(i / JOINT_INPUTS);
+    labels.insert(INPUT_LABEL.to_string(), format!("in{}", i % JOINT_INPUTS));
+    labels
 }
 
 /// The part of a score the bench-side scorers keep, mirroring `mad::score::Score`.
@@ -340,6 +370,8 @@ fn scoring_modes(model: &Arc<Forecaster>) {
     let mut a = WindowScorer::new(model.clone(), &synth, n);
     let mut b = StreamScorer::new(model.clone(), &synth, n);
     let mut c = DetectorScorer::new(model.clone(), STALENESS_SECS);
+    let joint = model_over((0..JOINT_INPUTS).map(|k| format!("in{k}")).collect());
+    let mut d = DetectorScorer::new(joint, STALENESS_SECS);
     // Warm-up cycle for C: what a new series needs before its first score (the window, then
     // the likelihood's history), so the next cycles are steady state and score every series.
     // A and B were set up with points 0..64.
@@ -356,12 +388,21 @@ fn scoring_modes(model: &Arc<Forecaster>) {
         warm_time.cpu
     );
     assert_eq!(stats.series_scored, n, "the warm-up must reach scoring");
+    let warm = fetch_labelled(&synth, 0..n, 0, warm_end, joint_labels);
+    let (stats, _) = d
+        .score_cycle(&warm, ts_of(warm_end))
+        .expect("mode D warm-up");
+    drop(warm);
+    assert_eq!(
+        stats.series_scored, n,
+        "the joint warm-up must reach scoring"
+    );
     // A and B catch up on the warm-up's last point, which C already scored.
     let values: Vec<f64> = (0..n).map(|i| synth.value(i, ts_of(warm_end))).collect();
     a.cycle(warm_end, &values);
     b.cycle(warm_end, &values);
 
-    let (mut sa, mut sb, mut sc, mut srun) = (vec![], vec![], vec![], vec![]);
+    let (mut sa, mut sb, mut sc, mut sd, mut srun) = (vec![], vec![], vec![], vec![], vec![]);
     let mut c_stats = None;
     let (f, hd) = (model.features(), model.hidden());
     for round in 0..WARMUP_ROUNDS + TIMED_ROUNDS {
@@ -378,6 +419,7 @@ fn scoring_modes(model: &Arc<Forecaster>) {
                     .collect(),
             })
             .collect();
+        let fetched_joint = fetch_labelled(&synth, 0..n, k + 1 - lookback, k, joint_labels);
         // Reference for C: the ONNX Runtime call alone, one step for all series in one run.
         let x = vec![0.1f32; n * f];
         let state = vec![0.0f32; n * hd];
@@ -387,6 +429,10 @@ fn scoring_modes(model: &Arc<Forecaster>) {
         let ((stats, _), tc) = measure(process_cpu, || {
             c.score_cycle(&fetched, now).expect("mode C cycle")
         });
+        let ((joint_stats, _), td) = measure(process_cpu, || {
+            d.score_cycle(&fetched_joint, now).expect("mode D cycle")
+        });
+        assert_eq!(joint_stats.series_scored, n, "mode D scores every series");
         let (_, trun) = measure(process_cpu, || {
             model.run(&x, 1, n, &state, &state).expect("batched run")
         });
@@ -394,6 +440,7 @@ fn scoring_modes(model: &Arc<Forecaster>) {
             sa.push(ta);
             sb.push(tb);
             sc.push(tc);
+            sd.push(td);
             srun.push(trun);
         }
         c_stats = Some((lookback, stats));
@@ -406,10 +453,11 @@ fn scoring_modes(model: &Arc<Forecaster>) {
         + b.series.iter().map(|s| s.latest.yhat).sum::<f64>();
     println!("(checksum {checksum:.3})");
 
-    let (a, b, c, run) = (
+    let (a, b, c, d, run) = (
         summarise(&sa),
         summarise(&sb),
         summarise(&sc),
+        summarise(&sd),
         summarise(&srun),
     );
     let per = |s: f64| s / n as f64 * 1e6;
@@ -434,6 +482,7 @@ fn scoring_modes(model: &Arc<Forecaster>) {
     line("B state carried, one run per series (seq 1, batch 1)", &b);
     line("C state carried, batched (score_cycle, batch 10000)", &c);
     line("   of which ONNX Runtime run alone (seq 1, b 10000)", &run);
+    line("D joint model, groups of 4 inputs (score_cycle)", &d);
 }
 
 fn render_and_memory(model: &Arc<Forecaster>) {

@@ -69,13 +69,14 @@ impl DetectorScorer {
             let new_group = !self.groups.contains_key(&rows.group);
             for (index, _) in rows.members.iter().flatten() {
                 let labels = &fetched[*index].labels;
-                if new_group || !self.series.contains_key(labels) {
-                    let state = self.fresh_input_state(labels, &rows, *index);
-                    self.series.insert(labels.clone(), state);
-                    stats.new_series += 1;
-                }
-                if let Some(state) = self.series.get_mut(labels) {
-                    state.last_seen = now;
+                match self.series.get_mut(labels) {
+                    Some(state) if !new_group => state.last_seen = now,
+                    _ => {
+                        let mut state = self.fresh_input_state(labels, &rows, *index);
+                        state.last_seen = now;
+                        self.series.insert(labels.clone(), state);
+                        stats.new_series += 1;
+                    }
                 }
             }
             by_len.entry(rows.timestamps.len()).or_default().push(rows);
@@ -151,7 +152,10 @@ impl DetectorScorer {
             .iter()
             .map(|member| {
                 let index = (*member)?;
-                let points: BTreeMap<i64, f64> = fresh(&fetched[index], last_ts, step).collect();
+                let mut points: Vec<(i64, f64)> = fresh(&fetched[index], last_ts, step).collect();
+                // A range query returns them in order; anything else is put in order.
+                points.sort_by_key(|p| p.0);
+                points.dedup_by_key(|p| p.0);
                 // A stream that starts now starts its inputs afresh.
                 let previous = self
                     .series
@@ -253,16 +257,19 @@ impl DetectorScorer {
         // Nothing below can fail: the states change only once the run has succeeded.
         let mut results = Vec::new();
         for (b, (rows, last_scaled)) in chunk.iter().zip(carried).enumerate() {
-            let group = self
-                .groups
-                .entry(rows.group.clone())
-                .or_insert_with(|| GroupState {
+            if !self.groups.contains_key(&rows.group) {
+                let fresh = GroupState {
                     h: vec![0.0; state_len],
                     c: vec![0.0; state_len],
                     last_ts: i64::MIN,
                     last_scaled: Vec::new(),
                     last_seen: now,
-                });
+                };
+                self.groups.insert(rows.group.clone(), fresh);
+            }
+            let Some(group) = self.groups.get_mut(&rows.group) else {
+                continue;
+            };
             for layer in 0..layers {
                 let own = layer * hd..(layer + 1) * hd;
                 group.h[own.clone()].copy_from_slice(&out.h[slot(layer, b)]);
@@ -275,13 +282,15 @@ impl DetectorScorer {
                 let Some((index, steps)) = member else {
                     continue;
                 };
-                let Some(mut state) = self.series.remove(&fetched[*index].labels) else {
+                // Taken out of the map (key and all) while scored, so nothing is cloned.
+                let Some((labels, mut state)) = self.series.remove_entry(&fetched[*index].labels)
+                else {
                     continue;
                 };
                 let scores = self.score_steps(&mut state, steps, |t| {
                     out.yhat[(t * batch + b) * width + column]
                 });
-                self.series.insert(fetched[*index].labels.clone(), state);
+                self.series.insert(labels, state);
                 results.push((*index, scores));
             }
         }
@@ -292,26 +301,21 @@ impl DetectorScorer {
 /// An input's step at `ts` on its group's timeline: its own point (observed), else linear
 /// between its neighbours across a short gap, else its last value carried (its first one,
 /// before it has one); none of those is scored. `previous` is the input's last fed point
-/// before this cycle; `points` or `previous` has a value.
-fn input_step(
-    points: &BTreeMap<i64, f64>,
-    previous: Option<(i64, f64)>,
-    ts: i64,
-    step: i64,
-) -> Step {
-    if let Some(&raw) = points.get(&ts) {
+/// before this cycle; `points` (in time order) or `previous` has a value.
+fn input_step(points: &[(i64, f64)], previous: Option<(i64, f64)>, ts: i64, step: i64) -> Step {
+    let at = points.partition_point(|p| p.0 < ts);
+    if let Some(&(_, raw)) = points.get(at).filter(|p| p.0 == ts) {
         return Step {
             ts,
             raw,
             observed: true,
         };
     }
-    let before = points
-        .range(..ts)
-        .next_back()
-        .map(|(t, v)| (*t, *v))
+    let before = at
+        .checked_sub(1)
+        .map(|i| points[i])
         .or(previous.filter(|(t, _)| *t < ts));
-    let after = points.range(ts..).next().map(|(t, v)| (*t, *v));
+    let after = points.get(at).copied();
     let raw = match (before, after) {
         (Some((t0, v0)), Some((t1, v1))) if (t1 - t0) / step - 1 <= MAX_INTERPOLATED_GAP as i64 => {
             v0 + (v1 - v0) * (ts - t0) as f64 / (t1 - t0) as f64
@@ -333,8 +337,8 @@ mod tests {
 
     const STEP: i64 = 60;
 
-    fn points(pairs: &[(i64, f64)]) -> BTreeMap<i64, f64> {
-        pairs.iter().copied().collect()
+    fn points(pairs: &[(i64, f64)]) -> Vec<(i64, f64)> {
+        pairs.to_vec()
     }
 
     #[test]
@@ -358,7 +362,7 @@ mod tests {
         // Before it has ever had a point: its first one, unscored.
         let first = input_step(&later, None, 3 * STEP, STEP);
         assert_eq!((first.raw, first.observed), (7.0, false));
-        let nothing = input_step(&BTreeMap::new(), None, 3 * STEP, STEP);
+        let nothing = input_step(&[], None, 3 * STEP, STEP);
         assert!(nothing.raw.is_nan() && !nothing.observed);
     }
 }
