@@ -272,8 +272,9 @@ fn int_attribute(name: &str, value: i64) -> AttributeProto {
 
 /// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
 /// `x [seq, batch, F]`, `h0`/`c0 [layers, batch, H]`; outputs `yhat [seq, batch]` (a joint
-/// model's `[seq, batch, outputs]`), `h`/`c [layers, batch, H]`. Each layer is one standard `LSTM` node; with several, the state
-/// is split per layer on the way in and concatenated on the way out.
+/// model's `[seq, batch, outputs]`), `h`/`c [layers, batch, H]`. Each layer is one standard
+/// `LSTM` node; with several, the state is split per layer on the way in and concatenated on
+/// the way out.
 pub fn export(params: &LstmParams<f32>, meta: &ModelMeta) -> Vec<u8> {
     let (f, h, layers) = (params.features(), params.hidden(), params.layers());
     let mut initializer = vec![int64_tensor("squeeze_dirs_axes", &[1])];

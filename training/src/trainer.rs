@@ -959,9 +959,15 @@ fn calibrate(
     .map_err(internal)?;
     let mut calibrations = BTreeMap::new();
     let mut bands = Vec::with_capacity(series.len());
+    // A joint group's input absent from the calibration part gets the typical band below.
+    let mut unmeasured = Vec::new();
     for (s, per_input) in series.iter().zip(residuals) {
         for (i, mut r) in per_input.into_iter().enumerate() {
             if s.keys[i].is_empty() {
+                continue;
+            }
+            if r.is_empty() {
+                unmeasured.push((s.keys[i].clone(), s.scalers[i], s.ranges[i]));
                 continue;
             }
             r.sort_by(f64::total_cmp);
@@ -984,7 +990,18 @@ fn calibrate(
         }
     }
     bands.sort_by(f64::total_cmp);
-    Ok((calibrations, quantile_sorted(&bands, 0.5)))
+    let typical = quantile_sorted(&bands, 0.5);
+    for (key, scaler, range) in unmeasured {
+        calibrations.insert(
+            key,
+            SeriesCalibration {
+                scaler,
+                band: typical,
+                range,
+            },
+        );
+    }
+    Ok((calibrations, typical))
 }
 
 #[cfg(test)]
@@ -1171,13 +1188,26 @@ mod tests {
         lone.timestamps.drain(300..320);
         lone.values.drain(300..320);
         group.push(lone.clone());
+        // A third host's `b` stops before the calibration part: no residuals to size its band.
+        let mut early = group[1].clone();
+        early.labels.insert("host".to_owned(), "h3".to_owned());
+        early.timestamps.truncate(700);
+        early.values.truncate(700);
+        let mut partner = group[0].clone();
+        partner.labels.insert("host".to_owned(), "h3".to_owned());
+        group.extend([early.clone(), partner]);
         let opts = TrainOptions {
             joint: true,
             ..small_options()
         };
         let model = train("g", 60, &group, &opts, &mut |_| {}).expect("trains");
-        assert_eq!(model.meta.series.len(), 3, "{:?}", model.meta.series.keys());
+        assert_eq!(model.meta.series.len(), 5, "{:?}", model.meta.series.keys());
         assert!(model.meta.series.contains_key(&series_key(&lone.labels)));
+        let early_band = model.meta.series[&series_key(&early.labels)].band;
+        assert_eq!(
+            early_band, model.meta.default_band,
+            "the typical band, not the minimum"
+        );
         let (p, _) = prepare_stream(&[Some(&lone), None], 60, &opts).expect("prepares");
         assert_eq!(p.len(), 1_480, "the long gap is dropped");
         assert!(!p.is_input_target(5, 1), "an absent input is no target");
