@@ -471,6 +471,50 @@ mod tests {
     }
 
     #[test]
+    fn a_joint_model_forecasts_every_input_without_the_final_squeeze() {
+        let (f, h, k) = (7, 6, 3);
+        let params = LstmParams::<f32>::init_multi(f, h, 1, k, 1);
+        let bytes = export(&params, &meta(h));
+        let graph = ModelProto::decode(bytes.as_slice())
+            .expect("valid protobuf")
+            .graph
+            .expect("graph");
+        let ops: Vec<_> = graph
+            .node
+            .iter()
+            .filter_map(|n| n.op_type.as_deref())
+            .collect();
+        assert_eq!(ops, ["LSTM", "Squeeze", "MatMul", "Add"]);
+        let head = graph
+            .initializer
+            .iter()
+            .find(|t| t.name.as_deref() == Some("head_W"))
+            .expect("head_W");
+        assert_eq!(head.dims, [h as i64, k as i64]);
+        // Stored `[outputs, H]`, exported `[H, outputs]`: element (k', o) is output o's weight k'.
+        let raw = head.raw_data.as_deref().expect("raw data");
+        let at = |kk: usize, o: usize| {
+            let i = (kk * k + o) * 4;
+            f32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]])
+        };
+        assert_eq!(at(2, 1), params.head_w()[h + 2]);
+        let yhat = &graph.output[0];
+        let Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(tensor)),
+            ..
+        }) = &yhat.r#type
+        else {
+            panic!("yhat is a tensor");
+        };
+        let dims = &tensor.shape.as_ref().expect("shape").dim;
+        assert_eq!(dims.len(), 3);
+        assert_eq!(
+            dims[2].value,
+            Some(tensor_shape_proto::dimension::Value::DimValue(k as i64))
+        );
+    }
+
+    #[test]
     fn export_decodes_with_expected_structure() {
         let (f, h) = (5, 6);
         let params = LstmParams::<f32>::init(f, h, 1);
