@@ -24,6 +24,8 @@ pub struct Trained {
     pub points: usize,
     pub epochs: usize,
     pub seconds: f64,
+    /// A joint model's inputs, in column order; empty for a model that reads each series alone.
+    pub joint_inputs: Vec<String>,
 }
 
 impl std::fmt::Display for Trained {
@@ -37,7 +39,15 @@ impl std::fmt::Display for Trained {
             self.seconds,
             self.epochs,
             self.version.version
-        )
+        )?;
+        if !self.joint_inputs.is_empty() {
+            write!(
+                f,
+                " (joint model: {} read together per group)",
+                self.joint_inputs.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -310,6 +320,7 @@ async fn train_detector(
         points,
         epochs,
         seconds: started.elapsed().as_secs_f64(),
+        joint_inputs: model.meta.inputs.clone(),
     })
 }
 

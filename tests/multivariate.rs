@@ -120,6 +120,12 @@ async fn group_scores_once_and_names_its_driver(joint: bool) {
         .await
         .expect("training succeeds");
     assert_eq!(trained[0].series, 4, "two inputs on two instances");
+    let summary = trained[0].to_string();
+    assert_eq!(
+        summary.contains("(joint model: cpu, memory read together per group)"),
+        joint,
+        "{summary}"
+    );
     let store = mad::store::open(&config.store).await.expect("store");
     let stored = store
         .load_active("node")
