@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use mad_training::contract::{joint_input_row, Scaler, MAX_INTERPOLATED_GAP};
 
 use super::state::Step;
-use super::{CycleStats, DetectorScorer, SeriesScores, SeriesState, MAX_BATCH};
+use super::{own_scaler, CycleStats, DetectorScorer, SeriesScores, SeriesState, MAX_BATCH};
 use crate::model::ModelError;
 use crate::source::{group_of, Labels, Series};
 
@@ -67,12 +67,12 @@ impl DetectorScorer {
             // A group whose stream starts now starts its inputs afresh too (their forecasts
             // and warm-up belong to the group's stream).
             let new_group = !self.groups.contains_key(&rows.group);
-            for (index, _) in rows.members.iter().flatten() {
+            for (index, steps) in rows.members.iter().flatten() {
                 let labels = &fetched[*index].labels;
                 match self.series.get_mut(labels) {
                     Some(state) if !new_group => state.last_seen = now,
                     _ => {
-                        let mut state = self.fresh_input_state(labels, &rows, *index);
+                        let mut state = self.fresh_input_state(labels, steps);
                         state.last_seen = now;
                         self.series.insert(labels.clone(), state);
                         stats.new_series += 1;
@@ -188,20 +188,13 @@ impl DetectorScorer {
     /// its scaler; any other one fits its own on the points of this fetch (a group new to the
     /// model is fetched with a full warm-up of history), as wide as the calibrated series'
     /// typical spread at least.
-    fn fresh_input_state(&self, labels: &Labels, rows: &GroupRows, index: usize) -> SeriesState {
+    fn fresh_input_state(&self, labels: &Labels, steps: &[Step]) -> SeriesState {
         let mut state = self.fresh_state(labels);
         // The LSTM state is the group's.
         (state.h, state.c) = (Vec::new(), Vec::new());
         if state.unfitted.take().is_some() {
-            let steps = rows.members.iter().flatten().find(|(i, _)| *i == index);
-            let observed: Vec<f64> = steps
-                .map(|(_, steps)| steps.iter().filter(|s| s.observed).map(|s| s.raw).collect())
-                .unwrap_or_default();
-            let mut scaler = Scaler::fit(&observed);
-            if let Some(relative) = self.relative_spread {
-                scaler.scale = scaler.scale.max(relative * scaler.center.abs());
-            }
-            state.scaler = scaler;
+            let observed: Vec<f64> = steps.iter().filter(|s| s.observed).map(|s| s.raw).collect();
+            state.scaler = own_scaler(&observed, self.relative_spread);
         }
         state
     }

@@ -107,6 +107,19 @@ fn typical_relative_spread(series: &BTreeMap<String, SeriesCalibration>) -> Opti
     ratios.get(ratios.len() / 2).copied()
 }
 
+/// The scaler of a series the model was not calibrated on, fitted on its warm-up's `observed`
+/// values. A warm-up may cover a fraction of the series' cycle, and a scale fitted on it alone
+/// can be a small part of the real one: the inputs then leave the range the model was trained
+/// on and its forecasts are lost. Series of one query vary alike for their level (pods of one
+/// deployment), so the calibrated ones lend their spread (`relative_spread`).
+fn own_scaler(observed: &[f64], relative_spread: Option<f64>) -> Scaler {
+    let mut scaler = Scaler::fit(observed);
+    if let Some(relative) = relative_spread {
+        scaler.scale = scaler.scale.max(relative * scaler.center.abs());
+    }
+    scaler
+}
+
 /// Scores one detector's series with one model, keeping per-series state between cycles.
 pub struct DetectorScorer {
     model: Arc<Forecaster>,
@@ -359,15 +372,7 @@ impl DetectorScorer {
         if observed.len() < needed {
             return None;
         }
-        let mut scaler = Scaler::fit(&observed);
-        // A warm-up may cover a fraction of the series' cycle, and a scale fitted on it alone
-        // can be a small part of the real one: the inputs then leave the range the model was
-        // trained on and its forecasts are lost. Series of one query vary alike for their
-        // level (pods of one deployment), so the calibrated ones lend their spread.
-        if let Some(relative) = relative_spread {
-            scaler.scale = scaler.scale.max(relative * scaler.center.abs());
-        }
-        state.scaler = scaler;
+        state.scaler = own_scaler(&observed, relative_spread);
         state.unfitted.take()
     }
 

@@ -896,14 +896,16 @@ pub fn train_with(
     })
 }
 
+/// The series of one stream, in input order (`None`: the group lacks that input).
+type Members<'a> = Vec<Option<&'a SeriesHistory>>;
+
 /// The streams to train on, each the members of one stream in input order, and a joint model's
 /// inputs (sorted; empty when every series is a stream of its own). Only a detector whose
 /// series all name an input is joint.
-#[allow(clippy::type_complexity)]
 fn streams_of(
     series: &[SeriesHistory],
     joint: bool,
-) -> Result<(Vec<String>, Vec<Vec<Option<&SeriesHistory>>>), TrainError> {
+) -> Result<(Vec<String>, Vec<Members<'_>>), TrainError> {
     if !joint || !series.iter().all(|s| s.labels.contains_key(INPUT_LABEL)) {
         return Ok((Vec::new(), series.iter().map(|s| vec![Some(s)]).collect()));
     }
@@ -913,8 +915,7 @@ fn streams_of(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut groups: BTreeMap<BTreeMap<String, String>, Vec<Option<&SeriesHistory>>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<BTreeMap<String, String>, Members<'_>> = BTreeMap::new();
     for s in series {
         let mut group = s.labels.clone();
         let input = group.remove(INPUT_LABEL).unwrap_or_default();
