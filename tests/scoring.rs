@@ -298,6 +298,7 @@ fn a_series_born_after_training_borrows_the_spread_of_the_calibrated_ones() {
                 },
                 band: 1.0,
                 range: None,
+                fitted_until: None,
             },
         );
     }
@@ -587,6 +588,7 @@ fn a_value_beyond_the_trained_range_is_news_once() {
                 min: 40.0,
                 max: 60.0,
             }),
+            fitted_until: None,
         },
     );
     let params = mad_training::LstmParams::init(Feature::DEFAULT.len(), common::HIDDEN, 5);
@@ -616,4 +618,43 @@ fn a_value_beyond_the_trained_range_is_news_once() {
     assert!(record > 1.5, "a new record is anomalous: {record}");
     let again = score_next(61.2);
     assert!(again < 0.01, "the same record again is not news: {again}");
+}
+
+/// Points the model was fitted to are fed (the LSTM state needs them) but not scored: their
+/// errors are in-sample, smaller than any live one, and the likelihood must not learn "normal"
+/// from them. The first point after them is scored at once.
+#[test]
+fn points_the_model_was_fitted_to_are_fed_but_not_scored() {
+    let fitted = WINDOW + 20;
+    let scored_from = |fitted_until: Option<i64>| {
+        let mut meta = common::meta("d", 1.0);
+        meta.series.insert(
+            mad_training::contract::series_key(&labels("a")),
+            SeriesCalibration {
+                scaler: Scaler {
+                    center: 0.0,
+                    scale: 1.0,
+                },
+                band: 1.0,
+                range: None,
+                fitted_until,
+            },
+        );
+        let model = mad::model::Forecaster::load(&common::model_bytes(&meta), "v1", "d", None)
+            .expect("test model loads");
+        let mut scorer = band_scorer(Arc::new(model), 3600);
+        let scores = score_incrementally(&mut scorer, &["a"]);
+        let first = scores.keys().map(|(_, ts)| *ts).min().expect("scores");
+        (first, scores.len())
+    };
+    let ts = |i: usize| T0 + i as i64 * STEP;
+    assert_eq!(
+        scored_from(None),
+        (ts(WINDOW), POINTS - WINDOW),
+        "without a fitted span every point after the warm-up is scored"
+    );
+    assert_eq!(
+        scored_from(Some(ts(fitted))),
+        (ts(fitted + 1), POINTS - fitted - 1)
+    );
 }

@@ -43,6 +43,9 @@ pub struct SeriesState {
     /// The values seen, from the training history on ([`mod@super::novelty`]); `None` for a series
     /// the model was not trained on.
     pub range: Option<ValueRange>,
+    /// The last timestamp the model was fitted to, from its calibration: points up to it are
+    /// fed but neither scored nor learnt from (see `DetectorScorer::score_steps`).
+    pub fitted_until: Option<i64>,
 }
 
 impl SeriesState {
@@ -68,6 +71,7 @@ impl SeriesState {
             persistence,
             unfitted: None,
             range: None,
+            fitted_until: None,
         }
     }
 }

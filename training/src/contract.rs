@@ -169,6 +169,11 @@ pub struct SeriesCalibration {
     /// a value beyond everything the series has done. Absent in models from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub range: Option<ValueRange>,
+    /// Timestamp of the last point the model was fitted to: its errors up to here are
+    /// in-sample, smaller than any it will make live, so the exporter does not learn what
+    /// "normal error" is from them. Absent in models from before it (every error counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fitted_until: Option<i64>,
 }
 
 /// The span of values a series has shown, raw units.

@@ -187,6 +187,8 @@ struct PreparedSeries {
     /// `train_end..validation_end` validation targets, the rest calibration targets.
     train_end: usize,
     validation_end: usize,
+    /// Timestamp of the last training target (`None` without any).
+    fitted_until: Option<i64>,
 }
 
 impl PreparedSeries {
@@ -442,6 +444,9 @@ fn prepare_stream(
             after_gap,
             train_end,
             validation_end,
+            fitted_until: train_end
+                .checked_sub(1)
+                .and_then(|last| timestamps.get(last).copied()),
         },
         origin,
     ))
@@ -968,7 +973,7 @@ fn calibrate(
                 continue;
             }
             if r.is_empty() {
-                unmeasured.push((s.keys[i].clone(), s.scalers[i], s.ranges[i]));
+                unmeasured.push((s.keys[i].clone(), s.scalers[i], s.ranges[i], s.fitted_until));
                 continue;
             }
             r.sort_by(f64::total_cmp);
@@ -986,19 +991,21 @@ fn calibrate(
                     scaler: s.scalers[i],
                     band,
                     range: s.ranges[i],
+                    fitted_until: s.fitted_until,
                 },
             );
         }
     }
     bands.sort_by(f64::total_cmp);
     let typical = quantile_sorted(&bands, 0.5);
-    for (key, scaler, range) in unmeasured {
+    for (key, scaler, range, fitted_until) in unmeasured {
         calibrations.insert(
             key,
             SeriesCalibration {
                 scaler,
                 band: typical,
                 range,
+                fitted_until,
             },
         );
     }
@@ -1087,6 +1094,16 @@ mod tests {
         assert!(epochs >= 1 && meta.series.len() == 1);
         assert_eq!(meta.train_start, START);
         assert!(meta.default_band >= MIN_BAND);
+        // Fitted to the points before the validation and calibration parts, not to those.
+        let len = history.timestamps.len();
+        let held_out = [opts.validation_fraction, opts.calibration_fraction]
+            .map(|fraction| (len as f64 * fraction).round() as usize)
+            .iter()
+            .sum::<usize>();
+        assert_eq!(
+            meta.series[&series_key(&history.labels)].fitted_until,
+            Some(history.timestamps[len - held_out - 1])
+        );
 
         // Fresh data from the same process, run as a stream after a warm-up of `window` points.
         let fresh = noisy_sine(
