@@ -494,7 +494,7 @@ impl DetectorScorer {
         for (t, p) in steps.iter().enumerate() {
             // The model's errors on points it was fitted to are smaller than any it makes
             // live: learnt from, they set the likelihood's idea of normal too tight (README:
-            // NAB 68.4 → 69.1, SMD 0.385 → 0.400, ASD 0.455 → 0.463).
+            // NAB 68.4 → 69.2, SMD 0.385 → 0.400, ASD 0.455 → 0.463).
             let in_sample = state.fitted_until.is_some_and(|until| p.ts <= until);
             if let (true, Some(yhat), true, false) =
                 (p.observed, state.pending, state.fed >= window, in_sample)
