@@ -45,6 +45,16 @@ fn band_scorer(model: Arc<mad::model::Forecaster>, staleness: i64) -> DetectorSc
     })
 }
 
+/// A series' calibration with the given scaler and band, no range and no fitted span.
+fn calibration(center: f64, scale: f64, band: f64) -> SeriesCalibration {
+    SeriesCalibration {
+        scaler: Scaler { center, scale },
+        band,
+        range: None,
+        fitted_until: None,
+    }
+}
+
 fn now_after(i: usize) -> i64 {
     T0 + i as i64 * STEP + 1
 }
@@ -291,15 +301,7 @@ fn a_series_born_after_training_borrows_the_spread_of_the_calibrated_ones() {
     for (name, center) in [("x", 100.0), ("y", 200.0), ("z", 40.0)] {
         meta.series.insert(
             mad_training::contract::series_key(&labels(name)),
-            SeriesCalibration {
-                scaler: Scaler {
-                    center,
-                    scale: 0.3 * center,
-                },
-                band: 1.0,
-                range: None,
-                fitted_until: None,
-            },
+            calibration(center, 0.3 * center, 1.0),
         );
     }
     let params = mad_training::LstmParams::init(Feature::DEFAULT.len(), common::HIDDEN, 5);
@@ -578,17 +580,12 @@ fn a_value_beyond_the_trained_range_is_news_once() {
     meta.series.insert(
         mad_training::contract::series_key(&labels("a")),
         SeriesCalibration {
-            scaler: Scaler {
-                center: 50.0,
-                scale: 10.0,
-            },
-            // So wide that no deviation from the untrained model's forecast counts.
-            band: 1e6,
             range: Some(ValueRange {
                 min: 40.0,
                 max: 60.0,
             }),
-            fitted_until: None,
+            // So wide that no deviation from the untrained model's forecast counts.
+            ..calibration(50.0, 10.0, 1e6)
         },
     );
     let params = mad_training::LstmParams::init(Feature::DEFAULT.len(), common::HIDDEN, 5);
@@ -631,13 +628,8 @@ fn points_the_model_was_fitted_to_are_fed_but_not_scored() {
         meta.series.insert(
             mad_training::contract::series_key(&labels("a")),
             SeriesCalibration {
-                scaler: Scaler {
-                    center: 0.0,
-                    scale: 1.0,
-                },
-                band: 1.0,
-                range: None,
                 fitted_until,
+                ..calibration(0.0, 1.0, 1.0)
             },
         );
         let model = mad::model::Forecaster::load(&common::model_bytes(&meta), "v1", "d", None)

@@ -496,9 +496,8 @@ impl DetectorScorer {
             // live: learnt from, they set the likelihood's idea of normal too tight (README:
             // NAB 68.4 → 69.2, SMD 0.385 → 0.400, ASD 0.455 → 0.463).
             let in_sample = state.fitted_until.is_some_and(|until| p.ts <= until);
-            if let (true, Some(yhat), true, false) =
-                (p.observed, state.pending, state.fed >= window, in_sample)
-            {
+            let scorable = p.observed && state.fed >= window && !in_sample;
+            if let (true, Some(yhat)) = (scorable, state.pending) {
                 let mut score = Score::new(
                     p.ts,
                     p.raw,

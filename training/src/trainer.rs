@@ -972,19 +972,22 @@ fn calibrate(
             if s.keys[i].is_empty() {
                 continue;
             }
-            if r.is_empty() {
-                unmeasured.push((s.keys[i].clone(), s.scalers[i], s.ranges[i], s.fitted_until));
-                continue;
-            }
-            r.sort_by(f64::total_cmp);
-            // A high quantile of a few thousand residuals is itself noisy; a floor in robust
-            // standard deviations (1.4826 × median |r| estimates σ) keeps the band from being
-            // narrower than normal noise warrants when the calibration sample happens to be calm.
-            let robust_sigma = 1.4826 * quantile_sorted(&r, 0.5);
-            let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin)
-                .max(MIN_BAND_SIGMAS * robust_sigma)
-                .max(MIN_BAND);
-            bands.push(band);
+            let band = if r.is_empty() {
+                unmeasured.push(s.keys[i].clone());
+                f64::NAN
+            } else {
+                r.sort_by(f64::total_cmp);
+                // A high quantile of a few thousand residuals is itself noisy; a floor in robust
+                // standard deviations (1.4826 × median |r| estimates σ) keeps the band from being
+                // narrower than normal noise warrants when the calibration sample happens to be
+                // calm.
+                let robust_sigma = 1.4826 * quantile_sorted(&r, 0.5);
+                let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin)
+                    .max(MIN_BAND_SIGMAS * robust_sigma)
+                    .max(MIN_BAND);
+                bands.push(band);
+                band
+            };
             calibrations.insert(
                 s.keys[i].clone(),
                 SeriesCalibration {
@@ -998,16 +1001,10 @@ fn calibrate(
     }
     bands.sort_by(f64::total_cmp);
     let typical = quantile_sorted(&bands, 0.5);
-    for (key, scaler, range, fitted_until) in unmeasured {
-        calibrations.insert(
-            key,
-            SeriesCalibration {
-                scaler,
-                band: typical,
-                range,
-                fitted_until,
-            },
-        );
+    for key in unmeasured {
+        if let Some(calibration) = calibrations.get_mut(&key) {
+            calibration.band = typical;
+        }
     }
     Ok((calibrations, typical))
 }
