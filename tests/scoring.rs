@@ -650,3 +650,61 @@ fn points_the_model_was_fitted_to_are_fed_but_not_scored() {
         (ts(fitted + 1), POINTS - fitted - 1)
     );
 }
+
+/// A weekday shaped like a weekend day (a holiday) changes as smoothly as any other day, so the
+/// previous value sees nothing; the weekly profile does. The same weekday a week before, shaped
+/// as usual, stays quiet.
+#[test]
+fn a_holiday_is_seen_against_the_same_hours_of_earlier_weeks() {
+    const DAY: i64 = 86_400;
+    const WEEK: i64 = 7 * DAY;
+    let model = Arc::new(common::forecaster("d", 0.5));
+    let mut scorer = DetectorScorer::new(model, WEEK);
+    // Quiet at night, busy around noon; weekends (days 2 and 3 of the Unix week) half as busy.
+    // Every day starts from the same night level, so nothing jumps from one day to the next.
+    let traffic = |ts: i64| {
+        let weekend = matches!(ts.rem_euclid(WEEK) / DAY, 2 | 3);
+        let amplitude = if weekend { 40.0 } else { 80.0 };
+        let phase = std::f64::consts::TAU * ts.rem_euclid(DAY) as f64 / DAY as f64;
+        let wobble = 3.0 * ((ts / STEP) as f64 * 0.7).sin();
+        20.0 + amplitude * (1.0 - phase.cos()) / 2.0 + wobble
+    };
+    let start = T0 - T0.rem_euclid(WEEK) + WEEK;
+    let holiday = start + 3 * WEEK;
+    let value = |ts: i64| {
+        if (holiday..holiday + DAY).contains(&ts) {
+            traffic(ts + 2 * DAY)
+        } else {
+            traffic(ts)
+        }
+    };
+    let mut scores = BTreeMap::new();
+    let points = |from: i64, to: i64| Series {
+        labels: labels("a"),
+        points: (from..to)
+            .step_by(STEP as usize)
+            .map(|ts| (ts, value(ts)))
+            .collect(),
+    };
+    let hour = 3_600;
+    let mut end = start + hour;
+    cycle(&mut scorer, &[points(start, end)], end, &mut scores);
+    while end < holiday + DAY {
+        cycle(
+            &mut scorer,
+            &[points(end - 2 * STEP, end + hour)],
+            end + hour,
+            &mut scores,
+        );
+        end += hour;
+    }
+    let peak = |from: i64| {
+        scores
+            .range(("a".to_string(), from)..("a".to_string(), from + DAY))
+            .map(|(_, s)| s.score)
+            .fold(0.0, f64::max)
+    };
+    let (usual, unusual) = (peak(holiday - WEEK), peak(holiday));
+    assert!(usual < 1.0, "the same weekday a week before: {usual}");
+    assert!(unusual > 1.0, "the holiday: {unusual}");
+}

@@ -109,6 +109,16 @@ impl Likelihood {
     /// Takes the next raw score (`|y - yhat| / band`) and returns the likelihood score: 1 at a
     /// tail probability of [`EDGE_TAIL`], 2 at its square, 0 while history is short.
     pub fn update(&mut self, raw: f64) -> f64 {
+        self.update_scales(raw, true)
+    }
+
+    /// The same, judging only the hour and day scales: for deviations that matter when they
+    /// last ([`super::season`]).
+    pub fn update_sustained(&mut self, raw: f64) -> f64 {
+        self.update_scales(raw, false)
+    }
+
+    fn update_scales(&mut self, raw: f64, with_short: bool) -> f64 {
         if !raw.is_finite() {
             return 0.0;
         }
@@ -119,7 +129,12 @@ impl Likelihood {
         self.slow.push(raw, SLOW_SPAN, self.seen);
         self.drift.push(raw, DRIFT_SPAN, self.seen);
         let score = if self.seen >= MIN_HISTORY {
-            let score = self.fast.score(recent).max(self.slow.score());
+            let short = if with_short {
+                self.fast.score(recent)
+            } else {
+                0.0
+            };
+            let score = short.max(self.slow.score());
             if self.seen >= DRIFT_SPAN as usize + MIN_HISTORY {
                 score.max(self.drift.score())
             } else {

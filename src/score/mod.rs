@@ -5,8 +5,11 @@
 //! all series that need the same number of steps go through ONNX Runtime in one batched `run`.
 //! A point is scored against the forecast made one step earlier: its deviation
 //! `|y - yhat| / band` (`band` the series' calibrated half-width) becomes its `anomaly_score` as
-//! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous. A value beyond
-//! the range the series has shown scores at least its [`novelty::novelty`], whatever the scoring.
+//! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous. Under the
+//! likelihood, the deviations from the previous value and from the series' weekly profile
+//! ([`season`]) have likelihoods of their own, and the highest of them is the score. A value
+//! beyond the range the series has shown scores at least its [`novelty::novelty`], whatever the
+//! scoring.
 
 pub mod detection;
 pub mod dynamic;
@@ -14,6 +17,7 @@ pub mod group;
 mod joint;
 pub mod likelihood;
 pub mod novelty;
+pub mod season;
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,6 +32,7 @@ use crate::source::{Labels, Series};
 pub use detection::{Detection, Direction, Scoring};
 use likelihood::Normalizer;
 use novelty::novelty;
+use season::Season;
 pub use state::SeriesState;
 use state::Step;
 
@@ -346,6 +351,9 @@ impl DetectorScorer {
         );
         state.range = calibration.and_then(|cal| cal.range);
         state.fitted_until = calibration.and_then(|cal| cal.fitted_until);
+        if Season::applies(self.detection.scoring) {
+            state.season = Some(Box::new(Season::new(self.step)));
+        }
         if calibration.is_none() {
             state.unfitted = Some(Vec::new());
         }
@@ -415,13 +423,15 @@ impl DetectorScorer {
         Ok(results)
     }
 
-    /// The deviation of `y` from the naive forecast "as the previous point", in the series'
-    /// band half-widths. Scored through its own likelihood next to the model's: a forecaster
-    /// that learnt from a short, frozen history can follow a change into a pattern it never
-    /// saw, while a jump from the last value shows it at once (NAB, ASD: README).
-    fn naive_deviation(&self, calibrated_half_width: f64, y: f64, previous: f64) -> f64 {
-        let half = self.detection.half_width(previous, calibrated_half_width);
-        self.detection.score(y, previous, half)
+    /// The deviation of `y` from a forecast other than the model's, in the series' band
+    /// half-widths: the naive one "as the previous point", or the [`Season`]'s. Each is scored
+    /// through its own likelihood next to the model's: a forecaster that learnt from a short,
+    /// frozen history can follow a change into a pattern it never saw, while a jump from the
+    /// last value shows it at once (NAB, ASD: README), and a day unlike its weekday shows
+    /// against the same hours of earlier weeks.
+    fn deviation_from(&self, calibrated_half_width: f64, y: f64, expected: f64) -> f64 {
+        let half = self.detection.half_width(expected, calibrated_half_width);
+        self.detection.score(y, expected, half)
     }
 
     fn run_chunk(
@@ -509,18 +519,30 @@ impl DetectorScorer {
                 // Only scorings with a naive likelihood pay for its deviation.
                 let calibrated = state.band * state.scaler.scale;
                 let naive = state.persistence.as_mut().and_then(|normalizer| {
-                    normalizer.update(self.naive_deviation(calibrated, p.raw, previous))
+                    normalizer.update(self.deviation_from(calibrated, p.raw, previous))
+                });
+                let seasonal = state.season.as_mut().and_then(|season| {
+                    season.score(p.ts, |expected| {
+                        self.deviation_from(calibrated, p.raw, expected)
+                    })
                 });
                 if let Some(normalized) = state.normalizer.update(score.score) {
                     let novel = state.range.map_or(0.0, |range| {
                         novelty(range, p.raw, score.yhat, &self.detection)
                     });
-                    score.score = normalized.max(naive.unwrap_or(0.0)).max(novel);
+                    score.score = normalized
+                        .max(naive.unwrap_or(0.0))
+                        .max(seasonal.unwrap_or(0.0))
+                        .max(novel);
                     scores.push(score);
                 }
             }
             if p.observed && p.raw.is_finite() {
                 state.range = state.range.map(|range| range.including(p.raw));
+                // Values, not errors: the fitted points are as good a past as any.
+                if let Some(season) = state.season.as_mut() {
+                    season.learn(p.ts, p.raw);
+                }
             }
             state.pending = Some(forecast_after(t));
             state.fed += 1;

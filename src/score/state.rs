@@ -3,6 +3,7 @@
 use mad_training::contract::{Scaler, ValueRange};
 
 use super::likelihood::Normalizer;
+use super::season::Season;
 use super::Score;
 
 /// A point ready to be fed: its time, raw value (interpolated if it was missing) and whether it
@@ -46,6 +47,9 @@ pub struct SeriesState {
     /// The last timestamp the model was fitted to, from its calibration: points up to it are
     /// fed but neither scored nor learnt from (see `DetectorScorer::score_steps`).
     pub fitted_until: Option<i64>,
+    /// The weekly profile and its likelihood, where the scoring has them
+    /// ([`Season::applies`]).
+    pub season: Option<Box<Season>>,
 }
 
 impl SeriesState {
@@ -72,6 +76,7 @@ impl SeriesState {
             unfitted: None,
             range: None,
             fitted_until: None,
+            season: None,
         }
     }
 }
