@@ -66,6 +66,39 @@ fn unusable_calibration_and_unknown_contract_versions_are_rejected() {
     assert!(e.contains("contract version 99"), "{e}");
 }
 
+#[test]
+fn a_weekly_profile_of_the_wrong_shape_is_rejected() {
+    use mad_training::contract::{Scaler, SeriesCalibration};
+    use mad_training::weekly::{Strength, WeeklySeed};
+    let mut meta = common::meta("cpu", 1.0);
+    let seed = WeeklySeed {
+        week: vec![1.0; 24],
+        week_points: vec![60; 24],
+        day: vec![1.0; 24],
+        day_points: vec![60; 24],
+        strength: Strength::default(),
+        learnt_until: 0,
+    };
+    meta.series.insert(
+        r#"{"instance":"a"}"#.into(),
+        SeriesCalibration {
+            scaler: Scaler {
+                center: 0.0,
+                scale: 1.0,
+            },
+            band: 1.0,
+            range: None,
+            fitted_until: None,
+            weekly: Some(seed),
+        },
+    );
+    let e = rejection(&common::model_bytes(&meta), "cpu");
+    assert!(
+        e.contains(r#"weekly profile of series {"instance":"a"} is not usable: 24 and 24 hours"#),
+        "{e}"
+    );
+}
+
 /// Re-encodes a model after `edit` changes its protobuf.
 fn edited(edit: impl FnOnce(&mut mad_training::onnx::ModelProto)) -> Vec<u8> {
     use prost::Message;

@@ -14,6 +14,7 @@ use mad::expose::Exposition;
 use mad::score::{CycleStats, Detection, DetectorScorer, Score, Scoring};
 use mad::source::{Labels, Series};
 use mad_training::contract::{input_row, Feature, Scaler, SeriesCalibration, ValueRange};
+use mad_training::weekly::WeeklyProfile;
 
 const T0: i64 = 1_700_000_040; // a multiple of STEP
 const POINTS: usize = 120;
@@ -52,7 +53,20 @@ fn calibration(center: f64, scale: f64, band: f64) -> SeriesCalibration {
         band,
         range: None,
         fitted_until: None,
+        weekly: None,
     }
+}
+
+/// An untrained model with a calibration for series "a".
+fn calibrated_for_a(calibration: SeriesCalibration) -> Arc<mad::model::Forecaster> {
+    let mut meta = common::meta("d", 1.0);
+    meta.series.insert(
+        mad_training::contract::series_key(&labels("a")),
+        calibration,
+    );
+    let model = mad::model::Forecaster::load(&common::model_bytes(&meta), "v1", "d", None)
+        .expect("test model loads");
+    Arc::new(model)
 }
 
 fn now_after(i: usize) -> i64 {
@@ -624,17 +638,11 @@ fn a_value_beyond_the_trained_range_is_news_once() {
 fn points_the_model_was_fitted_to_are_fed_but_not_scored() {
     let fitted = WINDOW + 20;
     let scored_from = |fitted_until: Option<i64>| {
-        let mut meta = common::meta("d", 1.0);
-        meta.series.insert(
-            mad_training::contract::series_key(&labels("a")),
-            SeriesCalibration {
-                fitted_until,
-                ..calibration(0.0, 1.0, 1.0)
-            },
-        );
-        let model = mad::model::Forecaster::load(&common::model_bytes(&meta), "v1", "d", None)
-            .expect("test model loads");
-        let mut scorer = band_scorer(Arc::new(model), 3600);
+        let model = calibrated_for_a(SeriesCalibration {
+            fitted_until,
+            ..calibration(0.0, 1.0, 1.0)
+        });
+        let mut scorer = band_scorer(model, 3600);
         let scores = score_incrementally(&mut scorer, &["a"]);
         let first = scores.keys().map(|(_, ts)| *ts).min().expect("scores");
         (first, scores.len())
@@ -651,60 +659,107 @@ fn points_the_model_was_fitted_to_are_fed_but_not_scored() {
     );
 }
 
-/// A weekday shaped like a weekend day (a holiday) changes as smoothly as any other day, so the
-/// previous value sees nothing; the weekly profile does. The same weekday a week before, shaped
-/// as usual, stays quiet.
-#[test]
-fn a_holiday_is_seen_against_the_same_hours_of_earlier_weeks() {
-    const DAY: i64 = 86_400;
-    const WEEK: i64 = 7 * DAY;
-    let model = Arc::new(common::forecaster("d", 0.5));
-    let mut scorer = DetectorScorer::new(model, WEEK);
-    // Quiet at night, busy around noon; weekends (days 2 and 3 of the Unix week) half as busy.
-    // Every day starts from the same night level, so nothing jumps from one day to the next.
-    let traffic = |ts: i64| {
-        let weekend = matches!(ts.rem_euclid(WEEK) / DAY, 2 | 3);
-        let amplitude = if weekend { 40.0 } else { 80.0 };
-        let phase = std::f64::consts::TAU * ts.rem_euclid(DAY) as f64 / DAY as f64;
-        let wobble = 3.0 * ((ts / STEP) as f64 * 0.7).sin();
-        20.0 + amplitude * (1.0 - phase.cos()) / 2.0 + wobble
-    };
+const DAY: i64 = 86_400;
+const WEEK: i64 = 7 * DAY;
+
+/// Quiet at night, busy around noon; weekends (days 2 and 3 of the Unix week) half as busy.
+/// Every day starts from the same night level, so nothing jumps from one day to the next.
+fn traffic(ts: i64) -> f64 {
+    let weekend = matches!(ts.rem_euclid(WEEK) / DAY, 2 | 3);
+    let amplitude = if weekend { 40.0 } else { 80.0 };
+    let phase = std::f64::consts::TAU * ts.rem_euclid(DAY) as f64 / DAY as f64;
+    let wobble = 3.0 * ((ts / STEP) as f64 * 0.7).sin();
+    20.0 + amplitude * (1.0 - phase.cos()) / 2.0 + wobble
+}
+
+/// The first Thursday 00:00 UTC (hour 0 of the Unix week) after T0, and the Thursday three
+/// weeks later that is shaped like a Saturday (a holiday).
+fn holiday_weeks() -> (i64, i64) {
     let start = T0 - T0.rem_euclid(WEEK) + WEEK;
-    let holiday = start + 3 * WEEK;
-    let value = |ts: i64| {
-        if (holiday..holiday + DAY).contains(&ts) {
-            traffic(ts + 2 * DAY)
-        } else {
-            traffic(ts)
-        }
-    };
-    let mut scores = BTreeMap::new();
+    (start, start + 3 * WEEK)
+}
+
+fn with_holiday(ts: i64) -> f64 {
+    let (_, holiday) = holiday_weeks();
+    if (holiday..holiday + DAY).contains(&ts) {
+        traffic(ts + 2 * DAY)
+    } else {
+        traffic(ts)
+    }
+}
+
+/// Scores series "a" from `from` to `to`: a first cycle of two hours, then an hour per cycle.
+fn score_hourly(scorer: &mut DetectorScorer, from: i64, to: i64) -> BTreeMap<(String, i64), Score> {
     let points = |from: i64, to: i64| Series {
         labels: labels("a"),
         points: (from..to)
             .step_by(STEP as usize)
-            .map(|ts| (ts, value(ts)))
+            .map(|ts| (ts, with_holiday(ts)))
             .collect(),
     };
+    let mut scores = BTreeMap::new();
     let hour = 3_600;
-    let mut end = start + hour;
-    cycle(&mut scorer, &[points(start, end)], end, &mut scores);
-    while end < holiday + DAY {
+    let mut end = from + 2 * hour;
+    cycle(scorer, &[points(from, end)], end, &mut scores);
+    while end < to {
         cycle(
-            &mut scorer,
+            scorer,
             &[points(end - 2 * STEP, end + hour)],
             end + hour,
             &mut scores,
         );
         end += hour;
     }
-    let peak = |from: i64| {
-        scores
-            .range(("a".to_string(), from)..("a".to_string(), from + DAY))
-            .map(|(_, s)| s.score)
-            .fold(0.0, f64::max)
-    };
-    let (usual, unusual) = (peak(holiday - WEEK), peak(holiday));
+    scores
+}
+
+/// The highest score of the day from `from`.
+fn peak_of_day(scores: &BTreeMap<(String, i64), Score>, from: i64) -> f64 {
+    scores
+        .range(("a".to_string(), from)..("a".to_string(), from + DAY))
+        .map(|(_, s)| s.score)
+        .fold(0.0, f64::max)
+}
+
+/// A weekday shaped like a weekend day (a holiday) changes as smoothly as any other day, so the
+/// previous value sees nothing; the weekly profile does. The same weekday a week before, shaped
+/// as usual, stays quiet.
+#[test]
+fn a_holiday_is_seen_against_the_same_hours_of_earlier_weeks() {
+    let model = Arc::new(common::forecaster("d", 0.5));
+    let mut scorer = DetectorScorer::new(model, WEEK);
+    let (start, holiday) = holiday_weeks();
+    let scores = score_hourly(&mut scorer, start, holiday + DAY);
+    let (usual, unusual) = (
+        peak_of_day(&scores, holiday - WEEK),
+        peak_of_day(&scores, holiday),
+    );
     assert!(usual < 1.0, "the same weekday a week before: {usual}");
     assert!(unusual > 1.0, "the holiday: {unusual}");
+}
+
+/// The trainer ships the weekly profile it learnt with the model: an exporter started hours
+/// before the holiday sees it, where one without the profile has no week to compare with.
+#[test]
+fn a_profile_shipped_with_the_model_is_compared_with_from_a_restart_on() {
+    let (start, holiday) = holiday_weeks();
+    let mut learnt = WeeklyProfile::new(STEP);
+    for ts in (start..holiday - DAY).step_by(STEP as usize) {
+        learnt.learn(ts, with_holiday(ts));
+    }
+    let restarted = |weekly| {
+        let model = calibrated_for_a(SeriesCalibration {
+            weekly,
+            ..calibration(50.0, 30.0, 0.05)
+        });
+        let mut scorer = DetectorScorer::new(model, WEEK);
+        let scores = score_hourly(&mut scorer, holiday - 8 * 3_600, holiday + DAY);
+        peak_of_day(&scores, holiday)
+    };
+    let seeded = restarted(Some(
+        learnt.seed().expect("the profile describes the series"),
+    ));
+    let unseeded = restarted(None);
+    assert!(seeded > 1.0, "with the shipped profile: {seeded}");
+    assert!(unseeded < 1.0, "without it: {unseeded}");
 }

@@ -9,6 +9,7 @@ use mad_training::contract::{
     columns, Feature, ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C,
     OUTPUT_H, OUTPUT_YHAT,
 };
+use mad_training::weekly::{WeeklyProfile, HOURS_PER_DAY, HOURS_PER_WEEK};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
@@ -222,7 +223,22 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
     }
     for (key, s) in &meta.series {
         if !band_ok(s.band) || !band_ok(s.scaler.scale) || !s.scaler.center.is_finite() {
-            return Err(format!("calibration of series {key} is not usable: {s:?}"));
+            return Err(format!(
+                "calibration of series {key} is not usable: band {}, scaler {:?}",
+                s.band, s.scaler
+            ));
+        }
+        if let Some(seed) = &s.weekly {
+            WeeklyProfile::from_seed(meta.step_secs as i64, seed).ok_or_else(|| {
+                format!(
+                    "weekly profile of series {key} is not usable: {} and {} hours, not {} \
+                     and {}, or a non-finite number",
+                    seed.week.len(),
+                    seed.day.len(),
+                    HOURS_PER_WEEK,
+                    HOURS_PER_DAY
+                )
+            })?;
         }
     }
     Ok(())

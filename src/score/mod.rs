@@ -352,7 +352,8 @@ impl DetectorScorer {
         state.range = calibration.and_then(|cal| cal.range);
         state.fitted_until = calibration.and_then(|cal| cal.fitted_until);
         if Season::applies(self.detection.scoring) {
-            state.season = Some(Box::new(Season::new(self.step)));
+            let seed = calibration.and_then(|cal| cal.weekly.as_ref());
+            state.season = Some(Box::new(Season::new(self.step, seed)));
         }
         if calibration.is_none() {
             state.unfitted = Some(Vec::new());

@@ -174,6 +174,12 @@ pub struct SeriesCalibration {
     /// "normal error" is from them. Absent in models from before it (every error counts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fitted_until: Option<i64>,
+    /// The weekly profile learnt over the training history, where it describes the series
+    /// ([`crate::weekly`]): the exporter goes on from it, so after a restart the series is
+    /// compared with its usual week at once rather than a week later. Absent otherwise and in
+    /// models from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weekly: Option<crate::weekly::WeeklySeed>,
 }
 
 /// The span of values a series has shown, raw units.

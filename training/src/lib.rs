@@ -9,8 +9,8 @@
 //! thing for every series. The result is exported as a self-contained ONNX file (standard `LSTM`
 //! operator, metadata inside) so serving needs only ONNX Runtime.
 //!
-//! Pipeline: [`trainer::train`] → [`lstm`] forward/backward + [`adam`] → calibration →
-//! [`onnx::export`].
+//! Pipeline: [`trainer::train`] → [`lstm`] forward/backward + [`adam`] → calibration (bands,
+//! and the [`weekly`] profiles the exporter goes on from) → [`onnx::export`].
 
 pub mod adam;
 pub mod contract;
@@ -18,6 +18,7 @@ pub mod lstm;
 pub mod onnx;
 pub mod search;
 pub mod trainer;
+pub mod weekly;
 
 pub use contract::*;
 pub use lstm::{Dropout, LstmOutput, LstmParams, LstmTape, Real, ShapeError};
