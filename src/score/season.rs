@@ -44,8 +44,9 @@ impl Season {
     /// from an expected value, in band half-widths) from the nearer of this hour of the week
     /// and this hour yesterday, through a likelihood of its own on the hour and day scales
     /// only (a few odd points are the forecast's business; a day unlike its weekday shows
-    /// over hours). `None` until the hour of the week has been seen; 0 while the profile does
-    /// not describe the series.
+    /// over hours). `None` for a point the profile holds already (a seeded profile's training
+    /// history) and until the hour of the week has been seen; 0 while the profile does not
+    /// describe the series.
     pub fn score(&mut self, ts: i64, deviation: impl Fn(f64) -> f64) -> Option<f64> {
         if self.profile.has_learnt(ts) {
             return None;
