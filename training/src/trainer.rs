@@ -190,7 +190,7 @@ struct PreparedSeries {
     validation_end: usize,
     /// Timestamp of the last training target (`None` without any).
     fitted_until: Option<i64>,
-    /// Each input's weekly profile over the whole history, where it describes the input.
+    /// Each input's weekly profile over the training part, where it describes the input.
     weekly: Vec<Option<WeeklySeed>>,
 }
 
