@@ -9,7 +9,6 @@ use mad_training::contract::{
     columns, Feature, ModelMeta, CONTRACT_VERSION, INPUT_C, INPUT_H, INPUT_X, META_KEY, OUTPUT_C,
     OUTPUT_H, OUTPUT_YHAT,
 };
-use mad_training::weekly::{WeeklyProfile, HOURS_PER_DAY, HOURS_PER_WEEK};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
@@ -229,16 +228,8 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
             ));
         }
         if let Some(seed) = &s.weekly {
-            WeeklyProfile::from_seed(meta.step_secs as i64, seed).ok_or_else(|| {
-                format!(
-                    "weekly profile of series {key} is not usable: {} and {} hours, not {} \
-                     and {}, or a non-finite number",
-                    seed.week.len(),
-                    seed.day.len(),
-                    HOURS_PER_WEEK,
-                    HOURS_PER_DAY
-                )
-            })?;
+            seed.check()
+                .map_err(|why| format!("weekly profile of series {key} is not usable: {why}"))?;
         }
     }
     Ok(())

@@ -71,6 +71,31 @@ pub struct WeeklySeed {
     pub learnt_until: i64,
 }
 
+impl WeeklySeed {
+    /// Whether a profile can be restored from it: every hour there, every number finite. The
+    /// error says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let s = self.strength;
+        let finite = [s.compared, s.residual_square, s.level, s.variance]
+            .iter()
+            .all(|v| v.is_finite())
+            && self.week.iter().chain(&self.day).all(|v| v.is_finite());
+        let whole = self.week.len() == HOURS_PER_WEEK
+            && self.week_points.len() == HOURS_PER_WEEK
+            && self.day.len() == HOURS_PER_DAY
+            && self.day_points.len() == HOURS_PER_DAY;
+        if finite && whole {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} and {} hours, not {HOURS_PER_WEEK} and {HOURS_PER_DAY}, or a non-finite number",
+                self.week.len(),
+                self.day.len()
+            ))
+        }
+    }
+}
+
 impl WeeklyProfile {
     pub fn new(step_secs: i64) -> WeeklyProfile {
         let points_per_hour = (HOUR_SECS / step_secs.max(1)).clamp(1, i64::from(u16::MAX));
@@ -86,22 +111,10 @@ impl WeeklyProfile {
     }
 
     /// The profile a seed holds, as it was when the seed was taken. `None` when the seed is
-    /// malformed (wrong number of hours, a non-finite number).
+    /// malformed ([`WeeklySeed::check`]).
     pub fn from_seed(step_secs: i64, seed: &WeeklySeed) -> Option<WeeklyProfile> {
+        seed.check().ok()?;
         let mut profile = WeeklyProfile::new(step_secs);
-        let s = seed.strength;
-        let finite = [s.compared, s.residual_square, s.level, s.variance]
-            .iter()
-            .all(|v| v.is_finite())
-            && seed.week.iter().chain(&seed.day).all(|v| v.is_finite());
-        if !finite
-            || seed.week.len() != HOURS_PER_WEEK
-            || seed.week_points.len() != HOURS_PER_WEEK
-            || seed.day.len() != HOURS_PER_DAY
-            || seed.day_points.len() != HOURS_PER_DAY
-        {
-            return None;
-        }
         profile.week.copy_from_slice(&seed.week);
         profile.week_points.copy_from_slice(&seed.week_points);
         profile.day.copy_from_slice(&seed.day);
