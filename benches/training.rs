@@ -16,8 +16,9 @@ use std::time::Instant;
 
 use common::{measure, median, thread_cpu};
 use mad::synth::{Profile, Synth};
+use mad_training::adam::Adam;
 use mad_training::contract::{input_row, Scaler};
-use mad_training::{train, LstmParams, SeriesHistory, TrainOptions};
+use mad_training::{train, LstmParams, LstmTape, SeriesHistory, TrainOptions};
 
 const STEP: i64 = 60;
 const POINTS: usize = 14 * 24 * 60;
@@ -32,6 +33,9 @@ const TRAIN_RUNS: usize = 5;
 const REFERENCE_EPOCHS: usize = 5;
 /// PyTorch 2.15's seconds per epoch on the reference configuration, one thread (issue 5).
 const PYTORCH_EPOCH_SECS: f64 = 1.4;
+/// The reference configuration's window and batch: every window of 64 points is one sample.
+const REFERENCE_WINDOW: usize = 64;
+const REFERENCE_BATCH: usize = 64;
 
 /// A request-rate-like series: daily cycle peaking in the afternoon, weekend dip, slight growth,
 /// 5 % noise.
@@ -197,8 +201,100 @@ fn main() {
         PYTORCH_EPOCH_SECS / per_epoch,
         per_epoch / forward_cpu_med,
     );
+    let per_window_epoch = sliding_window_epochs(&x, f, &opts);
+    println!(
+        "\nreference configuration as PyTorch runs it ({} windows of {REFERENCE_WINDOW} \
+         steps, one forecast per window, shuffled, batch {REFERENCE_BATCH}, Adam 1e-3, \
+         {REFERENCE_EPOCHS} epochs, one thread): {per_window_epoch:.3} s CPU per epoch, \
+         {:.1}x faster than PyTorch's ~{PYTORCH_EPOCH_SECS} s per epoch (figure from the \
+         issue, not measured here); {:.1}x one forward pass over the series",
+        POINTS - REFERENCE_WINDOW,
+        PYTORCH_EPOCH_SECS / per_window_epoch,
+        per_window_epoch / forward_cpu_med,
+    );
     println!(
         "\ntotal bench time {:.1} s (wall)",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The issue's reference configuration the way a PyTorch script trains it: every window of
+/// [`REFERENCE_WINDOW`] points is a sample that starts from a zero state and forecasts the point
+/// after it; windows are shuffled each epoch and batched by [`REFERENCE_BATCH`]. `x` is the
+/// series' input rows `[POINTS, f]`. Returns the median CPU seconds per epoch.
+fn sliding_window_epochs(x: &[f32], f: usize, opts: &TrainOptions) -> f64 {
+    let windows = POINTS - REFERENCE_WINDOW;
+    let value = opts
+        .features
+        .iter()
+        .position(|feature| *feature == mad_training::contract::Feature::Value)
+        .expect("a value feature");
+    let mut params = LstmParams::<f32>::init(f, opts.hidden, opts.seed);
+    let mut grads = LstmParams::<f32>::zeros(f, opts.hidden);
+    let mut adam = Adam::new(1e-3, params.as_slice().len());
+    let mut tape = LstmTape::<f32>::new();
+    let zeros = vec![0f32; REFERENCE_BATCH * opts.hidden];
+    let mut order: Vec<usize> = (0..windows).collect();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut batch_x = Vec::new();
+    let mut dyhat = Vec::new();
+    let mut epochs = Vec::new();
+    let mut loss = 0.0f64;
+    for _ in 0..REFERENCE_EPOCHS {
+        // Fisher-Yates with xorshift: the shuffle a DataLoader does, without a dependency.
+        for i in (1..order.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            order.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        let (_, t) = measure(thread_cpu, || {
+            loss = 0.0;
+            for starts in order.chunks(REFERENCE_BATCH) {
+                let batch = starts.len();
+                batch_x.clear();
+                batch_x.resize(REFERENCE_WINDOW * batch * f, 0.0);
+                for step in 0..REFERENCE_WINDOW {
+                    for (b, &start) in starts.iter().enumerate() {
+                        let row = (step * batch + b) * f;
+                        batch_x[row..row + f]
+                            .copy_from_slice(&x[(start + step) * f..(start + step + 1) * f]);
+                    }
+                }
+                let state = &zeros[..batch * opts.hidden];
+                tape.forward_train(
+                    &params,
+                    &batch_x,
+                    (REFERENCE_WINDOW, batch),
+                    state,
+                    state,
+                    None,
+                )
+                .expect("forward");
+                dyhat.clear();
+                dyhat.resize(REFERENCE_WINDOW * batch, 0.0);
+                let last = (REFERENCE_WINDOW - 1) * batch;
+                for (b, &start) in starts.iter().enumerate() {
+                    let target = x[(start + REFERENCE_WINDOW) * f + value];
+                    let error = tape.yhat()[last + b] - target;
+                    loss += f64::from(error * error);
+                    dyhat[last + b] = 2.0 * error / batch as f32;
+                }
+                tape.backward(&params, &dyhat, &mut grads)
+                    .expect("backward");
+                adam.step(params.as_mut_slice(), grads.as_slice());
+            }
+        });
+        epochs.push(t.cpu);
+    }
+    println!(
+        "sliding-window epochs: {} s CPU each; last epoch's mean squared error {:.4}",
+        epochs
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        loss / windows as f64
+    );
+    median(&mut epochs)
 }

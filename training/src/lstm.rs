@@ -45,8 +45,8 @@ pub trait Real:
     fn from_f64(value: f64) -> Self;
     fn to_f64(self) -> f64;
     fn sqrt(self) -> Self;
-    fn sigmoid_in_place(values: &mut [Self]);
-    fn tanh_in_place(values: &mut [Self]);
+    fn sigmoid(self) -> Self;
+    fn tanh(self) -> Self;
     /// `C = alpha·A·B + beta·C` for strided matrices (`A` is m×k, `B` k×n, `C` m×n).
     ///
     /// # Safety
@@ -84,15 +84,11 @@ impl Real for f64 {
     }
     // f64 is the gradient-checking precision: exact libm activations keep the analytic
     // derivatives consistent with the function to ~1e-12.
-    fn sigmoid_in_place(values: &mut [Self]) {
-        for v in values {
-            *v = 1.0 / (1.0 + (-*v).exp());
-        }
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + (-self).exp())
     }
-    fn tanh_in_place(values: &mut [Self]) {
-        for v in values {
-            *v = v.tanh();
-        }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
     }
     unsafe fn gemm_raw(
         m: usize,
@@ -129,15 +125,13 @@ impl Real for f32 {
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
-    fn sigmoid_in_place(values: &mut [Self]) {
-        for v in values {
-            *v = 1.0 / (1.0 + fast_exp(-*v));
-        }
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        1.0 / (1.0 + fast_exp(-self))
     }
-    fn tanh_in_place(values: &mut [Self]) {
-        for v in values {
-            *v = 2.0 / (1.0 + fast_exp(-2.0 * *v)) - 1.0;
-        }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        2.0 / (1.0 + fast_exp(-2.0 * self)) - 1.0
     }
     unsafe fn gemm_raw(
         m: usize,
@@ -574,6 +568,21 @@ fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
     buffer.resize(len, T::ZERO);
 }
 
+/// Whether the element-wise loops may run 8 lanes wide (AVX2) instead of the baseline x86-64's
+/// 4: the binary is built for any x86-64, so the wider code is chosen at run time, as
+/// `matrixmultiply` chooses its kernels. The arithmetic is the same either way (no fused
+/// multiply-adds are formed), so results do not depend on the CPU.
+#[cfg(target_arch = "x86_64")]
+fn wide_vectors() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Sizes a buffer that the caller overwrites whole, without zeroing what it held: the tape's
+/// largest buffers are rewritten on every call, and clearing them cost a twentieth of an epoch.
+fn reuse<T: Real>(buffer: &mut Vec<T>, len: usize) {
+    buffer.resize(len, T::ZERO);
+}
+
 /// Fills `mask` with inverted-dropout factors: 0 with probability `rate`, else `1 / (1 - rate)`.
 fn fill_mask<T: Real>(mask: &mut Vec<T>, len: usize, rate: f64, rng: &mut SmallRng) {
     let keep = T::from_f64(1.0 / (1.0 - rate));
@@ -598,13 +607,49 @@ impl<T: Real> LayerTape<T> {
         h0: &[T],
         c0: &[T],
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if wide_vectors() {
+            // SAFETY: the CPU has the features `forward_wide` is compiled for.
+            return unsafe { self.forward_wide(params, layer, seq, batch, h0, c0) };
+        }
+        self.forward_steps(params, layer, seq, batch, h0, c0)
+    }
+
+    /// [`Self::forward_steps`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA ([`wide_vectors`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn forward_wide(
+        &mut self,
+        params: &LstmParams<T>,
+        layer: usize,
+        seq: usize,
+        batch: usize,
+        h0: &[T],
+        c0: &[T],
+    ) {
+        self.forward_steps(params, layer, seq, batch, h0, c0)
+    }
+
+    #[inline(always)]
+    fn forward_steps(
+        &mut self,
+        params: &LstmParams<T>,
+        layer: usize,
+        seq: usize,
+        batch: usize,
+        h0: &[T],
+        c0: &[T],
+    ) {
         let (f, h) = (self.inputs, params.hidden);
         let g = GATES * h;
         let bh = batch * h;
-        resize(&mut self.gates, seq * batch * g);
-        resize(&mut self.h, (seq + 1) * bh);
-        resize(&mut self.c, (seq + 1) * bh);
-        resize(&mut self.tanh_c, seq * bh);
+        reuse(&mut self.gates, seq * batch * g);
+        reuse(&mut self.h, (seq + 1) * bh);
+        reuse(&mut self.c, (seq + 1) * bh);
+        reuse(&mut self.tanh_c, seq * bh);
         self.h[..bh].copy_from_slice(h0);
         self.c[..bh].copy_from_slice(c0);
 
@@ -625,7 +670,7 @@ impl<T: Real> LayerTape<T> {
         let small = batch <= SMALL_BATCH;
         if small {
             let r = params.r(layer);
-            resize(&mut self.r_transposed, h * g);
+            reuse(&mut self.r_transposed, h * g);
             for j in 0..g {
                 for k in 0..h {
                     self.r_transposed[k * g + j] = r[j * h + k];
@@ -661,8 +706,9 @@ impl<T: Real> LayerTape<T> {
             let tanh_c = &mut self.tanh_c[t * bh..(t + 1) * bh];
             for b in 0..batch {
                 let row = &mut gates_t[b * g..(b + 1) * g];
-                T::sigmoid_in_place(&mut row[..3 * h]);
-                T::tanh_in_place(&mut row[3 * h..]);
+                let (sigmoid_gates, candidate) = row.split_at_mut(3 * h);
+                sigmoid_gates.iter_mut().for_each(|v| *v = v.sigmoid());
+                candidate.iter_mut().for_each(|v| *v = v.tanh());
                 let (i_gate, rest) = row.split_at(h);
                 let (o_gate, rest) = rest.split_at(h);
                 let (f_gate, g_gate) = rest.split_at(h);
@@ -672,8 +718,9 @@ impl<T: Real> LayerTape<T> {
                     cell[k] = f_gate[k] * cell_prev[k] + i_gate[k] * g_gate[k];
                 }
                 let tc = &mut tanh_c[b * h..(b + 1) * h];
-                tc.copy_from_slice(cell);
-                T::tanh_in_place(tc);
+                for (t, &c) in tc.iter_mut().zip(cell.iter()) {
+                    *t = c.tanh();
+                }
                 let hidden_out = &mut h_next[b * h..(b + 1) * h];
                 for k in 0..h {
                     hidden_out[k] = o_gate[k] * tc[k];
@@ -690,6 +737,44 @@ impl<T: Real> LayerTape<T> {
         &mut self,
         params: &LstmParams<T>,
         layer: usize,
+        shape: (usize, usize),
+        from_above: &[T],
+        grads: &mut LstmParams<T>,
+        to_below: Option<&mut Vec<T>>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if wide_vectors() {
+            // SAFETY: the CPU has the features `backward_wide` is compiled for.
+            return unsafe {
+                self.backward_wide(params, layer, shape, from_above, grads, to_below)
+            };
+        }
+        self.backward_steps(params, layer, shape, from_above, grads, to_below)
+    }
+
+    /// [`Self::backward_steps`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA ([`wide_vectors`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_wide(
+        &mut self,
+        params: &LstmParams<T>,
+        layer: usize,
+        shape: (usize, usize),
+        from_above: &[T],
+        grads: &mut LstmParams<T>,
+        to_below: Option<&mut Vec<T>>,
+    ) {
+        self.backward_steps(params, layer, shape, from_above, grads, to_below)
+    }
+
+    #[inline(always)]
+    fn backward_steps(
+        &mut self,
+        params: &LstmParams<T>,
+        layer: usize,
         (seq, batch): (usize, usize),
         from_above: &[T],
         grads: &mut LstmParams<T>,
@@ -698,7 +783,7 @@ impl<T: Real> LayerTape<T> {
         let (f, h) = (self.inputs, params.hidden);
         let g = GATES * h;
         let bh = batch * h;
-        resize(&mut self.dgates, seq * batch * g);
+        reuse(&mut self.dgates, seq * batch * g);
         resize(&mut self.dh, bh);
         resize(&mut self.dc, bh);
         let r = params.r(layer);
@@ -716,14 +801,24 @@ impl<T: Real> LayerTape<T> {
                 let cp = &c_prev[b * h..(b + 1) * h];
                 let tc = &tanh_c[b * h..(b + 1) * h];
                 let above = &above_t[b * h..(b + 1) * h];
+                // Gates split into slices of `h`, so the loop runs without bounds checks and
+                // vectorises.
+                let (i_gate, rest) = row.split_at(h);
+                let (o_gate, rest) = rest.split_at(h);
+                let (f_gate, g_gate) = rest.split_at(h);
+                let (di, rest) = drow.split_at_mut(h);
+                let (d_o, rest) = rest.split_at_mut(h);
+                let (df, dg) = rest.split_at_mut(h);
+                let (cp, tc, above, dh) = (&cp[..h], &tc[..h], &above[..h], &dh[..h]);
+                let (dc, dg) = (&mut dc[..h], &mut dg[..h]);
                 for k in 0..h {
-                    let (i, o, fg, gg) = (row[k], row[h + k], row[2 * h + k], row[3 * h + k]);
+                    let (i, o, fg, gg) = (i_gate[k], o_gate[k], f_gate[k], g_gate[k]);
                     let dh_k = dh[k] + above[k];
                     let dc_k = dc[k] + dh_k * o * (T::ONE - tc[k] * tc[k]);
-                    drow[k] = dc_k * gg * i * (T::ONE - i);
-                    drow[h + k] = dh_k * tc[k] * o * (T::ONE - o);
-                    drow[2 * h + k] = dc_k * cp[k] * fg * (T::ONE - fg);
-                    drow[3 * h + k] = dc_k * i * (T::ONE - gg * gg);
+                    di[k] = dc_k * gg * i * (T::ONE - i);
+                    d_o[k] = dh_k * tc[k] * o * (T::ONE - o);
+                    df[k] = dc_k * cp[k] * fg * (T::ONE - fg);
+                    dg[k] = dc_k * i * (T::ONE - gg * gg);
                     dc[k] = dc_k * fg;
                 }
             }
@@ -775,7 +870,7 @@ impl<T: Real> LayerTape<T> {
         from_rb[..g].copy_from_slice(wb_grad);
 
         if let Some(below) = to_below {
-            resize(below, rows * f);
+            reuse(below, rows * f);
             gemm(
                 T::ONE,
                 MatRef::row_major(&self.dgates, rows, g),
@@ -887,7 +982,7 @@ impl<T: Real> LstmTape<T> {
         }
         let top = &self.layers[layers - 1];
         let (head_w, head_b, outputs) = (params.head_w(), params.head_b(), params.outputs);
-        resize(&mut self.yhat, seq * batch * outputs);
+        reuse(&mut self.yhat, seq * batch * outputs);
         for (slot, y_out) in self.yhat.chunks_exact_mut(outputs).enumerate() {
             let hidden_out = &top.h[bh + slot * h..bh + (slot + 1) * h];
             let mask =
@@ -1181,5 +1276,60 @@ mod tests {
             .forward(&[0.0; 5], 2, 1, &[0.0; 3], &[0.0; 3])
             .unwrap_err();
         assert_eq!(err.expected, 4);
+    }
+
+    /// The AVX2 build of the loops and the baseline one compute the same numbers, bit for bit,
+    /// forward and backward: a model trains the same on every x86-64.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_wide_loops_compute_what_the_baseline_loops_do() {
+        if !wide_vectors() {
+            eprintln!("no AVX2 on this CPU: only the baseline loops run here");
+            return;
+        }
+        let mut rng = SmallRng::seed_from_u64(5);
+        let (features, hidden) = (5, 32);
+        let params = LstmParams::<f32>::init(features, hidden, 9);
+        // 8 streams take the gemm path, 2 the small-batch loops.
+        for (seq, batch) in [(12, 8), (7, 2)] {
+            let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+            let x = as_f32(random(seq * batch * features, &mut rng, 2.0));
+            let state = as_f32(random(batch * hidden, &mut rng, 0.5));
+            let above = as_f32(random(seq * batch * hidden, &mut rng, 1.0));
+            let run = |wide: bool| {
+                let mut layer = LayerTape::<f32> {
+                    inputs: features,
+                    input: x.clone(),
+                    ..LayerTape::default()
+                };
+                let mut grads = LstmParams::<f32>::zeros(features, hidden);
+                let mut below = Vec::new();
+                let shape = (seq, batch);
+                if wide {
+                    // SAFETY: checked above that the CPU has AVX2 and FMA.
+                    unsafe {
+                        layer.forward_wide(&params, 0, seq, batch, &state, &state);
+                        layer.backward_wide(
+                            &params,
+                            0,
+                            shape,
+                            &above,
+                            &mut grads,
+                            Some(&mut below),
+                        );
+                    }
+                } else {
+                    layer.forward_steps(&params, 0, seq, batch, &state, &state);
+                    layer.backward_steps(&params, 0, shape, &above, &mut grads, Some(&mut below));
+                }
+                (layer.h, layer.c, grads.as_slice().to_vec(), below)
+            };
+            let (wide, baseline) = (run(true), run(false));
+            assert!(
+                wide.2.iter().any(|g| *g != 0.0),
+                "the gradients are not all zero"
+            );
+            assert_eq!(wide, baseline, "seq {seq}, batch {batch}");
+        }
     }
 }
