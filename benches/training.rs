@@ -6,7 +6,8 @@
 //! seconds, epochs run, seconds per epoch, and as multiples of that forward pass.
 //! Figures are printed, never asserted.
 //!
-//! Run: `cargo bench --bench training`
+//! Run: `cargo bench --bench training`; `cargo bench --bench training -- sliding` runs only the
+//! reference configuration as PyTorch runs it (for profiling).
 
 use std::collections::BTreeMap;
 
@@ -120,6 +121,11 @@ fn main() {
         forward_cpu_med / POINTS as f64 * 1e9,
     );
 
+    if std::env::args().any(|arg| arg == "sliding") {
+        let per_epoch = sliding_window_epochs(&x, f, &opts);
+        println!("median {per_epoch:.3} s CPU per epoch");
+        return;
+    }
     let mut runs = Vec::new();
     for run in 1..=TRAIN_RUNS {
         let mut epochs = 0;
