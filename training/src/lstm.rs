@@ -49,6 +49,8 @@ pub trait Real:
     fn sqrt(self) -> Self;
     fn sigmoid(self) -> Self;
     fn tanh(self) -> Self;
+    /// `self · a + b` rounded once.
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// `C = alpha·A·B + beta·C` for strided matrices (`A` is m×k, `B` k×n, `C` m×n).
     ///
     /// # Safety
@@ -91,6 +93,10 @@ impl Real for f64 {
     }
     fn tanh(self) -> Self {
         f64::tanh(self)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
     }
     unsafe fn gemm_raw(
         m: usize,
@@ -135,6 +141,10 @@ impl Real for f32 {
     fn tanh(self) -> Self {
         2.0 / (1.0 + fast_exp(-2.0 * self)) - 1.0
     }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
+    }
     unsafe fn gemm_raw(
         m: usize,
         k: usize,
@@ -168,15 +178,17 @@ fn fast_exp(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits.
     const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let shifted = x * LOG2_E + ROUNDER;
+    let shifted = x.mul_add(LOG2_E, ROUNDER);
     let n = shifted - ROUNDER;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     // Degree-5 polynomial fitted for least maximum relative error on [-ln2/2, ln2/2]
     // (1.7e-7 evaluated in f32): as accurate as the degree-7 Taylor series it replaced, within
     // f32's own rounding, for four fewer operations per call.
-    let p = 1.0
-        + r * (0.999_999_7
-            + r * (0.499_991_5 + r * (0.166_676_36 + r * (0.041_897_93 + r * 0.008_290_315))));
+    let p = r.mul_add(0.008_290_315, 0.041_897_93);
+    let p = r.mul_add(p, 0.166_676_36);
+    let p = r.mul_add(p, 0.499_991_5);
+    let p = r.mul_add(p, 0.999_999_7);
+    let p = r.mul_add(p, 1.0);
     let exponent = shifted
         .to_bits()
         .wrapping_sub(ROUNDER.to_bits())
@@ -254,11 +266,11 @@ fn gemm<T: Real>(alpha: T, a: MatRef<'_, T>, b: MatRef<'_, T>, beta: T, c: &mut 
 }
 
 /// `c = a·b`, or `c += a·b` when `accumulate`, for row-major contiguous `a` (m×k), `b` (k×n) and
-/// `c` (m×n): the per-step products (at batch 64, five inputs and 32 units, 64×37 by 37×128), too small for a
-/// general gemm to win back its packing of both operands on every call. Here they are read in
-/// place and blocks of `c` stay in registers. Each element adds its `k` products in order,
-/// without fused multiply-adds, so the result is the same whatever vector width the loops are
-/// compiled for.
+/// `c` (m×n): the per-step products (at batch 64, five inputs and 32 units, 64×37 by 37×128),
+/// too small for a general gemm to win back its packing of both operands on every call. Here
+/// they are read in place and blocks of `c` stay in registers. Each element adds its `k`
+/// products in order, each a fused multiply-add (one rounding, so the same on every CPU), so the
+/// result does not depend on the vector width the loops are compiled for.
 #[inline(always)]
 fn step_product<T: Real>(
     a: &[T],
@@ -289,7 +301,7 @@ fn step_product<T: Real>(
             let c_row = &mut c_row[first_loose_col..];
             for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
                 for (v, &bv) in c_row.iter_mut().zip(&b_row[first_loose_col..]) {
-                    *v += av * bv;
+                    *v = av.mul_add(bv, *v);
                 }
             }
         }
@@ -316,7 +328,7 @@ fn product_block<T: Real>(
         let b_block = &b_row[col..col + BLOCK_COLS];
         for (acc_row, x) in acc.iter_mut().zip([x0, x1, x2, x3]) {
             for (v, &bv) in acc_row.iter_mut().zip(b_block) {
-                *v += x * bv;
+                *v = x.mul_add(bv, *v);
             }
         }
     }
@@ -722,8 +734,10 @@ fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
 
 /// Whether the element-wise loops may run 8 lanes wide (AVX2) instead of the baseline x86-64's
 /// 4: the binary is built for any x86-64, so the wider code is chosen at run time, as
-/// `matrixmultiply` chooses its kernels. The arithmetic is the same either way (no fused
-/// multiply-adds are formed), so results do not depend on the CPU.
+/// `matrixmultiply` chooses its kernels. The arithmetic is the same either way: multiply-adds
+/// are fused, which rounds once whether the CPU has the instruction or libm computes it (slowly:
+/// x86-64 CPUs without FMA predate 2013). Only `matrixmultiply`'s weight-gradient product
+/// chooses its arithmetic by CPU.
 #[cfg(target_arch = "x86_64")]
 fn wide_vectors() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -1344,7 +1358,7 @@ mod tests {
     }
 
     #[test]
-    fn step_product_adds_in_the_order_of_a_plain_triple_loop() {
+    fn step_product_adds_in_the_order_of_a_plain_triple_loop_with_one_rounding_each() {
         let mut rng = SmallRng::seed_from_u64(3);
         // Whole blocks, loose rows and loose columns, and shapes smaller than one block.
         for (m, k, n) in [(8, 32, 128), (9, 5, 37), (3, 7, 20), (1, 4, 3), (6, 3, 0)] {
@@ -1360,7 +1374,8 @@ mod tests {
                 for i in 0..m {
                     for j in 0..n {
                         for p in 0..k {
-                            expected[i * n + j] += a[i * k + p] * b[p * n + j];
+                            let sum = expected[i * n + j];
+                            expected[i * n + j] = a[i * k + p].mul_add(b[p * n + j], sum);
                         }
                     }
                 }
