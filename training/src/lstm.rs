@@ -737,8 +737,8 @@ fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
 /// 4: the binary is built for any x86-64, so the wider code is chosen at run time, as
 /// `matrixmultiply` chooses its kernels. The arithmetic is the same either way: multiply-adds
 /// are fused, which rounds once whether the CPU has the instruction or libm computes it (slowly:
-/// x86-64 CPUs without FMA predate 2013). Only `matrixmultiply`'s weight-gradient product
-/// chooses its arithmetic by CPU.
+/// x86-64 CPUs without FMA predate 2013). Only the products left to `matrixmultiply` (the
+/// weight gradients, the gradient to the layer below) choose their arithmetic by CPU.
 #[cfg(target_arch = "x86_64")]
 fn wide_vectors() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -1448,7 +1448,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(5);
         let (features, hidden) = (5, 32);
         let params = LstmParams::<f32>::init(features, hidden, 9);
-        // 8 streams are two blocks of rows for the recurrent products, 2 are rows outside one.
+        // 8 streams are two blocks of rows for the per-step products, 2 are rows outside one.
         for (seq, batch) in [(12, 8), (7, 2)] {
             let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
             let x = as_f32(random(seq * batch * features, &mut rng, 2.0));
