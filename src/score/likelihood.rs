@@ -10,7 +10,10 @@ use super::dynamic::DynamicThreshold;
 pub const SHORT_WINDOW: usize = 6;
 /// Span (in points) of the slow scale's exponential average of errors: a run of moderate
 /// errors that no six points show (a drift, a level that stays off) still adds up. Measured on
-/// NAB, SMD and ASD alike (README).
+/// NAB, SMD and ASD alike (README). The slow scale is judged on the lower of its average and
+/// the short one: a run counts while it lasts, and one burst of large errors, which holds the
+/// average up for dozens of points after it, stops counting six points after the errors do
+/// (SMD's and ASD's false alarms trailed their incidents by up to two hours; README).
 pub const SLOW_SPAN: f64 = 60.0;
 /// Span of a third, drift scale: a day of one-minute points. SMD's and ASD's incidents include
 /// stretches of hours where a metric misbehaves now and then, each miss too small for the hour
@@ -89,6 +92,12 @@ impl Smoothed {
     fn score(&self) -> f64 {
         self.history.score(self.average)
     }
+
+    /// The score of the average while `recent` errors (a faster average) are as high: what the
+    /// average still holds of errors that have stopped does not count.
+    fn score_while(&self, recent: f64) -> f64 {
+        self.history.score(self.average.min(recent))
+    }
 }
 
 /// Streaming per-series state: errors averaged at three scales (the last [`SHORT_WINDOW`]
@@ -134,7 +143,7 @@ impl Likelihood {
             } else {
                 0.0
             };
-            let score = short.max(self.slow.score());
+            let score = short.max(self.slow.score_while(recent));
             if self.seen >= DRIFT_SPAN as usize + MIN_HISTORY {
                 score.max(self.drift.score())
             } else {
@@ -312,6 +321,44 @@ mod tests {
         assert!(
             peak_at >= 2 * SHORT_WINDOW && peak > 1.4 * short_full,
             "peak {peak} at {peak_at}, {short_full} when the short window filled: {run:?}"
+        );
+    }
+
+    #[test]
+    fn a_burst_stops_counting_once_the_errors_do_but_a_run_counts_while_it_lasts() {
+        // Less history than the day scale waits for: the hour scale's verdict alone.
+        let quiet = |l: &mut Likelihood| {
+            (0..DRIFT_SPAN as usize)
+                .map(|i| l.update(0.2 + 0.1 * ((i * 37 % 11) as f64 / 11.0)))
+                .fold(0.0, f64::max)
+        };
+        let mut l = Likelihood::default();
+        let quiet_max = quiet(&mut l);
+        assert!(quiet_max < 1.0, "{quiet_max}");
+        for _ in 0..SHORT_WINDOW {
+            l.update(20.0);
+        }
+        assert!(
+            l.slow.score() > 1.0,
+            "the slow average holds the burst: {}",
+            l.slow.score()
+        );
+        let after: Vec<f64> = (0..SLOW_SPAN as usize).map(|_| l.update(0.25)).collect();
+        assert!(
+            after[SHORT_WINDOW..].iter().all(|s| *s < 1.0),
+            "quiet again once the burst left the short window: {after:?}"
+        );
+        // Errors of twice the usual for an hour: the short window's spread allows them, the
+        // slow scale adds them up, and still counts them at the end of the run.
+        let mut l = Likelihood::default();
+        quiet(&mut l);
+        let run: Vec<f64> = (0..SLOW_SPAN as usize)
+            .map(|i| l.update(0.5 + 0.1 * ((i * 37 % 11) as f64 / 11.0)))
+            .collect();
+        let last = run[run.len() - 1];
+        assert!(
+            last > 1.0 && l.slow.score_while(0.55) > l.fast.score(0.55),
+            "{run:?}"
         );
     }
 
