@@ -348,8 +348,8 @@ mod tests {
             after[SHORT_WINDOW..].iter().all(|s| *s < 1.0),
             "quiet again once the burst left the short window: {after:?}"
         );
-        // Errors of twice the usual for an hour: the short window's spread allows them, the
-        // slow scale adds them up, and still counts them at the end of the run.
+        // Errors of twice the usual for an hour: the gate does not cut a run that goes on; at
+        // its end the hour scale still counts it, and higher than the six-point scale does.
         let mut l = Likelihood::default();
         quiet(&mut l);
         let run: Vec<f64> = (0..SLOW_SPAN as usize)
