@@ -156,7 +156,8 @@ enum Command {
         #[arg(long = "only", value_name = "TEXT")]
         only: Vec<String>,
         /// Write per-point scores (timestamp,value,anomaly_score,yhat,yhat_lower,yhat_upper,label)
-        /// under this directory, one CSV per file.
+        /// under this directory, one CSV per file; for `--machines`, one per machine with the
+        /// test rows' label, combined score, driving metric and every metric's score.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
         /// Training settings (`training:`) and `onnxruntime.library` from this config.
@@ -425,7 +426,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     config.as_deref(),
                     detection,
                     joint,
-                    plot.as_deref(),
+                    BacktestOutput {
+                        out: out.as_deref(),
+                        plot: plot.as_deref(),
+                    },
                 )?,
                 (None, None) if !csv.is_empty() => {
                     let report = BacktestOutput {
@@ -698,9 +702,10 @@ fn backtest_machines(
     config: Option<&std::path::Path>,
     detection: mad::score::Detection,
     joint: bool,
-    plot: Option<&std::path::Path>,
+    output: BacktestOutput<'_>,
 ) -> anyhow::Result<()> {
-    use mad::backtest::machines::{machines, run_machine, NAMED};
+    use mad::backtest::machines::{machines, run_machine, MachineOutput, NAMED};
+    let plot = output.plot;
     let (mut options, library) = backtest_settings(config)?;
     options.joint |= joint;
     let names: Vec<String> = machines(dir)
@@ -732,7 +737,10 @@ fn backtest_machines(
             &options,
             detection,
             library.as_deref(),
-            plot.is_some(),
+            MachineOutput {
+                charts: plot.is_some(),
+                scores: output.out,
+            },
         )
         .map_err(anyhow::Error::msg)?;
         bar.inc(1);

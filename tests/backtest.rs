@@ -169,7 +169,10 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         &TrainOptions::default(),
         Detection::default(),
         None,
-        true,
+        mad::backtest::machines::MachineOutput {
+            charts: true,
+            scores: Some(&dir.path().join("scores")),
+        },
     )
     .expect("backtest");
     println!("{r:?}");
@@ -187,6 +190,28 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         .iter()
         .all(|c| c.points.len() == r.rows && c.labelled.len() == 2));
     assert!(r.attribution_hits >= 1, "{r:?}");
+    // Every test row is written, with what the report counted: the labels, and the rows
+    // above 1 within labelled segments.
+    let mut written = csv::Reader::from_path(dir.path().join("scores/omi-1.csv")).expect("csv");
+    let header = written.headers().expect("header").clone();
+    assert_eq!(header.len(), 4 + 19);
+    assert_eq!(
+        header.iter().take(4).collect::<Vec<_>>(),
+        ["row", "label", "anomaly_score", "driver"]
+    );
+    let rows: Vec<csv::StringRecord> = written.records().map(|r| r.expect("row")).collect();
+    assert_eq!(rows.len(), r.rows);
+    let labelled = rows.iter().filter(|row| &row[1] == "1").count();
+    let labels = std::fs::read_to_string(dir.path().join("test_label/omi-1.txt")).expect("labels");
+    assert_eq!(labelled, labels.lines().filter(|l| l.trim() == "1").count());
+    let score =
+        |row: &csv::StringRecord, column: usize| -> f64 { row[column].parse().expect("a number") };
+    for row in rows.iter().filter(|row| !row[3].is_empty()) {
+        let driver: usize = row[3].parse().expect("a metric number");
+        let highest = (4..row.len()).map(|c| score(row, c)).fold(0.0, f64::max);
+        assert_eq!(score(row, 3 + driver), highest, "{row:?}");
+    }
+    assert!(rows.iter().any(|row| &row[1] == "1" && score(row, 2) > 1.0));
 }
 
 #[test]
@@ -204,7 +229,7 @@ fn a_joint_model_reads_all_metrics_of_a_machine_and_finds_the_incident() {
         &options,
         Detection::default(),
         None,
-        false,
+        Default::default(),
     )
     .expect("backtest");
     println!("{r:?}");

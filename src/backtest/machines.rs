@@ -98,6 +98,15 @@ fn read_interpretation(path: &Path) -> Result<Vec<(usize, usize, Vec<usize>)>, S
         .collect()
 }
 
+/// What a machine's run keeps besides its figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineOutput<'a> {
+    /// Keep charts of the most often labelled metrics in the report.
+    pub charts: bool,
+    /// Write the test rows' scores to `<dir>/<machine>.csv` ([`write_scores`]).
+    pub scores: Option<&'a Path>,
+}
+
 /// Runs the machine `name` of the corpus at `dir`, one row every `step_secs`.
 pub fn run_machine(
     dir: &Path,
@@ -106,7 +115,7 @@ pub fn run_machine(
     options: &TrainOptions,
     detection: Detection,
     onnxruntime: Option<&Path>,
-    charts: bool,
+    output: MachineOutput<'_>,
 ) -> Result<MachineReport, String> {
     let file = format!("{name}.txt");
     let train = read_matrix(&dir.join("train").join(&file))?;
@@ -167,6 +176,14 @@ pub fn run_machine(
             group_score(ranked)
         })
         .collect();
+    if let Some(out) = output.scores {
+        write_scores(
+            &out.join(format!("{name}.csv")),
+            &combined,
+            &labels,
+            &per_metric,
+        )?;
+    }
     let (best_f1, best_threshold) = best_f1(&combined, &labels);
     let (default_f1, default_precision, default_recall) =
         f1(combined.iter().map(|s| *s > 1.0), &labels);
@@ -191,7 +208,7 @@ pub fn run_machine(
             attribution_hits += 1;
         }
     }
-    let charts = if charts {
+    let charts = if output.charts {
         let test_rows = past.len()..rows.len();
         let labelled: Vec<(i64, i64)> = segments
             .iter()
@@ -241,6 +258,48 @@ pub fn run_machine(
         train_seconds,
         charts,
     })
+}
+
+/// Writes one machine's test rows: `row` (0-based, as the interpretation labels count),
+/// `label`, the combined `anomaly_score`, the `driver` (the 1-based metric scoring highest,
+/// empty while none scores) and each metric's score (`metric_1`, ...).
+fn write_scores(
+    path: &Path,
+    combined: &[f64],
+    labels: &[bool],
+    per_metric: &[Vec<f64>],
+) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    }
+    let mut out = csv::Writer::from_path(path).map_err(|e| fail(&e))?;
+    let mut header = vec![
+        "row".to_string(),
+        "label".to_string(),
+        "anomaly_score".to_string(),
+        "driver".to_string(),
+    ];
+    header.extend((1..=per_metric.len()).map(|m| format!("metric_{m}")));
+    out.write_record(&header).map_err(|e| fail(&e))?;
+    for (row, (score, label)) in combined.iter().zip(labels).enumerate() {
+        let scores = per_metric.iter().map(|m| m[row]);
+        let driver = scores
+            .clone()
+            .enumerate()
+            .filter(|(_, s)| *s > 0.0)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(String::new(), |(m, _)| (m + 1).to_string());
+        let mut record = vec![
+            row.to_string(),
+            u8::from(*label).to_string(),
+            score.to_string(),
+            driver,
+        ];
+        record.extend(scores.map(|s| s.to_string()));
+        out.write_record(&record).map_err(|e| fail(&e))?;
+    }
+    out.flush().map_err(|e| fail(&e))
 }
 
 /// The (0-based) metrics the interpretation labels name most often, at most
