@@ -14,7 +14,7 @@ use crate::score::group::{group_score, MAX_DRIVERS};
 use crate::score::Detection;
 
 use super::metrics::{best_f1, f1, runs};
-use super::replay::{chart_points, replay_many, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay_many, write_csv, Recording, Replayed, Retrain};
 use crate::chart::ChartData;
 
 /// Rows of `train/` a model learns from: the most recent ones, as a retrain would read them.
@@ -269,11 +269,6 @@ fn write_scores(
     labels: &[bool],
     per_metric: &[Vec<f64>],
 ) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
-    }
-    let mut out = csv::Writer::from_path(path).map_err(|e| fail(&e))?;
     let mut header = vec![
         "row".to_string(),
         "label".to_string(),
@@ -281,25 +276,28 @@ fn write_scores(
         "driver".to_string(),
     ];
     header.extend((1..=per_metric.len()).map(|m| format!("metric_{m}")));
-    out.write_record(&header).map_err(|e| fail(&e))?;
-    for (row, (score, label)) in combined.iter().zip(labels).enumerate() {
-        let scores = per_metric.iter().map(|m| m[row]);
-        let driver = scores
-            .clone()
-            .enumerate()
-            .filter(|(_, s)| *s > 0.0)
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(String::new(), |(m, _)| (m + 1).to_string());
-        let mut record = vec![
-            row.to_string(),
-            u8::from(*label).to_string(),
-            score.to_string(),
-            driver,
-        ];
-        record.extend(scores.map(|s| s.to_string()));
-        out.write_record(&record).map_err(|e| fail(&e))?;
-    }
-    out.flush().map_err(|e| fail(&e))
+    let rows = combined
+        .iter()
+        .zip(labels)
+        .enumerate()
+        .map(|(row, (score, label))| {
+            let scores = per_metric.iter().map(|m| m[row]);
+            let driver = scores
+                .clone()
+                .enumerate()
+                .filter(|(_, s)| *s > 0.0)
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(String::new(), |(m, _)| (m + 1).to_string());
+            let mut record = vec![
+                row.to_string(),
+                u8::from(*label).to_string(),
+                score.to_string(),
+                driver,
+            ];
+            record.extend(scores.map(|s| s.to_string()));
+            record
+        });
+    write_csv(path, &header, rows)
 }
 
 /// The (0-based) metrics the interpretation labels name most often, at most

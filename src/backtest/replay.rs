@@ -244,11 +244,6 @@ pub fn write_scores(
     replayed: &Replayed,
     labels: Option<&[bool]>,
 ) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
-    }
-    let mut out = csv::Writer::from_path(path).map_err(|e| fail(&e))?;
     let mut header = vec![
         "timestamp",
         "value",
@@ -260,26 +255,43 @@ pub fn write_scores(
     if labels.is_some() {
         header.push("label");
     }
-    out.write_record(&header).map_err(|e| fail(&e))?;
     let cell = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
-    for (i, (ts, value)) in recording
+    let rows = recording
         .timestamps
         .iter()
         .zip(&recording.values)
         .enumerate()
-    {
-        let s = replayed.scores[i];
-        let mut row = vec![
-            ts.to_string(),
-            value.to_string(),
-            cell(s.map(|s| s.score)),
-            cell(s.map(|s| s.yhat)),
-            cell(s.map(|s| s.lower)),
-            cell(s.map(|s| s.upper)),
-        ];
-        if let Some(labels) = labels {
-            row.push(u8::from(labels[i]).to_string());
-        }
+        .map(|(i, (ts, value))| {
+            let s = replayed.scores[i];
+            let mut row = vec![
+                ts.to_string(),
+                value.to_string(),
+                cell(s.map(|s| s.score)),
+                cell(s.map(|s| s.yhat)),
+                cell(s.map(|s| s.lower)),
+                cell(s.map(|s| s.upper)),
+            ];
+            if let Some(labels) = labels {
+                row.push(u8::from(labels[i]).to_string());
+            }
+            row
+        });
+    write_csv(path, &header, rows)
+}
+
+/// Writes a CSV file of `header` and `rows`, creating its folder; errors name the file.
+pub fn write_csv<H: AsRef<[u8]>>(
+    path: &Path,
+    header: &[H],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    }
+    let mut out = csv::Writer::from_path(path).map_err(|e| fail(&e))?;
+    out.write_record(header).map_err(|e| fail(&e))?;
+    for row in rows {
         out.write_record(&row).map_err(|e| fail(&e))?;
     }
     out.flush().map_err(|e| fail(&e))
