@@ -103,7 +103,8 @@ fn read_interpretation(path: &Path) -> Result<Vec<(usize, usize, Vec<usize>)>, S
 pub struct MachineOutput<'a> {
     /// Keep charts of the most often labelled metrics in the report.
     pub charts: bool,
-    /// Write the test rows' scores to `<dir>/<machine>.csv` ([`write_scores`]).
+    /// Write the test rows' scores to `<dir>/<machine>.csv`
+    /// (`row,label,anomaly_score,driver,metric_1,...`).
     pub scores: Option<&'a Path>,
 }
 
