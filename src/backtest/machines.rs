@@ -199,9 +199,7 @@ pub fn run_machine(
         let Some(peak) = (*start..=end).max_by(|a, b| combined[*a].total_cmp(&combined[*b])) else {
             continue;
         };
-        let mut ranked: Vec<usize> = (0..metrics).collect();
-        ranked.sort_by(|a, b| per_metric[*b][peak].total_cmp(&per_metric[*a][peak]));
-        if ranked
+        if ranked_metrics(&per_metric, peak)
             .iter()
             .take(NAMED)
             .any(|m| labelled.contains(&(m + 1)))
@@ -261,6 +259,14 @@ pub fn run_machine(
     })
 }
 
+/// The (0-based) metrics at test row `row`, highest score first, ties in metric order: the
+/// order in which an alert names them.
+fn ranked_metrics(per_metric: &[Vec<f64>], row: usize) -> Vec<usize> {
+    let mut ranked: Vec<usize> = (0..per_metric.len()).collect();
+    ranked.sort_by(|a, b| per_metric[*b][row].total_cmp(&per_metric[*a][row]));
+    ranked
+}
+
 /// Writes one machine's test rows: `row` (0-based, as the interpretation labels count),
 /// `label`, the combined `anomaly_score`, the `driver` (the 1-based metric scoring highest,
 /// empty while none scores) and each metric's score (`metric_1`, ...).
@@ -282,20 +288,17 @@ fn write_scores(
         .zip(labels)
         .enumerate()
         .map(|(row, (score, label))| {
-            let scores = per_metric.iter().map(|m| m[row]);
-            let driver = scores
-                .clone()
-                .enumerate()
-                .filter(|(_, s)| *s > 0.0)
-                .max_by(|a, b| a.1.total_cmp(&b.1))
-                .map_or(String::new(), |(m, _)| (m + 1).to_string());
+            let driver = ranked_metrics(per_metric, row)
+                .first()
+                .filter(|m| per_metric[**m][row] > 0.0)
+                .map_or(String::new(), |m| (m + 1).to_string());
             let mut record = vec![
                 row.to_string(),
                 u8::from(*label).to_string(),
                 score.to_string(),
                 driver,
             ];
-            record.extend(scores.map(|s| s.to_string()));
+            record.extend(per_metric.iter().map(|m| m[row].to_string()));
             record
         });
     write_csv(path, &header, rows)
