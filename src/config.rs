@@ -355,6 +355,16 @@ impl TrainingOverrides {
         }
     }
 
+    /// The hyperparameter search's budget, if `search` asks for one (`trials: 0` is off).
+    pub fn search_budget(&self) -> Option<mad_training::search::Budget> {
+        self.search
+            .filter(|s| s.trials > 0)
+            .map(|s| mad_training::search::Budget {
+                trials: s.trials,
+                wall_time: s.time.0,
+            })
+    }
+
     fn or(&self, fallback: &TrainingOverrides) -> TrainingOverrides {
         TrainingOverrides {
             hidden: self.hidden.or(fallback.hidden),
@@ -665,14 +675,7 @@ impl Detector {
         &self,
         defaults: &TrainingOverrides,
     ) -> Option<mad_training::search::Budget> {
-        self.training
-            .or(defaults)
-            .search
-            .filter(|s| s.trials > 0)
-            .map(|s| mad_training::search::Budget {
-                trials: s.trials,
-                wall_time: s.time.0,
-            })
+        self.training.or(defaults).search_budget()
     }
 
     /// Trainer options: the detector's overrides, then the config-wide ones, then defaults.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use mad::backtest::replay::Training;
 use mad::config::Config;
 
 /// MAD (Metrics Anomaly Detection) learns each metric's normal behaviour with a small LSTM
@@ -608,15 +609,19 @@ fn write_plot(path: &std::path::Path, charts: &[mad::chart::ChartData]) -> anyho
 const PLOT_WIDTH: u32 = 1600;
 const PLOT_PANEL_HEIGHT: u32 = 320;
 
-/// Training options and the ONNX Runtime library from an optional config.
+/// How models are trained (the config's `training:`, its search included) and the ONNX Runtime
+/// library, from an optional config.
 fn backtest_settings(
     config: Option<&std::path::Path>,
-) -> anyhow::Result<(mad_training::TrainOptions, Option<PathBuf>)> {
+) -> anyhow::Result<(Training, Option<PathBuf>)> {
     let config = config.map(Config::load).transpose()?;
-    let options = config.as_ref().map_or_else(Default::default, |c| {
-        c.training.apply(mad_training::TrainOptions::default())
-    });
-    Ok((options, config.and_then(|c| c.onnxruntime.library)))
+    let training = config
+        .as_ref()
+        .map_or_else(Training::default, |c| Training {
+            options: c.training.apply(mad_training::TrainOptions::default()),
+            search: c.training.search_budget(),
+        });
+    Ok((training, config.and_then(|c| c.onnxruntime.library)))
 }
 
 /// Where a backtest writes what it did besides its table.
@@ -637,7 +642,7 @@ fn backtest_csv(
         train_share > 0.0 && train_share < 1.0,
         "--train-share must lie between 0 and 1"
     );
-    let (options, library) = backtest_settings(config)?;
+    let (training, library) = backtest_settings(config)?;
     println!(
         "{:<40} {:>6} {:>8} {:>10} {:>11} {:>12} {:>15} {:>7}",
         "file", "rows", "best F1", "F1 at 1", "P / R", "events found", "detections right", "train"
@@ -648,7 +653,7 @@ fn backtest_csv(
         let r = run_labelled(
             &labelled,
             train_share,
-            &options,
+            &training,
             detection,
             library.as_deref(),
         )
@@ -706,8 +711,8 @@ fn backtest_machines(
 ) -> anyhow::Result<()> {
     use mad::backtest::machines::{machines, run_machine, MachineOutput, NAMED};
     let plot = output.plot;
-    let (mut options, library) = backtest_settings(config)?;
-    options.joint |= joint;
+    let (mut training, library) = backtest_settings(config)?;
+    training.options.joint |= joint;
     let names: Vec<String> = machines(dir)
         .map_err(anyhow::Error::msg)?
         .into_iter()
@@ -734,7 +739,7 @@ fn backtest_machines(
             dir,
             name,
             step.as_secs() as i64,
-            &options,
+            &training,
             detection,
             library.as_deref(),
             MachineOutput {
@@ -778,11 +783,12 @@ fn backtest_machines(
     println!(
         "\nmean best F1 {:.3}, mean F1 at the default threshold {:.3} ({:.0}% of best); labelled \
          metric among the top {NAMED} named in {hits} of {segments} segments; training {:.1} s per \
-         model",
+         model{}",
         mean(|r| r.best_f1),
         mean(|r| r.default_f1),
         100.0 * mean(|r| r.default_f1) / mean(|r| r.best_f1).max(f64::MIN_POSITIVE),
-        mean(|r| r.train_seconds)
+        mean(|r| r.train_seconds),
+        searched(reports.iter().map(|r| r.trials))
     );
     Ok(())
 }
@@ -796,7 +802,7 @@ fn backtest(
     retrain: mad::backtest::replay::Retrain,
     plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let (options, library) = backtest_settings(config)?;
+    let (training, library) = backtest_settings(config)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos} files {msg}")
@@ -805,7 +811,7 @@ fn backtest(
     bar.set_prefix("backtest");
     let run = mad::backtest::corpus::NabRun {
         only,
-        options: &options,
+        training: &training,
         detection,
         retrain,
         onnxruntime: library.as_deref(),
@@ -847,10 +853,24 @@ fn backtest(
     let mut train: Vec<f64> = report.files.iter().map(|f| f.train_seconds).collect();
     train.sort_by(f64::total_cmp);
     println!(
-        "training: {} models, median {:.2} s, longest {:.2} s",
+        "training: {} models, median {:.2} s, longest {:.2} s{}",
         train.len(),
         train[train.len() / 2],
-        train.last().copied().unwrap_or_default()
+        train.last().copied().unwrap_or_default(),
+        searched(report.files.iter().map(|f| f.trials))
     );
     Ok(())
+}
+
+/// How much a backtest's models were searched (`training.search`), for its summary line.
+fn searched(trials: impl Iterator<Item = usize>) -> String {
+    let (models, total) = trials.fold((0, 0), |(n, sum), t| (n + 1, sum + t));
+    if total == 0 {
+        String::new()
+    } else {
+        format!(
+            ", hyperparameters searched ({:.1} trials per model)",
+            total as f64 / models as f64
+        )
+    }
 }

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use mad::backtest::corpus::{read_nab_csv, run_nab, NabRun};
 use mad::backtest::datasets_dir;
-use mad::backtest::replay::{replay, Recording, Retrain};
+use mad::backtest::replay::{replay, Recording, Retrain, Training};
 use mad::score::likelihood::MIN_HISTORY;
 use mad::score::Detection;
 use mad_training::TrainOptions;
@@ -31,7 +31,7 @@ fn truncated(recording: &Recording, rows: usize) -> Recording {
 fn a_point_is_scored_from_the_past_only() {
     let full = truncated(&jumps_up(), 1_500);
     let cut = truncated(&full, 1_100);
-    let options = TrainOptions::default();
+    let options = Training::default();
     // Retraining on what was seen (at 600 rows here) must not peek either.
     for retrain in [Retrain::Never, Retrain::WhenDoubled] {
         let a = replay(&full, 300, &options, retrain, Detection::default(), None).expect("replay");
@@ -54,11 +54,11 @@ fn a_point_is_scored_from_the_past_only() {
 fn the_jump_is_found_and_every_row_is_written() {
     let nab = datasets_dir().expect("datasets").join("nab");
     let out = tempfile::tempdir().expect("tempdir");
-    let options = TrainOptions::default();
+    let training = Training::default();
     let only = ["art_daily_jumpsup".to_string()];
     let run = NabRun {
         only: &only,
-        options: &options,
+        training: &training,
         detection: Detection::default(),
         retrain: Retrain::Never,
         onnxruntime: None,
@@ -124,6 +124,55 @@ fn a_missing_corpus_is_a_clear_error() {
     );
 }
 
+/// `training.search` in the config a backtest reads searches each model's hyperparameters, as
+/// `mad train` would: the backtest measures what the search is worth.
+#[test]
+fn a_backtest_searches_hyperparameters_when_the_config_asks() {
+    let nab = datasets_dir().expect("datasets").join("nab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("search.yaml");
+    std::fs::write(
+        &config,
+        "datasource: { url: \"http://127.0.0.1:9\" }\n\
+         detectors: [{ name: nab, query: up, step: 5m }]\n\
+         training: { search: { trials: 3, time: 10m } }\n",
+    )
+    .expect("write config");
+    let run = |config: Option<&std::path::Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mad"));
+        command
+            .args(["backtest", "--only", "art_daily_jumpsup", "--nab"])
+            .arg(&nab);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let output = command.output().expect("run mad backtest");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let searched = run(Some(&config));
+    let summary = searched
+        .lines()
+        .find(|l| l.starts_with("training:"))
+        .unwrap_or_else(|| panic!("no training line: {searched}"));
+    assert!(
+        summary.contains("hyperparameters searched (3.0 trials per model)"),
+        "{summary}"
+    );
+    let file = searched
+        .lines()
+        .find(|l| l.contains("art_daily_jumpsup"))
+        .unwrap_or_else(|| panic!("no row for the file: {searched}"));
+    assert!(file.contains("1/1"), "the jump is still found: {file}");
+    let plain = run(None);
+    assert!(!plain.contains("searched"), "{plain}");
+}
+
 /// A slice of ASD's omi-1 (the end of its training data, the first 1,400 test rows with two
 /// labelled segments), laid out as the corpus is.
 fn asd_slice(dir: &std::path::Path) {
@@ -166,7 +215,7 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         dir.path(),
         "omi-1",
         300,
-        &TrainOptions::default(),
+        &Training::default(),
         Detection::default(),
         None,
         mad::backtest::machines::MachineOutput {
@@ -218,15 +267,15 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
 fn a_joint_model_reads_all_metrics_of_a_machine_and_finds_the_incident() {
     let dir = tempfile::tempdir().expect("tempdir");
     asd_slice(dir.path());
-    let options = TrainOptions {
+    let training = Training::from(TrainOptions {
         joint: true,
         ..TrainOptions::default()
-    };
+    });
     let r = mad::backtest::machines::run_machine(
         dir.path(),
         "omi-1",
         300,
-        &options,
+        &training,
         Detection::default(),
         None,
         Default::default(),

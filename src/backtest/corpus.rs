@@ -7,10 +7,8 @@ use crate::chart::ChartData;
 use crate::score::Detection;
 use std::path::{Path, PathBuf};
 
-use mad_training::TrainOptions;
-
 use super::nab::{self, CorpusScore, ScoredFile, PROFILES};
-use super::replay::{chart_points, replay, write_scores, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay, write_scores, Recording, Replayed, Retrain, Training};
 
 /// What a NAB run found, file by file and for the corpus.
 #[derive(Debug, Clone)]
@@ -31,6 +29,8 @@ pub struct FileReport {
     pub rows: usize,
     pub windows: usize,
     pub train_seconds: f64,
+    /// Hyperparameter search trials its model took (0 without `training.search`).
+    pub trials: usize,
     /// Under the standard profile at the corpus threshold: windows detected.
     pub windows_found: usize,
     /// Detections outside every window, at the corpus threshold (standard profile).
@@ -69,7 +69,7 @@ pub fn read_nab_csv(path: &Path, name: &str) -> Result<Recording, String> {
 pub struct NabRun<'a> {
     /// Only files whose name contains one of these (all when empty).
     pub only: &'a [String],
-    pub options: &'a TrainOptions,
+    pub training: &'a Training,
     /// How the files are scored (`detection.scoring` and the rest), as a detector would be.
     pub detection: Detection,
     pub retrain: Retrain,
@@ -129,7 +129,7 @@ pub fn run_nab(
 ) -> Result<NabReport, String> {
     let NabRun {
         only,
-        options,
+        training,
         detection,
         retrain,
         onnxruntime,
@@ -155,13 +155,14 @@ pub fn run_nab(
         // A file whose past is too short or too gappy to learn from scores nothing, like a
         // metric the exporter has no model for yet; the report says so.
         let (replayed, note) =
-            match replay(&recording, learn, options, retrain, detection, onnxruntime) {
+            match replay(&recording, learn, training, retrain, detection, onnxruntime) {
                 Ok(r) => (r, None),
                 Err(e) => (
                     Replayed {
                         scores: vec![None; rows],
                         train_seconds: 0.0,
                         epochs: 0,
+                        trials: 0,
                     },
                     Some(e),
                 ),
@@ -189,6 +190,7 @@ pub fn run_nab(
             rows,
             windows: file_windows.len(),
             train_seconds: replayed.train_seconds,
+            trials: replayed.trials,
             windows_found: 0,
             false_positives: 0,
             score: 0.0,

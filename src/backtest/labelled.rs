@@ -4,11 +4,9 @@
 
 use std::path::Path;
 
-use mad_training::TrainOptions;
-
 use super::metrics::{best_f1, f1, EventScores};
 use super::nab::parse_timestamp;
-use super::replay::{chart_points, replay, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay, Recording, Replayed, Retrain, Training};
 use crate::chart::ChartData;
 use crate::score::Detection;
 use crate::source::Labels;
@@ -78,7 +76,7 @@ pub struct LabelledReport {
 pub fn run_labelled(
     labelled: &Labelled,
     learn_share: f64,
-    options: &TrainOptions,
+    training: &Training,
     detection: Detection,
     onnxruntime: Option<&Path>,
 ) -> Result<LabelledReport, String> {
@@ -87,7 +85,7 @@ pub fn run_labelled(
     let replayed = replay(
         &labelled.recording,
         learned,
-        options,
+        training,
         Retrain::Never,
         detection,
         onnxruntime,

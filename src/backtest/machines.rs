@@ -8,13 +8,12 @@
 use std::path::Path;
 
 use mad_training::contract::INPUT_LABEL;
-use mad_training::TrainOptions;
 
 use crate::score::group::{group_score, MAX_DRIVERS};
 use crate::score::Detection;
 
 use super::metrics::{best_f1, f1, runs};
-use super::replay::{chart_points, replay_many, write_csv, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay_many, write_csv, Recording, Replayed, Retrain, Training};
 use crate::chart::ChartData;
 
 /// Rows of `train/` a model learns from: the most recent ones, as a retrain would read them.
@@ -46,6 +45,8 @@ pub struct MachineReport {
     pub attribution_hits: usize,
     pub attribution_segments: usize,
     pub train_seconds: f64,
+    /// Hyperparameter search trials the machine's model took (0 without `training.search`).
+    pub trials: usize,
     /// With `charts`: the test rows of the [`PLOTTED_METRICS`] most often labelled metrics.
     pub charts: Vec<ChartData>,
 }
@@ -113,7 +114,7 @@ pub fn run_machine(
     dir: &Path,
     name: &str,
     step_secs: i64,
-    options: &TrainOptions,
+    training: &Training,
     detection: Detection,
     onnxruntime: Option<&Path>,
     output: MachineOutput<'_>,
@@ -154,12 +155,13 @@ pub fn run_machine(
     let replayed = replay_many(
         &recordings,
         past.len(),
-        options,
+        training,
         Retrain::Never,
         detection,
         onnxruntime,
     )?;
     let train_seconds = replayed.first().map_or(0.0, |r| r.train_seconds);
+    let trials = replayed.first().map_or(0, |r| r.trials);
     // Per metric, the test rows' scores (0 where nothing was scored).
     let per_metric: Vec<Vec<f64>> = replayed
         .iter()
@@ -255,6 +257,7 @@ pub fn run_machine(
         attribution_hits,
         attribution_segments: interpretation.len(),
         train_seconds,
+        trials,
         charts,
     })
 }

@@ -7,7 +7,7 @@ use crate::chart::ChartData;
 use crate::config::{Config, Detector};
 use crate::source::{align_down, Client};
 
-use super::replay::{chart_points, replay_many, Recording, Replayed, Retrain};
+use super::replay::{chart_points, replay_many, Recording, Replayed, Retrain, Training};
 
 /// What the detector did on one series after `train_until`.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,14 +76,17 @@ pub async fn run_range(
             values: s.on_grid(from, to, step),
         })
         .collect();
-    let options = detector.train_options(&config.training);
+    let training = Training {
+        options: detector.train_options(&config.training),
+        search: detector.search_budget(&config.training),
+    };
     let detection = detector.detection;
     let library = config.onnxruntime.library.clone();
     let (recordings, replayed) = tokio::task::spawn_blocking(move || {
         replay_many(
             &recordings,
             learn,
-            &options,
+            &training,
             Retrain::Never,
             detection,
             library.as_deref(),

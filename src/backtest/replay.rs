@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mad_training::{SeriesHistory, TrainError, TrainOptions};
+use mad_training::search::Budget;
+use mad_training::{SeriesHistory, TrainError, TrainOptions, TrainedModel};
 
 use crate::chart::ChartPoint;
 use crate::model::Forecaster;
@@ -19,6 +20,54 @@ const DETECTOR: &str = "backtest";
 const MIN_WINDOW: usize = 8;
 /// Points handed to the scorer per cycle: enough to bridge the gaps it would interpolate.
 const POINTS_PER_CYCLE: usize = mad_training::contract::MAX_INTERPOLATED_GAP + 2;
+
+/// How a replay's model is trained: the trainer's options, and a hyperparameter search's budget
+/// when the config's `training.search` asks for one, so a backtest trains as `mad train` would.
+#[derive(Debug, Clone, Default)]
+pub struct Training {
+    pub options: TrainOptions,
+    pub search: Option<Budget>,
+}
+
+impl From<TrainOptions> for Training {
+    fn from(options: TrainOptions) -> Self {
+        Training {
+            options,
+            search: None,
+        }
+    }
+}
+
+impl Training {
+    /// One model for `series`, with `options` in place of [`Self::options`] (a short past's
+    /// window is shortened): searched when a budget is set (its first trial is `options`).
+    fn train(
+        &self,
+        step: i64,
+        series: &[SeriesHistory],
+        options: &TrainOptions,
+    ) -> Result<TrainedModel, TrainError> {
+        match self.search {
+            Some(budget) => mad_training::search::search(
+                DETECTOR,
+                step as u64,
+                series,
+                options,
+                budget,
+                &mut |_| {},
+            )
+            .map(|searched| {
+                tracing::debug!(
+                    best = searched.best,
+                    trials = ?searched.trials,
+                    "hyperparameter search"
+                );
+                searched.model
+            }),
+            None => mad_training::train(DETECTOR, step as u64, series, options, &mut |_| {}),
+        }
+    }
+}
 
 /// One recorded series: Unix seconds and values (NaN for missing).
 #[derive(Debug, Clone)]
@@ -54,6 +103,8 @@ pub struct Replayed {
     pub scores: Vec<Option<Score>>,
     pub train_seconds: f64,
     pub epochs: usize,
+    /// Hyperparameter search trials run (0 without a search).
+    pub trials: usize,
 }
 
 /// A recording on the step grid (multiples of the step, as the exporter expects, like a range
@@ -91,7 +142,7 @@ fn on_grid(recording: &Recording, step: i64) -> Gridded {
 pub fn replay(
     recording: &Recording,
     learn: usize,
-    options: &TrainOptions,
+    training: &Training,
     retrain: Retrain,
     detection: Detection,
     onnxruntime: Option<&Path>,
@@ -99,7 +150,7 @@ pub fn replay(
     replay_many(
         std::slice::from_ref(recording),
         learn,
-        options,
+        training,
         retrain,
         detection,
         onnxruntime,
@@ -122,7 +173,7 @@ pub enum Retrain {
 pub fn replay_many(
     recordings: &[Recording],
     learn: usize,
-    options: &TrainOptions,
+    training: &Training,
     retrain: Retrain,
     detection: Detection,
     onnxruntime: Option<&Path>,
@@ -140,9 +191,10 @@ pub fn replay_many(
         })
         .max()
         .unwrap_or(0);
-    let mut options = options.clone();
+    let mut options = training.options.clone();
     let mut train_seconds = 0.0;
     let mut epochs = 0;
+    let mut trials = 0;
     let mut fit = |upto: usize, options: &mut TrainOptions| -> Result<DetectorScorer, String> {
         let histories: Vec<SeriesHistory> = grids
             .iter()
@@ -158,7 +210,7 @@ pub fn replay_many(
         let started = Instant::now();
         // A short past gets a shorter window rather than no model, as a new metric would.
         let model = loop {
-            match mad_training::train(DETECTOR, step as u64, &histories, options, &mut |_| {}) {
+            match training.train(step, &histories, options) {
                 Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
                     options.window /= 2;
                 }
@@ -174,6 +226,13 @@ pub fn replay_many(
             .get("epochs_run")
             .and_then(|v| v.as_u64())
             .unwrap_or_default() as usize;
+        trials += model
+            .meta
+            .training
+            .get("search")
+            .and_then(|s| s.get("trials"))
+            .and_then(|t| t.as_array())
+            .map_or(0, Vec::len);
         let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
             .map_err(|e| format!("{name}: {e}"))?;
         // Never stale: the recording's clock, not the wall clock, drives the cycles.
@@ -232,6 +291,7 @@ pub fn replay_many(
             scores: g.slot_of_row.iter().map(|slot| slots[*slot]).collect(),
             train_seconds,
             epochs,
+            trials,
         })
         .collect())
 }
