@@ -721,7 +721,7 @@ fn backtest_machines(
     anyhow::ensure!(!names.is_empty(), "{}: no machines in test/", dir.display());
     let bar = indicatif::ProgressBar::new(names.len() as u64);
     println!(
-        "{:<14} {:>6} {:>7} {:>16} {:>10} {:>8} {:>10} {:>12} {:>7}",
+        "{:<14} {:>6} {:>7} {:>16} {:>10} {:>8} {:>10} {:>16} {:>12} {:>7}",
         "machine",
         "rows",
         "metrics",
@@ -729,6 +729,7 @@ fn backtest_machines(
         "F1 at 1",
         "P / R",
         "segments",
+        "detections right",
         "attribution",
         "train"
     );
@@ -751,7 +752,7 @@ fn backtest_machines(
         bar.inc(1);
         bar.suspend(|| {
             println!(
-                "{:<14} {:>6} {:>7} {:>8.3} ({:>5.2}) {:>10.3} {:>4.2}/{:<4.2} {:>5}/{:<4} {:>6}/{:<5} {:>6.1}s",
+                "{:<14} {:>6} {:>7} {:>8.3} ({:>5.2}) {:>10.3} {:>4.2}/{:<4.2} {:>5}/{:<4} {:>9}/{:<6} {:>6}/{:<5} {:>6.1}s",
                 r.name,
                 r.rows,
                 r.metrics,
@@ -760,8 +761,10 @@ fn backtest_machines(
                 r.default_f1,
                 r.default_precision,
                 r.default_recall,
-                r.segments_found,
-                r.segments,
+                r.events.found,
+                r.events.events,
+                r.events.right,
+                r.events.detections,
                 r.attribution_hits,
                 r.attribution_segments,
                 r.train_seconds
@@ -779,16 +782,23 @@ fn backtest_machines(
         reports.iter().map(f).sum::<f64>() / reports.len() as f64
     };
     let hits: usize = reports.iter().map(|r| r.attribution_hits).sum();
+    let total = |f: fn(&mad::backtest::metrics::EventScores) -> usize| {
+        reports.iter().map(|r| f(&r.events)).sum::<usize>()
+    };
     let segments: usize = reports.iter().map(|r| r.attribution_segments).sum();
     println!(
         "\nmean best F1 {:.3}, mean F1 at the default threshold {:.3} ({:.0}% of best); labelled \
          metric among the top {NAMED} named in {hits} of {segments} segments; training {:.1} s per \
-         model{}",
+         model{}; per segment at the default threshold: {} of {} found, {} of {} detections right",
         mean(|r| r.best_f1),
         mean(|r| r.default_f1),
         100.0 * mean(|r| r.default_f1) / mean(|r| r.best_f1).max(f64::MIN_POSITIVE),
         mean(|r| r.train_seconds),
-        searched(reports.iter().map(|r| r.trials))
+        searched(reports.iter().map(|r| r.trials)),
+        total(|e| e.found),
+        total(|e| e.events),
+        total(|e| e.right),
+        total(|e| e.detections),
     );
     Ok(())
 }

@@ -225,8 +225,8 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
     )
     .expect("backtest");
     println!("{r:?}");
-    assert_eq!((r.rows, r.metrics, r.segments), (1_400, 19, 2));
-    assert!(r.segments_found >= 1, "{r:?}");
+    assert_eq!((r.rows, r.metrics, r.events.events), (1_400, 19, 2));
+    assert!(r.events.found >= 1 && r.events.right >= 1, "{r:?}");
     assert!(r.best_f1 > 0.2 && r.default_f1 <= r.best_f1, "{r:?}");
     assert_eq!(r.attribution_segments, 2);
     assert_eq!(
@@ -261,6 +261,14 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         assert_eq!(score(row, 3 + driver), highest, "{row:?}");
     }
     assert!(rows.iter().any(|row| &row[1] == "1" && score(row, 2) > 1.0));
+    // Each run of rows above 1 in the file is one detection the report judged.
+    let above: Vec<bool> = rows.iter().map(|row| score(row, 2) > 1.0).collect();
+    let runs = above
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| **a && (*i == 0 || !above[i - 1]))
+        .count();
+    assert_eq!(runs, r.events.detections, "{r:?}");
 }
 
 #[test]
@@ -282,8 +290,8 @@ fn a_joint_model_reads_all_metrics_of_a_machine_and_finds_the_incident() {
     )
     .expect("backtest");
     println!("{r:?}");
-    assert_eq!((r.rows, r.metrics, r.segments), (1_400, 19, 2));
-    assert!(r.segments_found >= 1, "{r:?}");
+    assert_eq!((r.rows, r.metrics, r.events.events), (1_400, 19, 2));
+    assert!(r.events.found >= 1 && r.events.right >= 1, "{r:?}");
     assert!(r.best_f1 > 0.2 && r.default_f1 <= r.best_f1, "{r:?}");
     assert!(r.attribution_hits >= 1, "{r:?}");
 }

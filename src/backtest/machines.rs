@@ -12,7 +12,7 @@ use mad_training::contract::INPUT_LABEL;
 use crate::score::group::{group_score, MAX_DRIVERS};
 use crate::score::Detection;
 
-use super::metrics::{best_f1, f1, runs};
+use super::metrics::{best_f1, f1, runs, EventScores};
 use super::replay::{chart_points, replay_many, write_csv, Recording, Replayed, Retrain, Training};
 use crate::chart::ChartData;
 
@@ -37,9 +37,9 @@ pub struct MachineReport {
     pub default_f1: f64,
     pub default_precision: f64,
     pub default_recall: f64,
-    /// Labelled segments with at least one row above 1.
-    pub segments_found: usize,
-    pub segments: usize,
+    /// Per labelled segment at the default threshold: found when one of its rows is above 1;
+    /// a detection (a run above 1, what an alert would be) is right when it overlaps one.
+    pub events: EventScores,
     /// Interpretation segments whose labelled metrics include one of the [`NAMED`] top metrics
     /// at the segment's most anomalous row.
     pub attribution_hits: usize,
@@ -190,11 +190,8 @@ pub fn run_machine(
     let (best_f1, best_threshold) = best_f1(&combined, &labels);
     let (default_f1, default_precision, default_recall) =
         f1(combined.iter().map(|s| *s > 1.0), &labels);
+    let events = EventScores::of(&combined, &labels, 1.0);
     let segments = runs(&labels);
-    let segments_found = segments
-        .iter()
-        .filter(|(a, b)| combined[*a..*b].iter().any(|s| *s > 1.0))
-        .count();
     let mut attribution_hits = 0;
     for (start, end, labelled) in &interpretation {
         let end = (*end).min(test.len().saturating_sub(1));
@@ -252,8 +249,7 @@ pub fn run_machine(
         default_f1,
         default_precision,
         default_recall,
-        segments_found,
-        segments: segments.len(),
+        events,
         attribution_hits,
         attribution_segments: interpretation.len(),
         train_seconds,
