@@ -51,7 +51,7 @@ machines() { grep '^mean best F1' "$logs/$1"; }
 best_f1() { machines "$1" | sed -E 's/^mean best F1 ([0-9.]+),.*/\1/'; }
 default_f1() { machines "$1" | sed -E 's/.*default threshold ([0-9.]+ \([0-9]+% of best\)).*/\1/'; }
 attribution() { machines "$1" | sed -E 's/.*named in ([0-9]+ of [0-9]+) segments.*/\1/'; }
-per_segment() { machines "$1" | sed -E 's/.*default threshold: ([0-9]+ of [0-9]+) found, ([0-9]+ of [0-9]+) detections right.*/\1 found, \2 right/'; }
+per_segment() { machines "$1" | sed -E 's/.*default threshold: ([0-9]+) of ([0-9]+) found, ([0-9]+) of ([0-9]+) detections right.*/\1\/\2; \3\/\4/'; }
 train_time() { machines "$1" | sed -E 's/.*training ([0-9.]+ s) per model.*/\1/'; }
 nab_train="$(sed -nE 's/^training: ([0-9]+) models, median ([0-9.]+ s).*/median \2 (\1 models)/p' "$logs/nab")"
 echo
@@ -61,7 +61,7 @@ printf '%-34s %-28s\n' "NAB standard / low FP / low FN" \
   "$(nab_profile standard) / $(nab_profile reward_low_FP_rate) / $(nab_profile reward_low_FN_rate)"
 printf '%-34s %-28s %-24s %s\n' "best F1 (no point-adjust)" "" "$(best_f1 smd)" "$(best_f1 asd)"
 printf '%-34s %-28s %-24s %s\n' "F1 at the default threshold" "" "$(default_f1 smd)" "$(default_f1 asd)"
-printf '%-34s %-28s %-24s %s\n' "segments found, detections right" "" "$(per_segment smd)" "$(per_segment asd)"
+printf '%-34s %-28s %-24s %s\n' "segments found; detections right" "" "$(per_segment smd)" "$(per_segment asd)"
 printf '%-34s %-28s %-24s %s\n' "attribution: labelled in top 3" "" "$(attribution smd)" "$(attribution asd)"
 printf '%-34s %-28s %-24s %s\n' "training time per model" "$nab_train" "$(train_time smd)" "$(train_time asd)"
 printf '%-34s %-28s %-24s %s\n' "joint model: best F1" "" "$(best_f1 smd-joint)" "$(best_f1 asd-joint)"

@@ -161,7 +161,8 @@ enum Command {
         /// test rows' label, combined score, driving metric and every metric's score.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
-        /// Training settings (`training:`) and `onnxruntime.library` from this config.
+        /// Training settings (`training:`, a hyperparameter `search` included) and
+        /// `onnxruntime.library` from this config.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// How forecast errors become scores.
