@@ -53,6 +53,11 @@ const PIECE_WINDOWS: usize = 8;
 /// Fewest forecasts a validation or calibration part must have for a series to be used.
 const MIN_HELD_OUT_TARGETS: usize = 16;
 const HUBER_DELTA: f64 = 1.0;
+/// Streams of a training batch run through the LSTM together, their gradients summed before the
+/// batch's one Adam step (the same update, up to rounding): at 32 the tape (gates, their
+/// gradients, states: ~3 MB) spills from a core's 1 MB L2; in groups of 8 it stays (a default
+/// model on 20,160 points: 0.51 → 0.46 s in interleaved benchmark runs).
+const SUB_BATCH_STREAMS: usize = 8;
 /// Evaluation walks streams in chunks of this many steps and this many streams at a time,
 /// which bounds the tape's memory on long histories and many series.
 const EVAL_CHUNK_STEPS: usize = 256;
@@ -533,17 +538,21 @@ struct Workspace {
     targets: Vec<f32>,
     valid: Vec<bool>,
     dyhat: Vec<f32>,
+    /// A batch's parameter gradients, summed over its groups of [`SUB_BATCH_STREAMS`].
+    summed: Vec<f32>,
     h: Vec<f32>,
     c: Vec<f32>,
 }
 
 impl Workspace {
     fn new(features: usize, hidden: usize, layers: usize, outputs: usize) -> Self {
+        let grads = LstmParams::zeros_multi(features, hidden, layers, outputs);
         Workspace {
             features,
             outputs,
             tape: LstmTape::new(),
-            grads: LstmParams::zeros_multi(features, hidden, layers, outputs),
+            summed: vec![0.0; grads.as_slice().len()],
+            grads,
             x: Vec::new(),
             targets: Vec::new(),
             valid: Vec::new(),
@@ -616,40 +625,60 @@ fn train_epoch(
     let mut loss_sum = 0.0;
     let mut count_sum = 0usize;
     for batch_pieces in pieces.chunks(opts.batch_streams) {
-        let batch = batch_pieces.len();
         let max_steps = batch_pieces.iter().map(Piece::steps).max().unwrap_or(0);
-        ws.reset_state(batch * state);
+        let groups: Vec<&[Piece]> = batch_pieces.chunks(SUB_BATCH_STREAMS).collect();
+        let mut states: Vec<(Vec<f32>, Vec<f32>)> = groups
+            .iter()
+            .map(|group| {
+                (
+                    vec![0.0; group.len() * state],
+                    vec![0.0; group.len() * state],
+                )
+            })
+            .collect();
         let mut first_step = 0;
         while first_step < max_steps {
             let seq = opts.window.min(max_steps - first_step);
-            ws.fill_chunk(series, batch_pieces, first_step, seq);
-            let dropout = (opts.dropout > 0.0).then(|| Dropout {
-                rate: opts.dropout,
-                seed: rng.gen(),
-            });
-            ws.tape
-                .forward_train(params, &ws.x, (seq, batch), &ws.h, &ws.c, dropout)?;
-            let count = ws.valid.iter().filter(|&&v| v).count();
-            ws.dyhat.clear();
-            ws.dyhat.resize(ws.targets.len(), 0.0);
-            let scale = 1.0 / count.max(1) as f64;
-            for (((dy, &y), &target), &valid) in ws
-                .dyhat
-                .iter_mut()
-                .zip(ws.tape.yhat())
-                .zip(&ws.targets)
-                .zip(&ws.valid)
-            {
-                if valid {
-                    let r = y as f64 - target as f64;
-                    loss_sum += huber(r);
-                    *dy = (r.clamp(-HUBER_DELTA, HUBER_DELTA) * scale) as f32;
+            // Each group's gradient of its summed loss; the batch's mean is taken once all
+            // are in (the gradient is linear in the loss), as one pass over the batch would.
+            ws.summed.fill(0.0);
+            let mut count = 0;
+            for (group, (h, c)) in groups.iter().zip(&mut states) {
+                ws.fill_chunk(series, group, first_step, seq);
+                let dropout = (opts.dropout > 0.0).then(|| Dropout {
+                    rate: opts.dropout,
+                    seed: rng.gen(),
+                });
+                ws.tape
+                    .forward_train(params, &ws.x, (seq, group.len()), h, c, dropout)?;
+                ws.dyhat.clear();
+                ws.dyhat.resize(ws.targets.len(), 0.0);
+                for (((dy, &y), &target), &valid) in ws
+                    .dyhat
+                    .iter_mut()
+                    .zip(ws.tape.yhat())
+                    .zip(&ws.targets)
+                    .zip(&ws.valid)
+                {
+                    if valid {
+                        let r = y as f64 - target as f64;
+                        loss_sum += huber(r);
+                        *dy = r.clamp(-HUBER_DELTA, HUBER_DELTA) as f32;
+                        count += 1;
+                    }
                 }
+                ws.tape.backward(params, &ws.dyhat, &mut ws.grads)?;
+                for (sum, &g) in ws.summed.iter_mut().zip(ws.grads.as_slice()) {
+                    *sum += g;
+                }
+                ws.tape.copy_final_state(h, c)?;
+            }
+            let scale = 1.0 / count.max(1) as f32;
+            for (g, &sum) in ws.grads.as_mut_slice().iter_mut().zip(&ws.summed) {
+                *g = sum * scale;
             }
             count_sum += count;
-            ws.tape.backward(params, &ws.dyhat, &mut ws.grads)?;
             adam.step(params.as_mut_slice(), ws.grads.as_slice());
-            ws.tape.copy_final_state(&mut ws.h, &mut ws.c)?;
             first_step += seq;
         }
     }
