@@ -38,7 +38,7 @@ pub struct MachineReport {
     pub default_precision: f64,
     pub default_recall: f64,
     /// Per labelled segment at the default threshold: found when one of its rows is above 1;
-    /// a detection (a run above 1, what an alert would be) is right when it overlaps one.
+    /// a detection (a run of rows above 1) is right when it overlaps one.
     pub events: EventScores,
     /// Interpretation segments whose labelled metrics include one of the [`NAMED`] top metrics
     /// at the segment's most anomalous row.
