@@ -31,11 +31,11 @@ fn truncated(recording: &Recording, rows: usize) -> Recording {
 fn a_point_is_scored_from_the_past_only() {
     let full = truncated(&jumps_up(), 1_500);
     let cut = truncated(&full, 1_100);
-    let options = Training::default();
+    let training = Training::default();
     // Retraining on what was seen (at 600 rows here) must not peek either.
     for retrain in [Retrain::Never, Retrain::WhenDoubled] {
-        let a = replay(&full, 300, &options, retrain, Detection::default(), None).expect("replay");
-        let b = replay(&cut, 300, &options, retrain, Detection::default(), None).expect("replay");
+        let a = replay(&full, 300, &training, retrain, Detection::default(), None).expect("replay");
+        let b = replay(&cut, 300, &training, retrain, Detection::default(), None).expect("replay");
         let scored = b.scores.iter().flatten().count();
         // Every row after the 300 learnt from and the likelihood's history of its errors.
         assert!(

@@ -40,13 +40,14 @@ impl From<TrainOptions> for Training {
 
 impl Training {
     /// One model for `series`, with `options` in place of [`Self::options`] (a short past's
-    /// window is shortened): searched when a budget is set (its first trial is `options`).
+    /// window is shortened), and the search trials it took: searched when a budget is set (its
+    /// first trial is `options`).
     fn train(
         &self,
         step: i64,
         series: &[SeriesHistory],
         options: &TrainOptions,
-    ) -> Result<TrainedModel, TrainError> {
+    ) -> Result<(TrainedModel, usize), TrainError> {
         match self.search {
             Some(budget) => mad_training::search::search(
                 DETECTOR,
@@ -62,9 +63,10 @@ impl Training {
                     trials = ?searched.trials,
                     "hyperparameter search"
                 );
-                searched.model
+                (searched.model, searched.trials.len())
             }),
-            None => mad_training::train(DETECTOR, step as u64, series, options, &mut |_| {}),
+            None => mad_training::train(DETECTOR, step as u64, series, options, &mut |_| {})
+                .map(|model| (model, 0)),
         }
     }
 }
@@ -209,7 +211,7 @@ pub fn replay_many(
             .collect();
         let started = Instant::now();
         // A short past gets a shorter window rather than no model, as a new metric would.
-        let model = loop {
+        let (model, searched) = loop {
             match training.train(step, &histories, options) {
                 Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
                     options.window /= 2;
@@ -226,13 +228,7 @@ pub fn replay_many(
             .get("epochs_run")
             .and_then(|v| v.as_u64())
             .unwrap_or_default() as usize;
-        trials += model
-            .meta
-            .training
-            .get("search")
-            .and_then(|s| s.get("trials"))
-            .and_then(|t| t.as_array())
-            .map_or(0, Vec::len);
+        trials += searched;
         let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
             .map_err(|e| format!("{name}: {e}"))?;
         // Never stale: the recording's clock, not the wall clock, drives the cycles.
