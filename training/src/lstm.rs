@@ -16,6 +16,9 @@ use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Number of gates per hidden unit.
 const GATES: usize = 4;
 /// The block of a per-step product that [`step_product`] keeps in registers: 4 rows
@@ -23,6 +26,8 @@ const GATES: usize = 4;
 /// broadcast elements of `A`.
 const BLOCK_ROWS: usize = 4;
 const BLOCK_COLS: usize = 16;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(avx512::ROWS == BLOCK_ROWS);
 
 /// Floating-point element type the LSTM runs in.
 pub trait Real:
@@ -72,6 +77,22 @@ pub trait Real:
         rsc: isize,
         csc: isize,
     );
+    /// Adds one [`BLOCK_ROWS`]-row block of a [`step_product`] with AVX-512 intrinsics, where
+    /// this type has them, over as many columns as fill whole registers; returns the first
+    /// column left undone (0: this type has no such kernel).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn product_rows_avx512(
+        _a_rows: &[Self],
+        _b: &[Self],
+        _c_rows: &mut [Self],
+        _kn: (usize, usize),
+    ) -> usize {
+        0
+    }
 }
 
 impl Real for f64 {
@@ -165,6 +186,17 @@ impl Real for f32 {
         unsafe {
             matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
         }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn product_rows_avx512(
+        a_rows: &[Self],
+        b: &[Self],
+        c_rows: &mut [Self],
+        kn: (usize, usize),
+    ) -> usize {
+        // SAFETY: forwarded; the caller guarantees the CPU.
+        unsafe { avx512::product_rows(a_rows, b, c_rows, kn) }
     }
 }
 
@@ -271,8 +303,11 @@ fn gemm<T: Real>(alpha: T, a: MatRef<'_, T>, b: MatRef<'_, T>, beta: T, c: &mut 
 /// they are read in place and blocks of `c` stay in registers. Each element adds its `k`
 /// products in order, each a fused multiply-add (one rounding, so the same on every CPU), so the
 /// result does not depend on the vector width the loops are compiled for.
+///
+/// With `AVX512` (only where the caller is compiled for it), whole blocks of rows go to the
+/// type's AVX-512 kernel ([`Real::product_rows_avx512`]), the same sums in the same order.
 #[inline(always)]
-fn step_product<T: Real>(
+fn step_product<T: Real, const AVX512: bool>(
     a: &[T],
     b: &[T],
     c: &mut [T],
@@ -289,10 +324,19 @@ fn step_product<T: Real>(
     let blocked_cols = n - n % BLOCK_COLS;
     for (c_rows, a_rows) in c.chunks_mut(BLOCK_ROWS * n).zip(a.chunks(BLOCK_ROWS * k)) {
         let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            for col in (0..blocked_cols).step_by(BLOCK_COLS) {
+            #[cfg(target_arch = "x86_64")]
+            let done = if AVX512 {
+                // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
+                unsafe { T::product_rows_avx512(a_rows, b, c_rows, (k, n)) }
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            for col in (done..blocked_cols).step_by(BLOCK_COLS) {
                 product_block(a_rows, b, c_rows, (k, n), col);
             }
-            blocked_cols
+            blocked_cols.max(done)
         } else {
             0
         };
@@ -733,15 +777,28 @@ fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
     buffer.resize(len, T::ZERO);
 }
 
-/// Whether the element-wise loops may run 8 lanes wide (AVX2) instead of the baseline x86-64's
-/// 4: the binary is built for any x86-64, so the wider code is chosen at run time, as
+/// How wide the loops may run: 16 lanes (AVX-512), 8 (AVX2) or the baseline x86-64's 4. The
+/// binary is built for any x86-64, so the wider code is chosen at run time, as
 /// `matrixmultiply` chooses its kernels. The arithmetic is the same either way: multiply-adds
 /// are fused, which rounds once whether the CPU has the instruction or libm computes it (slowly:
 /// x86-64 CPUs without FMA predate 2013). Only the products left to `matrixmultiply` (the
 /// weight gradients, the gradient to the layer below) choose their arithmetic by CPU.
 #[cfg(target_arch = "x86_64")]
-fn wide_vectors() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vectors {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vectors() -> Vectors {
+    use std::arch::is_x86_feature_detected as has;
+    match (has!("avx2") && has!("fma"), has!("avx512f")) {
+        (true, true) => Vectors::Avx512,
+        (true, false) => Vectors::Avx2,
+        (false, _) => Vectors::Baseline,
+    }
 }
 
 /// Sizes a buffer that the caller overwrites whole, without zeroing what it held: the tape's
@@ -775,17 +832,20 @@ impl<T: Real> LayerTape<T> {
         c0: &[T],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if wide_vectors() {
-            // SAFETY: the CPU has the features `forward_wide` is compiled for.
-            return unsafe { self.forward_wide(params, layer, seq, batch, h0, c0) };
+        match vectors() {
+            // SAFETY: the CPU has the features each variant is compiled for.
+            Vectors::Avx512 => unsafe { self.forward_avx512(params, layer, seq, batch, h0, c0) },
+            Vectors::Avx2 => unsafe { self.forward_wide(params, layer, seq, batch, h0, c0) },
+            Vectors::Baseline => self.forward_steps::<false>(params, layer, seq, batch, h0, c0),
         }
-        self.forward_steps(params, layer, seq, batch, h0, c0)
+        #[cfg(not(target_arch = "x86_64"))]
+        self.forward_steps::<false>(params, layer, seq, batch, h0, c0)
     }
 
     /// [`Self::forward_steps`] compiled for AVX2.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA ([`wide_vectors`]).
+    /// The CPU must support AVX2 and FMA ([`vectors`]).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn forward_wide(
@@ -797,11 +857,29 @@ impl<T: Real> LayerTape<T> {
         h0: &[T],
         c0: &[T],
     ) {
-        self.forward_steps(params, layer, seq, batch, h0, c0)
+        self.forward_steps::<false>(params, layer, seq, batch, h0, c0)
+    }
+
+    /// [`Self::forward_steps`] compiled for AVX-512, its products in the AVX-512 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and AVX-512F ([`vectors`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn forward_avx512(
+        &mut self,
+        params: &LstmParams<T>,
+        layer: usize,
+        seq: usize,
+        batch: usize,
+        h0: &[T],
+        c0: &[T],
+    ) {
+        self.forward_steps::<true>(params, layer, seq, batch, h0, c0)
     }
 
     #[inline(always)]
-    fn forward_steps(
+    fn forward_steps<const AVX512: bool>(
         &mut self,
         params: &LstmParams<T>,
         layer: usize,
@@ -844,7 +922,7 @@ impl<T: Real> LayerTape<T> {
                 row[..f].copy_from_slice(x_row);
                 row[f..].copy_from_slice(h_row);
             }
-            step_product(
+            step_product::<T, AVX512>(
                 xh_t,
                 &self.weights_transposed,
                 gates_t,
@@ -895,19 +973,26 @@ impl<T: Real> LayerTape<T> {
         to_below: Option<&mut Vec<T>>,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if wide_vectors() {
-            // SAFETY: the CPU has the features `backward_wide` is compiled for.
-            return unsafe {
+        match vectors() {
+            // SAFETY: the CPU has the features each variant is compiled for.
+            Vectors::Avx512 => unsafe {
+                self.backward_avx512(params, layer, shape, from_above, grads, to_below)
+            },
+            Vectors::Avx2 => unsafe {
                 self.backward_wide(params, layer, shape, from_above, grads, to_below)
-            };
+            },
+            Vectors::Baseline => {
+                self.backward_steps::<false>(params, layer, shape, from_above, grads, to_below)
+            }
         }
-        self.backward_steps(params, layer, shape, from_above, grads, to_below)
+        #[cfg(not(target_arch = "x86_64"))]
+        self.backward_steps::<false>(params, layer, shape, from_above, grads, to_below)
     }
 
     /// [`Self::backward_steps`] compiled for AVX2.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA ([`wide_vectors`]).
+    /// The CPU must support AVX2 and FMA ([`vectors`]).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn backward_wide(
@@ -919,11 +1004,29 @@ impl<T: Real> LayerTape<T> {
         grads: &mut LstmParams<T>,
         to_below: Option<&mut Vec<T>>,
     ) {
-        self.backward_steps(params, layer, shape, from_above, grads, to_below)
+        self.backward_steps::<false>(params, layer, shape, from_above, grads, to_below)
+    }
+
+    /// [`Self::backward_steps`] compiled for AVX-512, its products in the AVX-512 kernel.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and AVX-512F ([`vectors`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn backward_avx512(
+        &mut self,
+        params: &LstmParams<T>,
+        layer: usize,
+        shape: (usize, usize),
+        from_above: &[T],
+        grads: &mut LstmParams<T>,
+        to_below: Option<&mut Vec<T>>,
+    ) {
+        self.backward_steps::<true>(params, layer, shape, from_above, grads, to_below)
     }
 
     #[inline(always)]
-    fn backward_steps(
+    fn backward_steps<const AVX512: bool>(
         &mut self,
         params: &LstmParams<T>,
         layer: usize,
@@ -959,7 +1062,7 @@ impl<T: Real> LayerTape<T> {
                 gate_gradients(row, cp, tc, above, dh, dc, di, d_o, df, dg);
             }
             // dh_{t-1} = dgates_t · R
-            step_product(dgates_t, r, &mut self.dh, (batch, g, h), false);
+            step_product::<T, AVX512>(dgates_t, r, &mut self.dh, (batch, g, h), false);
         }
 
         let o = grads.layer_offsets(layer);
@@ -1381,8 +1484,38 @@ mod tests {
                     }
                 }
                 let mut c = c0.clone();
-                step_product(&a, &b, &mut c, (m, k, n), accumulate);
+                step_product::<f64, false>(&a, &b, &mut c, (m, k, n), accumulate);
                 assert_eq!(c, expected, "{m}x{k}x{n}, accumulate {accumulate}");
+            }
+        }
+    }
+
+    /// The AVX-512 kernel's tiles (64, 32 and 16 columns wide), the generic blocks after them
+    /// and the loose rows and columns add up what the generic code does, bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_product_adds_what_the_generic_one_does() {
+        if vectors() != Vectors::Avx512 {
+            eprintln!("no AVX-512 on this CPU: its kernel does not run here");
+            return;
+        }
+        let mut rng = SmallRng::seed_from_u64(6);
+        for (m, k, n) in [
+            (8, 33, 128),
+            (8, 128, 32),
+            (9, 5, 121),
+            (4, 7, 16),
+            (3, 2, 40),
+        ] {
+            let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+            let a = as_f32(random(m * k, &mut rng, 1.0));
+            let b = as_f32(random(k * n, &mut rng, 1.0));
+            let c0 = as_f32(random(m * n, &mut rng, 1.0));
+            for accumulate in [true, false] {
+                let (mut generic, mut avx512) = (c0.clone(), c0.clone());
+                step_product::<f32, false>(&a, &b, &mut generic, (m, k, n), accumulate);
+                step_product::<f32, true>(&a, &b, &mut avx512, (m, k, n), accumulate);
+                assert_eq!(avx512, generic, "{m}x{k}x{n}, accumulate {accumulate}");
             }
         }
     }
@@ -1436,15 +1569,19 @@ mod tests {
         assert_eq!(err.expected, 4);
     }
 
-    /// The AVX2 build of the loops and the baseline one compute the same numbers, bit for bit,
-    /// forward and backward: a model trains the same on every x86-64.
+    /// The AVX2 and AVX-512 builds of the loops and the baseline one compute the same numbers,
+    /// bit for bit, forward and backward: a model trains the same on every x86-64.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_wide_loops_compute_what_the_baseline_loops_do() {
-        if !wide_vectors() {
-            eprintln!("no AVX2 on this CPU: only the baseline loops run here");
-            return;
-        }
+        let widths = match vectors() {
+            Vectors::Baseline => {
+                eprintln!("no AVX2 on this CPU: only the baseline loops run here");
+                return;
+            }
+            Vectors::Avx2 => vec![Vectors::Avx2],
+            Vectors::Avx512 => vec![Vectors::Avx2, Vectors::Avx512],
+        };
         let mut rng = SmallRng::seed_from_u64(5);
         let (features, hidden) = (5, 32);
         let params = LstmParams::<f32>::init(features, hidden, 9);
@@ -1454,7 +1591,7 @@ mod tests {
             let x = as_f32(random(seq * batch * features, &mut rng, 2.0));
             let state = as_f32(random(batch * hidden, &mut rng, 0.5));
             let above = as_f32(random(seq * batch * hidden, &mut rng, 1.0));
-            let run = |wide: bool| {
+            let run = |width: Vectors| {
                 let mut layer = LayerTape::<f32> {
                     inputs: features,
                     input: x.clone(),
@@ -1463,31 +1600,34 @@ mod tests {
                 let mut grads = LstmParams::<f32>::zeros(features, hidden);
                 let mut below = Vec::new();
                 let shape = (seq, batch);
-                if wide {
-                    // SAFETY: checked above that the CPU has AVX2 and FMA.
-                    unsafe {
+                let to_below = Some(&mut below);
+                match width {
+                    // SAFETY: `widths` holds only what the CPU has.
+                    Vectors::Avx512 => unsafe {
+                        layer.forward_avx512(&params, 0, seq, batch, &state, &state);
+                        layer.backward_avx512(&params, 0, shape, &above, &mut grads, to_below);
+                    },
+                    Vectors::Avx2 => unsafe {
                         layer.forward_wide(&params, 0, seq, batch, &state, &state);
-                        layer.backward_wide(
-                            &params,
-                            0,
-                            shape,
-                            &above,
-                            &mut grads,
-                            Some(&mut below),
+                        layer.backward_wide(&params, 0, shape, &above, &mut grads, to_below);
+                    },
+                    Vectors::Baseline => {
+                        layer.forward_steps::<false>(&params, 0, seq, batch, &state, &state);
+                        layer.backward_steps::<false>(
+                            &params, 0, shape, &above, &mut grads, to_below,
                         );
                     }
-                } else {
-                    layer.forward_steps(&params, 0, seq, batch, &state, &state);
-                    layer.backward_steps(&params, 0, shape, &above, &mut grads, Some(&mut below));
                 }
                 (layer.h, layer.c, grads.as_slice().to_vec(), below)
             };
-            let (wide, baseline) = (run(true), run(false));
+            let baseline = run(Vectors::Baseline);
             assert!(
-                wide.2.iter().any(|g| *g != 0.0),
+                baseline.2.iter().any(|g| *g != 0.0),
                 "the gradients are not all zero"
             );
-            assert_eq!(wide, baseline, "seq {seq}, batch {batch}");
+            for &width in &widths {
+                assert_eq!(run(width), baseline, "{width:?}, seq {seq}, batch {batch}");
+            }
         }
     }
 }
