@@ -77,16 +77,18 @@ pub trait Real:
         rsc: isize,
         csc: isize,
     );
-    /// Adds one [`BLOCK_ROWS`]-row block of a [`step_product`] with AVX-512 intrinsics, where
-    /// this type has them, over as many columns as fill whole registers; returns the first
-    /// column left undone (0: this type has no such kernel).
+    /// Adds one [`BLOCK_ROWS`]-row block of a [`step_product`] or [`transposed_product`] with
+    /// AVX-512 intrinsics, where this type has them, over as many columns as fill whole
+    /// registers; returns the first column left undone (0: this type has no such kernel). The
+    /// block's element `(row, kk)` of `A` is `a[row · strides.0 + kk · strides.1]`.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn product_rows_avx512(
-        _a_rows: &[Self],
+        _a: &[Self],
+        _strides: (usize, usize),
         _b: &[Self],
         _c_rows: &mut [Self],
         _kn: (usize, usize),
@@ -190,13 +192,15 @@ impl Real for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn product_rows_avx512(
-        a_rows: &[Self],
+        a: &[Self],
+        (row, k): (usize, usize),
         b: &[Self],
         c_rows: &mut [Self],
         kn: (usize, usize),
     ) -> usize {
+        let strides = avx512::Strides { row, k };
         // SAFETY: forwarded; the caller guarantees the CPU.
-        unsafe { avx512::product_rows(a_rows, b, c_rows, kn) }
+        unsafe { avx512::product_rows(a, strides, b, c_rows, kn) }
     }
 }
 
@@ -243,10 +247,6 @@ impl<'a, T> MatRef<'a, T> {
     /// `data` holds a row-major `rows × cols` matrix.
     fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self::checked(data, rows, cols, cols, 1)
-    }
-    /// The transpose of a row-major `cols × rows` matrix stored in `data`.
-    fn transposed(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Self::checked(data, rows, cols, 1, rows)
     }
     fn checked(
         data: &'a [T],
@@ -327,7 +327,7 @@ fn step_product<T: Real, const AVX512: bool>(
             #[cfg(target_arch = "x86_64")]
             let done = if AVX512 {
                 // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
-                unsafe { T::product_rows_avx512(a_rows, b, c_rows, (k, n)) }
+                unsafe { T::product_rows_avx512(a_rows, (k, 1), b, c_rows, (k, n)) }
             } else {
                 0
             };
@@ -346,6 +346,68 @@ fn step_product<T: Real, const AVX512: bool>(
             for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
                 for (v, &bv) in c_row.iter_mut().zip(&b_row[first_loose_col..]) {
                     *v = av.mul_add(bv, *v);
+                }
+            }
+        }
+    }
+}
+
+/// `c = aᵀ·b` for row-major contiguous `a` (k×m), `b` (k×n) and `c` (m×n): the weight
+/// gradients, summed over every row of every step (`k` in the thousands), read in place where
+/// a transposed copy of `a` cost a tenth of an epoch. Each element adds its `k` products in
+/// order, each fused, as in [`step_product`], so every CPU computes the same gradients.
+#[inline(always)]
+fn transposed_product<T: Real, const AVX512: bool>(
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
+    (m, k, n): (usize, usize, usize),
+) {
+    let (a, b, c) = (&a[..k * m], &b[..k * n], &mut c[..m * n]);
+    c.fill(T::ZERO);
+    if n == 0 || k == 0 {
+        return;
+    }
+    let blocked_cols = n - n % BLOCK_COLS;
+    for (block, c_rows) in c.chunks_mut(BLOCK_ROWS * n).enumerate() {
+        let first_row = block * BLOCK_ROWS;
+        let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
+            #[cfg(target_arch = "x86_64")]
+            let done = if AVX512 {
+                let a_block = &a[first_row..];
+                // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
+                unsafe { T::product_rows_avx512(a_block, (1, m), b, c_rows, (k, n)) }
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
+            for col in (done..blocked_cols).step_by(BLOCK_COLS) {
+                let mut acc = [[T::ZERO; BLOCK_COLS]; BLOCK_ROWS];
+                for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(n)) {
+                    let xs = &a_row[first_row..first_row + BLOCK_ROWS];
+                    let b_block = &b_row[col..col + BLOCK_COLS];
+                    for (acc_row, &x) in acc.iter_mut().zip(xs) {
+                        for (v, &bv) in acc_row.iter_mut().zip(b_block) {
+                            *v = x.mul_add(bv, *v);
+                        }
+                    }
+                }
+                for (r, acc_row) in acc.iter().enumerate() {
+                    c_rows[r * n + col..r * n + col + BLOCK_COLS].copy_from_slice(acc_row);
+                }
+            }
+            blocked_cols.max(done)
+        } else {
+            0
+        };
+        // Rows short of a block, and columns short of one: row by row, still in order of `k`.
+        for (r, c_row) in c_rows.chunks_exact_mut(n).enumerate() {
+            let c_row = &mut c_row[first_loose_col..];
+            for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(n)) {
+                let x = a_row[first_row + r];
+                for (v, &bv) in c_row.iter_mut().zip(&b_row[first_loose_col..]) {
+                    *v = x.mul_add(bv, *v);
                 }
             }
         }
@@ -402,14 +464,25 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     lanes.iter().fold(rest, |sum, &lane| sum + lane)
 }
 
-/// Writes the transpose of the row-major `rows × cols` matrix `m` into `out`.
+/// Writes the transpose of the row-major `rows × cols` matrix `m` into `out`, in tiles of
+/// [`TRANSPOSE_TILE`] rows: row by row, a tall matrix's columns are written a power of two
+/// apart, to cache lines that evict each other, and the transpose of a batch's inputs took a
+/// quarter of the backward pass.
 fn transpose<T: Real>(m: &[T], rows: usize, cols: usize, out: &mut [T]) {
-    for (i, row) in m[..rows * cols].chunks_exact(cols).enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            out[j * rows + i] = v;
+    let (m, out) = (&m[..rows * cols], &mut out[..rows * cols]);
+    for first_row in (0..rows).step_by(TRANSPOSE_TILE) {
+        let tile_rows = first_row..rows.min(first_row + TRANSPOSE_TILE);
+        for j in 0..cols {
+            let column = &mut out[j * rows..(j + 1) * rows];
+            for i in tile_rows.clone() {
+                column[i] = m[i * cols + j];
+            }
         }
     }
 }
+
+/// Rows of a [`transpose`] tile: 16 f32 fill one cache line of each output row.
+const TRANSPOSE_TILE: usize = 16;
 
 /// One stream's gradients at its gates (`i, o, f, g` activated, `H` each) at one step, from
 /// its previous cell, `tanh` of its cell, the gradient arriving from the layer above and the one
@@ -748,7 +821,7 @@ struct LayerTape<T> {
     /// Dropout mask applied to `input` (empty: none).
     mask: Vec<T>,
     dgates: Vec<T>,
-    /// `[dW, dR]` side by side, `[4H, inputs + H]`.
+    /// `[dW, dR]` side by side and transposed, `[inputs + H, 4H]`.
     dweights: Vec<T>,
     dh: Vec<T>,
     dc: Vec<T>,
@@ -781,8 +854,8 @@ fn resize<T: Real>(buffer: &mut Vec<T>, len: usize) {
 /// binary is built for any x86-64, so the wider code is chosen at run time, as
 /// `matrixmultiply` chooses its kernels. The arithmetic is the same either way: multiply-adds
 /// are fused, which rounds once whether the CPU has the instruction or libm computes it (slowly:
-/// x86-64 CPUs without FMA predate 2013). Only the products left to `matrixmultiply` (the
-/// weight gradients, the gradient to the layer below) choose their arithmetic by CPU.
+/// x86-64 CPUs without FMA predate 2013). Only the product left to `matrixmultiply` (the
+/// gradient to the layer below) chooses its arithmetic by CPU.
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vectors {
@@ -1067,25 +1140,14 @@ impl<T: Real> LayerTape<T> {
 
         let o = grads.layer_offsets(layer);
         let rows = seq * batch;
-        // [dW, dR] = dgates^T · [x, h_{t-1}] over all steps, in one product.
+        // [dW, dR]^T = [x, h_{t-1}]^T · dgates over all steps, in one product with the gates
+        // along its rows, as wide as the kernels' tiles.
         let fh = f + h;
-        reuse(&mut self.dweights, g * fh);
-        gemm(
-            T::ONE,
-            MatRef::transposed(&self.dgates, g, rows),
-            MatRef::row_major(&self.xh, rows, fh),
-            T::ZERO,
-            &mut self.dweights,
-        );
+        reuse(&mut self.dweights, fh * g);
+        transposed_product::<T, AVX512>(&self.xh, &self.dgates, &mut self.dweights, (fh, rows, g));
         let (dw, dr) = grads.data[o.w..o.wb].split_at_mut(g * f);
-        for ((dw_row, dr_row), row) in dw
-            .chunks_exact_mut(f)
-            .zip(dr.chunks_exact_mut(h))
-            .zip(self.dweights.chunks_exact(fh))
-        {
-            dw_row.copy_from_slice(&row[..f]);
-            dr_row.copy_from_slice(&row[f..]);
-        }
+        transpose(&self.dweights[..f * g], f, g, dw);
+        transpose(&self.dweights[f * g..], h, g, dr);
         let (before_rb, from_rb) = grads.data.split_at_mut(o.rb);
         let wb_grad = &mut before_rb[o.wb..];
         for drow in self.dgates.chunks_exact(g) {
@@ -1490,6 +1552,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn transposed_product_adds_in_the_order_of_a_plain_triple_loop_with_one_rounding_each() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        // Whole blocks, loose rows and loose columns, and shapes smaller than one block.
+        for (m, k, n) in [(33, 40, 128), (9, 5, 37), (3, 7, 20), (1, 4, 3), (6, 3, 0)] {
+            let a = random(k * m, &mut rng, 1.0);
+            let b = random(k * n, &mut rng, 1.0);
+            let mut expected = vec![0.0; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    for p in 0..k {
+                        let sum = expected[i * n + j];
+                        expected[i * n + j] = a[p * m + i].mul_add(b[p * n + j], sum);
+                    }
+                }
+            }
+            let mut c = random(m * n, &mut rng, 1.0);
+            transposed_product::<f64, false>(&a, &b, &mut c, (m, k, n));
+            assert_eq!(c, expected, "{m}x{k}x{n}");
+        }
+    }
+
     /// The AVX-512 kernel's tiles (64, 32 and 16 columns wide), the generic blocks after them
     /// and the loose rows and columns add up what the generic code does, bit for bit.
     #[cfg(target_arch = "x86_64")]
@@ -1517,6 +1601,11 @@ mod tests {
                 step_product::<f32, true>(&a, &b, &mut avx512, (m, k, n), accumulate);
                 assert_eq!(avx512, generic, "{m}x{k}x{n}, accumulate {accumulate}");
             }
+            // The same shapes as the weight gradients' product, `a` read as `k × m`.
+            let (mut generic, mut avx512) = (c0.clone(), c0.clone());
+            transposed_product::<f32, false>(&a, &b, &mut generic, (m, k, n));
+            transposed_product::<f32, true>(&a, &b, &mut avx512, (m, k, n));
+            assert_eq!(avx512, generic, "{m}x{k}x{n} transposed");
         }
     }
 
