@@ -77,14 +77,16 @@ pub trait Real:
         rsc: isize,
         csc: isize,
     );
-    /// Adds one [`BLOCK_ROWS`]-row block of a [`step_product`] or [`transposed_product`] with
-    /// AVX-512 intrinsics, where this type has them, over as many columns as fill whole
-    /// registers; returns the first column left undone (0: this type has no such kernel). The
-    /// block's element `(row, kk)` of `A` is `a[row · strides.0 + kk · strides.1]`.
+    /// Adds one 4-row block of the LSTM's per-step or weight-gradient products with AVX-512
+    /// intrinsics, where this type has them, over as many columns as fill whole registers;
+    /// returns the first column left undone (0: this type has no such kernel). The block's
+    /// element `(row, kk)` of `A` is `a[row · strides.0 + kk · strides.1]`. Internal to the
+    /// LSTM; not for callers of the crate.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.
     #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
     #[inline(always)]
     unsafe fn product_rows_avx512(
         _a: &[Self],
