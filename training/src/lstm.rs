@@ -1325,6 +1325,11 @@ impl<T: Real> LstmTape<T> {
                     .iter()
                     .enumerate()
                 {
+                    // A step without a target (the point after a gap, every step of a sliding
+                    // window but its last) adds nothing: skipping it changes no bit.
+                    if dy == T::ZERO {
+                        continue;
+                    }
                     head_b_grad[o] += dy;
                     let w = &head_w[o * h..(o + 1) * h];
                     let w_grad = &mut head_w_grad[o * h..(o + 1) * h];
