@@ -326,15 +326,7 @@ fn step_product<T: Real, const AVX512: bool>(
     let blocked_cols = n - n % BLOCK_COLS;
     for (c_rows, a_rows) in c.chunks_mut(BLOCK_ROWS * n).zip(a.chunks(BLOCK_ROWS * k)) {
         let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            #[cfg(target_arch = "x86_64")]
-            let done = if AVX512 {
-                // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
-                unsafe { T::product_rows_avx512(a_rows, (k, 1), b, c_rows, (k, n)) }
-            } else {
-                0
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = 0;
+            let done = avx512_block::<T, AVX512>(a_rows, (k, 1), b, c_rows, (k, n));
             for col in (done..blocked_cols).step_by(BLOCK_COLS) {
                 product_block(a_rows, b, c_rows, (k, n), col);
             }
@@ -352,6 +344,25 @@ fn step_product<T: Real, const AVX512: bool>(
             }
         }
     }
+}
+
+/// One block of rows through [`Real::product_rows_avx512`] when `AVX512`, else nothing done:
+/// the first column left undone.
+#[inline(always)]
+fn avx512_block<T: Real, const AVX512: bool>(
+    a: &[T],
+    strides: (usize, usize),
+    b: &[T],
+    c_rows: &mut [T],
+    kn: (usize, usize),
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if AVX512 {
+        // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
+        return unsafe { T::product_rows_avx512(a, strides, b, c_rows, kn) };
+    }
+    let _ = (a, strides, b, c_rows, kn);
+    0
 }
 
 /// `c = aᵀ·b` for row-major contiguous `a` (k×m), `b` (k×n) and `c` (m×n): the weight
@@ -374,16 +385,7 @@ fn transposed_product<T: Real, const AVX512: bool>(
     for (block, c_rows) in c.chunks_mut(BLOCK_ROWS * n).enumerate() {
         let first_row = block * BLOCK_ROWS;
         let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            #[cfg(target_arch = "x86_64")]
-            let done = if AVX512 {
-                let a_block = &a[first_row..];
-                // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
-                unsafe { T::product_rows_avx512(a_block, (1, m), b, c_rows, (k, n)) }
-            } else {
-                0
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = 0;
+            let done = avx512_block::<T, AVX512>(&a[first_row..], (1, m), b, c_rows, (k, n));
             for col in (done..blocked_cols).step_by(BLOCK_COLS) {
                 let mut acc = [[T::ZERO; BLOCK_COLS]; BLOCK_ROWS];
                 for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(n)) {
