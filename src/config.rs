@@ -9,7 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use mad_training::trainer::{MAX_DROPOUT, MAX_LAYERS};
+use mad_training::trainer::{MAX_DROPOUT, MAX_ENSEMBLE_MEMBERS, MAX_LAYERS};
 use mad_training::TrainOptions;
 use serde::{Deserialize, Deserializer};
 
@@ -317,6 +317,9 @@ pub struct TrainingOverrides {
     /// Multivariate detectors: one joint model reads all inputs of a group together and
     /// forecasts each (off: one shared model reads each input on its own).
     pub joint: Option<bool>,
+    /// Models trained from consecutive seeds and averaged into one; unset, as many as a
+    /// history's length affords (three for a short one, one from about two weeks at 1m).
+    pub ensemble: Option<Ensemble>,
     /// Hyperparameter search (off unless set): TPE over window, hidden size, layers, learning
     /// rate, dropout and epochs, the best trial's model kept.
     pub search: Option<Search>,
@@ -351,6 +354,7 @@ impl TrainingOverrides {
             band_quantile: self.band_quantile.map_or(base.band_quantile, |f| f.0),
             band_margin: self.band_margin.unwrap_or(base.band_margin),
             joint: self.joint.unwrap_or(base.joint),
+            ensemble: self.ensemble.map_or(base.ensemble, |e| Some(e.0)),
             ..base
         }
     }
@@ -377,6 +381,7 @@ impl TrainingOverrides {
             band_quantile: self.band_quantile.or(fallback.band_quantile),
             band_margin: self.band_margin.or(fallback.band_margin),
             joint: self.joint.or(fallback.joint),
+            ensemble: self.ensemble.or(fallback.ensemble),
             search: self.search.or(fallback.search),
         }
     }
@@ -890,6 +895,22 @@ impl<'de> Deserialize<'de> for Layers {
             )));
         }
         Ok(Layers(n))
+    }
+}
+
+/// Ensemble members: at least one, at most [`MAX_ENSEMBLE_MEMBERS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ensemble(pub usize);
+
+impl<'de> Deserialize<'de> for Ensemble {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = usize::deserialize(d)?;
+        if !(1..=MAX_ENSEMBLE_MEMBERS).contains(&n) {
+            return Err(serde::de::Error::custom(format!(
+                "ensemble must be between 1 and {MAX_ENSEMBLE_MEMBERS}, got {n}"
+            )));
+        }
+        Ok(Ensemble(n))
     }
 }
 

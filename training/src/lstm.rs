@@ -737,6 +737,65 @@ impl<T: Real> LstmParams<T> {
         &self.data[bias..bias + self.outputs]
     }
 
+    /// One model that computes the mean of `members`' forecasts: their units side by side in
+    /// one wider LSTM (hidden size the members' sum), each reading only its own units on the
+    /// recurrent path and between layers (block-diagonal weights), and a head that averages. An
+    /// ensemble is then still one LSTM and one head, so the ONNX contract and the exporter's
+    /// state are unchanged. The members must share one shape.
+    pub fn side_by_side(members: &[LstmParams<T>]) -> Result<LstmParams<T>, ShapeError> {
+        let first = members.first().ok_or(ShapeError {
+            what: "ensemble members",
+            expected: 1,
+            actual: 0,
+        })?;
+        let (f, h, layers, outputs) = (first.features, first.hidden, first.layers, first.outputs);
+        for m in members {
+            check_len("ensemble member features", f, m.features)?;
+            check_len("ensemble member hidden size", h, m.hidden)?;
+            check_len("ensemble member layers", layers, m.layers)?;
+            check_len("ensemble member outputs", outputs, m.outputs)?;
+        }
+        let k = members.len();
+        let wide = k * h;
+        let mut merged = Self::zeros_multi(f, wide, layers, outputs);
+        // Row `gate·H + j` of member `m` is row `gate·wide + m·H + j` of the merged model.
+        let row = |m: usize, member_row: usize| (member_row / h) * wide + m * h + member_row % h;
+        for layer in 0..layers {
+            let into = merged.layer_offsets(layer);
+            let inputs = merged.layer_inputs(layer);
+            for (m, member) in members.iter().enumerate() {
+                let from = member.layer_offsets(layer);
+                let member_inputs = member.layer_inputs(layer);
+                // Layer 0 reads the shared features; above it, a member reads its own units.
+                let column_offset = if layer == 0 { 0 } else { m * h };
+                for r in 0..GATES * h {
+                    let to = row(m, r);
+                    for c in 0..member_inputs {
+                        merged.data[into.w + to * inputs + column_offset + c] =
+                            member.data[from.w + r * member_inputs + c];
+                    }
+                    for c in 0..h {
+                        merged.data[into.r + to * wide + m * h + c] =
+                            member.data[from.r + r * h + c];
+                    }
+                    merged.data[into.wb + to] = member.data[from.wb + r];
+                    merged.data[into.rb + to] = member.data[from.rb + r];
+                }
+            }
+        }
+        let share = T::from_f64(1.0 / k as f64);
+        let head = merged.head_offset();
+        for (m, member) in members.iter().enumerate() {
+            for o in 0..outputs {
+                for j in 0..h {
+                    merged.data[head + o * wide + m * h + j] = member.head_w()[o * h + j] * share;
+                }
+                merged.data[head + outputs * wide + o] += member.head_b()[o] * share;
+            }
+        }
+        Ok(merged)
+    }
+
     /// The same parameters in another precision.
     pub fn convert<U: Real>(&self) -> LstmParams<U> {
         LstmParams {
@@ -1508,6 +1567,49 @@ mod tests {
         assert_eq!(one.r(0), two.r(0));
         assert_eq!(one.head_w(), two.head_w());
         assert_eq!(two.wb(1)[8..12], [1.0; 4]);
+    }
+
+    #[test]
+    fn models_side_by_side_forecast_the_mean_of_their_forecasts() {
+        let (features, hidden, outputs, seq, batch) = (3, 4, 2, 7, 5);
+        let mut rng = SmallRng::seed_from_u64(11);
+        for layers in [1, 2] {
+            let members: Vec<LstmParams<f64>> = (0..3)
+                .map(|seed| {
+                    let mut m = LstmParams::init_multi(features, hidden, layers, outputs, seed);
+                    // Every tensor non-zero, biases included.
+                    let noise = random(m.as_slice().len(), &mut rng, 0.5);
+                    m.as_mut_slice()
+                        .iter_mut()
+                        .zip(noise)
+                        .for_each(|(v, n)| *v += n);
+                    m
+                })
+                .collect();
+            let merged = LstmParams::side_by_side(&members).expect("one shape");
+            assert_eq!(merged.hidden(), 3 * hidden);
+            let x = random(seq * batch * features, &mut rng, 1.0);
+            let state = |h: usize| vec![0.0; layers * batch * h];
+            let wide = merged
+                .forward(&x, seq, batch, &state(3 * hidden), &state(3 * hidden))
+                .expect("shapes match");
+            let mut mean = vec![0.0; seq * batch * outputs];
+            for member in &members {
+                let out = member
+                    .forward(&x, seq, batch, &state(hidden), &state(hidden))
+                    .expect("shapes match");
+                mean.iter_mut()
+                    .zip(&out.yhat)
+                    .for_each(|(m, y)| *m += y / 3.0);
+            }
+            for (a, b) in wide.yhat.iter().zip(&mean) {
+                assert!((a - b).abs() < 1e-12, "{layers} layers: {a} against {b}");
+            }
+        }
+        let other = LstmParams::<f64>::init(features, hidden + 1, 0);
+        let err = LstmParams::side_by_side(&[LstmParams::init(features, hidden, 0), other]);
+        assert!(err.is_err());
+        assert!(LstmParams::<f64>::side_by_side(&[]).is_err());
     }
 
     #[test]

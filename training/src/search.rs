@@ -361,7 +361,12 @@ mod tests {
             }
         }
         assert_eq!(searched.model.meta.window, best.window);
-        assert_eq!(searched.model.meta.hidden, best.hidden);
+        // A short history's model averages an ensemble: its members' units side by side.
+        let members = searched.model.meta.training["ensemble"].as_u64();
+        assert_eq!(
+            searched.model.meta.hidden as u64,
+            best.hidden as u64 * members.unwrap_or(0)
+        );
         assert_eq!(searched.model.meta.layers, best.layers);
         // The record travels inside the ONNX file too.
         let needle = b"best_trial";
