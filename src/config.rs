@@ -1388,15 +1388,22 @@ detectors:
     }
 
     #[test]
-    fn layers_and_dropout_are_set_and_bounded() {
+    fn layers_dropout_and_ensemble_are_set_and_bounded() {
         let text = GOOD.replace(
             "detectors:",
-            "training: { layers: 2, dropout: 0 }\ndetectors:",
+            "training: { layers: 2, dropout: 0, ensemble: 1 }\ndetectors:",
         ) + "    training: { dropout: 0.25 }\n";
         let c = parse(&text).expect("valid");
         let o = c.detectors[0].train_options(&c.training);
-        assert_eq!((o.layers, o.dropout), (2, 0.25));
+        assert_eq!((o.layers, o.dropout, o.ensemble), (2, 0.25, Some(1)));
+        let unset = parse(GOOD).expect("valid").detectors[0].train_options(&Default::default());
+        assert_eq!(
+            unset.ensemble, None,
+            "unset: the trainer chooses by the data"
+        );
         for (bad, says) in [
+            ("ensemble: 0", "ensemble must be between 1 and 8"),
+            ("ensemble: 9", "ensemble must be between 1 and 8"),
             ("layers: 0", "layers must be between 1 and 4"),
             ("layers: 5", "layers must be between 1 and 4"),
             ("dropout: 0.9", "dropout must be at least 0 and below 0.9"),

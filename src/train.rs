@@ -23,6 +23,8 @@ pub struct Trained {
     pub series: usize,
     pub points: usize,
     pub epochs: usize,
+    /// Models averaged into the one stored (an ensemble for a short history).
+    pub members: usize,
     pub seconds: f64,
     /// A joint model's inputs, in column order; empty for a model that reads each series alone.
     pub joint_inputs: Vec<String>,
@@ -32,14 +34,13 @@ impl std::fmt::Display for Trained {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: trained on {} series ({} points) in {:.1}s, {} epochs; stored version {}",
-            self.detector,
-            self.series,
-            self.points,
-            self.seconds,
-            self.epochs,
-            self.version.version
+            "{}: trained on {} series ({} points) in {:.1}s, {} epochs",
+            self.detector, self.series, self.points, self.seconds, self.epochs,
         )?;
+        if self.members > 1 {
+            write!(f, ", {} models averaged", self.members)?;
+        }
+        write!(f, "; stored version {}", self.version.version)?;
         if !self.joint_inputs.is_empty() {
             write!(
                 f,
@@ -307,18 +308,22 @@ async fn train_detector(
     store
         .prune(&detector.name.0, config.store.keep_versions)
         .await?;
-    let epochs = model
-        .meta
-        .training
-        .get("epochs_run")
-        .and_then(|v| v.as_u64())
-        .unwrap_or_default() as usize;
+    let fact = |key: &str| {
+        model
+            .meta
+            .training
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .unwrap_or_default() as usize
+    };
+    let (epochs, members) = (fact("epochs_run"), fact("ensemble").max(1));
     Ok(Trained {
         detector: detector.name.0.clone(),
         version,
         series,
         points,
         epochs,
+        members,
         seconds: started.elapsed().as_secs_f64(),
         joint_inputs: model.meta.inputs.clone(),
     })
@@ -335,4 +340,38 @@ fn to_history(series: &Series, step: i64) -> Option<SeriesHistory> {
         timestamps,
         values,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_line_says_when_models_were_averaged() {
+        let trained = |members| Trained {
+            detector: "cpu".into(),
+            version: VersionInfo {
+                detector: "cpu".into(),
+                version: "v7".into(),
+                trained_at: 0,
+                size_bytes: 0,
+                active: true,
+            },
+            series: 2,
+            points: 900,
+            epochs: 12,
+            members,
+            seconds: 0.5,
+            joint_inputs: Vec::new(),
+        };
+        assert_eq!(
+            trained(3).to_string(),
+            "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs, 3 models averaged; \
+             stored version v7"
+        );
+        assert_eq!(
+            trained(1).to_string(),
+            "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs; stored version v7"
+        );
+    }
 }
