@@ -877,43 +877,20 @@ pub fn train_with(
         .map(|p| p.targets_in(0..p.train_end) * p.width())
         .sum();
     let members = ensemble_size(opts, targets);
-    let model = (features, width);
-    // The observer follows the first member: a search prunes a trial by it alone.
-    let first = fit(
-        model,
-        &prepared,
-        &validation_streams,
+    let ensemble = fit_ensemble(
+        (features, width),
+        (&prepared, &validation_streams),
         opts,
-        opts.seed,
+        members,
         progress,
     )?;
-    let (best_epoch, epochs_run, last_train_loss) =
-        (first.best_epoch, first.epochs_run, first.last_train_loss);
-    let mut member_val_losses = vec![first.best_val];
-    let (best, best_val) = if members == 1 {
-        (first.best, first.best_val)
-    } else {
-        let mut models = vec![first.best];
-        for member in 1..members {
-            let seed = opts.seed.wrapping_add(member as u64);
-            let mut quiet = |_: &Progress| Control::Continue;
-            let fitted = fit(
-                model,
-                &prepared,
-                &validation_streams,
-                opts,
-                seed,
-                &mut quiet,
-            )?;
-            member_val_losses.push(fitted.best_val);
-            models.push(fitted.best);
-        }
-        let merged = LstmParams::side_by_side(&models).map_err(internal)?;
-        let mut ws = Workspace::new(features, merged.hidden(), opts.layers, width);
-        let val =
-            validation_loss(&merged, &prepared, &validation_streams, &mut ws).map_err(internal)?;
-        (merged, val)
-    };
+    let Fit {
+        best,
+        best_val,
+        best_epoch,
+        epochs_run,
+        last_train_loss,
+    } = ensemble.model;
     let mut ws = Workspace::new(features, best.hidden(), opts.layers, width);
     let (calibrations, default_band) = calibrate(&best, &prepared, opts, &mut ws)?;
     let mut training = BTreeMap::new();
@@ -923,7 +900,7 @@ pub fn train_with(
     put("options", serde_json::to_value(opts).unwrap_or_default());
     put("epochs_run", epochs_run.into());
     put("ensemble", members.into());
-    put("member_val_losses", member_val_losses.into());
+    put("member_val_losses", ensemble.member_val_losses.into());
     put("best_epoch", best_epoch.into());
     put("best_val_loss", best_val.into());
     put("final_train_loss", last_train_loss.into());
@@ -987,6 +964,61 @@ pub const MAX_ENSEMBLE_MEMBERS: usize = 8;
 pub fn ensemble_size(opts: &TrainOptions, targets: usize) -> usize {
     opts.ensemble
         .unwrap_or_else(|| (ENSEMBLE_TARGET_BUDGET / targets.max(1)).clamp(1, MAX_ENSEMBLE))
+}
+
+/// The model an ensemble ships, and each member's best validation loss.
+struct Ensemble {
+    /// The members side by side; its validation loss is the average forecast's, its epochs
+    /// the first member's.
+    model: Fit,
+    member_val_losses: Vec<f64>,
+}
+
+/// Trains `members` models from consecutive seeds and merges them into one. The observer
+/// follows the first member only: a search prunes a trial by it alone.
+fn fit_ensemble(
+    model: (usize, usize),
+    (prepared, validation_streams): (&[PreparedSeries], &[Piece]),
+    opts: &TrainOptions,
+    members: usize,
+    progress: &mut dyn FnMut(&Progress) -> Control,
+) -> Result<Ensemble, TrainError> {
+    let first = fit(
+        model,
+        prepared,
+        validation_streams,
+        opts,
+        opts.seed,
+        progress,
+    )?;
+    let mut member_val_losses = vec![first.best_val];
+    if members <= 1 {
+        return Ok(Ensemble {
+            model: first,
+            member_val_losses,
+        });
+    }
+    let mut models = Vec::with_capacity(members);
+    for member in 1..members {
+        let seed = opts.seed.wrapping_add(member as u64);
+        let mut quiet = |_: &Progress| Control::Continue;
+        let fitted = fit(model, prepared, validation_streams, opts, seed, &mut quiet)?;
+        member_val_losses.push(fitted.best_val);
+        models.push(fitted.best);
+    }
+    models.insert(0, first.best);
+    let merged = LstmParams::side_by_side(&models).map_err(internal)?;
+    let mut ws = Workspace::new(model.0, merged.hidden(), opts.layers, model.1);
+    let best_val =
+        validation_loss(&merged, prepared, validation_streams, &mut ws).map_err(internal)?;
+    Ok(Ensemble {
+        model: Fit {
+            best: merged,
+            best_val,
+            ..first
+        },
+        member_val_losses,
+    })
 }
 
 /// Trains one model from `seed` until its validation loss stops improving.
