@@ -888,14 +888,19 @@ pub struct Layers(pub usize);
 
 impl<'de> Deserialize<'de> for Layers {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = usize::deserialize(d)?;
-        if !(1..=MAX_LAYERS).contains(&n) {
-            return Err(serde::de::Error::custom(format!(
-                "layers must be between 1 and {MAX_LAYERS}, got {n}"
-            )));
-        }
-        Ok(Layers(n))
+        one_to(d, "layers", MAX_LAYERS).map(Layers)
     }
+}
+
+/// A count from 1 to `max`, else an error that names `what`.
+fn one_to<'de, D: Deserializer<'de>>(d: D, what: &str, max: usize) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if !(1..=max).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "{what} must be between 1 and {max}, got {n}"
+        )));
+    }
+    Ok(n)
 }
 
 /// Ensemble members: at least one, at most [`MAX_ENSEMBLE_MEMBERS`].
@@ -904,13 +909,7 @@ pub struct Ensemble(pub usize);
 
 impl<'de> Deserialize<'de> for Ensemble {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let n = usize::deserialize(d)?;
-        if !(1..=MAX_ENSEMBLE_MEMBERS).contains(&n) {
-            return Err(serde::de::Error::custom(format!(
-                "ensemble must be between 1 and {MAX_ENSEMBLE_MEMBERS}, got {n}"
-            )));
-        }
-        Ok(Ensemble(n))
+        one_to(d, "ensemble", MAX_ENSEMBLE_MEMBERS).map(Ensemble)
     }
 }
 
