@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Detection quality on the labelled datasets (../shared/datasets or $MAD_DATASETS), through the
 # exporter's own scoring path: every NAB file with a model trained on its first 15% only, scored
-# by NAB's rules; then the SMD and ASD machines (one detector per machine), point-wise F1 without
+# by NAB's rules, and again from four more training seeds (the range is printed); then the SMD and ASD machines (one detector per machine), point-wise F1 without
 # point-adjust and attribution, again with one joint model per machine; then the single KPI
 # series, per point and per event. Extra arguments go to every `mad backtest` (try --scoring
 # band).
@@ -24,6 +24,12 @@ logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
 echo "== NAB (${datasets}/nab)"
 target/release/mad backtest --nab "$datasets/nab" "$@" | tee "$logs/nab"
+# The same files from other training seeds: how much of the NAB score the seed decides.
+seeds=(1 2 3 4)
+for seed in "${seeds[@]}"; do
+  target/release/mad backtest --nab "$datasets/nab" --seed "$seed" "$@" > "$logs/nab-seed-$seed"
+  echo "seed $seed: $(awk '$1 == "NAB" && $2 == "standard" { print $3 }' "$logs/nab-seed-$seed")"
+done
 echo
 echo "== SMD (${datasets}/smd)"
 target/release/mad backtest --machines "$datasets/smd" --step 1m "$@" | tee "$logs/smd"
@@ -53,12 +59,16 @@ default_f1() { machines "$1" | sed -E 's/.*default threshold ([0-9.]+ \([0-9]+% 
 attribution() { machines "$1" | sed -E 's/.*named in ([0-9]+ of [0-9]+) segments.*/\1/'; }
 per_segment() { machines "$1" | sed -E 's/.*default threshold: ([0-9]+) of ([0-9]+) found, ([0-9]+) of ([0-9]+) detections right.*/\1\/\2; \3\/\4/'; }
 train_time() { machines "$1" | sed -E 's/.*training ([0-9.]+ s) per model.*/\1/'; }
+nab_seeds="$(cat "$logs/nab" "$logs"/nab-seed-* | awk '$1 == "NAB" && $2 == "standard" { v = $3 + 0;
+  if (n == 0 || v < lo) lo = v; if (n == 0 || v > hi) hi = v; n++ }
+  END { printf "%.1f-%.1f over %d training seeds", lo, hi, n }')"
 nab_train="$(sed -nE 's/^training: ([0-9]+) models, median ([0-9.]+ s).*/median \2 (\1 models)/p' "$logs/nab")"
 echo
 echo "== Summary"
 printf '%-34s %-28s %-24s %s\n' "" "NAB" "SMD" "ASD"
 printf '%-34s %-28s\n' "NAB standard / low FP / low FN" \
   "$(nab_profile standard) / $(nab_profile reward_low_FP_rate) / $(nab_profile reward_low_FN_rate)"
+printf '%-34s %-28s\n' "NAB standard across seeds" "$nab_seeds"
 printf '%-34s %-28s %-24s %s\n' "best F1 (no point-adjust)" "" "$(best_f1 smd)" "$(best_f1 asd)"
 printf '%-34s %-28s %-24s %s\n' "F1 at the default threshold" "" "$(default_f1 smd)" "$(default_f1 asd)"
 printf '%-34s %-28s %-24s %s\n' "segments found; detections right" "" "$(per_segment smd)" "$(per_segment asd)"

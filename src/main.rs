@@ -168,6 +168,10 @@ enum Command {
         /// How forecast errors become scores.
         #[arg(long, value_enum)]
         scoring: Option<BacktestScoring>,
+        /// The training seed (default the config's, else the trainer's): run a figure again
+        /// with others to see how much of it the seed decides.
+        #[arg(long)]
+        seed: Option<u64>,
         /// NAB: train again on the rows already seen each time they have doubled.
         #[arg(long)]
         retrain: bool,
@@ -392,10 +396,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             out,
             config,
             scoring,
+            seed,
             retrain,
             joint,
             plot,
         } => {
+            let settings = BacktestSettings {
+                config: config.as_deref(),
+                seed,
+            };
             let retrain = if retrain {
                 mad::backtest::replay::Retrain::WhenDoubled
             } else {
@@ -416,7 +425,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     &nab,
                     &only,
                     out.as_deref(),
-                    config.as_deref(),
+                    settings,
                     detection,
                     retrain,
                     plot.as_deref(),
@@ -425,7 +434,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     &dir,
                     &only,
                     step,
-                    config.as_deref(),
+                    settings,
                     detection,
                     joint,
                     BacktestOutput {
@@ -438,7 +447,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         out: out.as_deref(),
                         plot: plot.as_deref(),
                     };
-                    backtest_csv(&csv, train_share, config.as_deref(), detection, report)?
+                    backtest_csv(&csv, train_share, settings, detection, report)?
                 }
                 (None, None) => match (detector, config, from, to) {
                     (Some(name), Some(config), Some(from), Some(to)) => {
@@ -612,16 +621,27 @@ const PLOT_PANEL_HEIGHT: u32 = 320;
 
 /// How models are trained (the config's `training:`, its search included) and the ONNX Runtime
 /// library, from an optional config.
+/// What a corpus backtest takes from the command line besides its data.
+#[derive(Clone, Copy)]
+struct BacktestSettings<'a> {
+    /// `--config`: training settings and the ONNX Runtime library.
+    config: Option<&'a std::path::Path>,
+    seed: Option<u64>,
+}
+
 fn backtest_settings(
-    config: Option<&std::path::Path>,
+    settings: BacktestSettings<'_>,
 ) -> anyhow::Result<(Training, Option<PathBuf>)> {
-    let config = config.map(Config::load).transpose()?;
-    let training = config
+    let config = settings.config.map(Config::load).transpose()?;
+    let mut training = config
         .as_ref()
         .map_or_else(Training::default, |c| Training {
             options: c.training.apply(mad_training::TrainOptions::default()),
             search: c.training.search_budget(),
         });
+    if let Some(seed) = settings.seed {
+        training.options.seed = seed;
+    }
     Ok((training, config.and_then(|c| c.onnxruntime.library)))
 }
 
@@ -634,7 +654,7 @@ struct BacktestOutput<'a> {
 fn backtest_csv(
     files: &[PathBuf],
     train_share: f64,
-    config: Option<&std::path::Path>,
+    settings: BacktestSettings<'_>,
     detection: mad::score::Detection,
     output: BacktestOutput<'_>,
 ) -> anyhow::Result<()> {
@@ -643,7 +663,7 @@ fn backtest_csv(
         train_share > 0.0 && train_share < 1.0,
         "--train-share must lie between 0 and 1"
     );
-    let (training, library) = backtest_settings(config)?;
+    let (training, library) = backtest_settings(settings)?;
     println!(
         "{:<40} {:>6} {:>8} {:>10} {:>11} {:>12} {:>15} {:>7}",
         "file", "rows", "best F1", "F1 at 1", "P / R", "events found", "detections right", "train"
@@ -705,14 +725,14 @@ fn backtest_machines(
     dir: &std::path::Path,
     only: &[String],
     step: std::time::Duration,
-    config: Option<&std::path::Path>,
+    settings: BacktestSettings<'_>,
     detection: mad::score::Detection,
     joint: bool,
     output: BacktestOutput<'_>,
 ) -> anyhow::Result<()> {
     use mad::backtest::machines::{machines, run_machine, MachineOutput, NAMED};
     let plot = output.plot;
-    let (mut training, library) = backtest_settings(config)?;
+    let (mut training, library) = backtest_settings(settings)?;
     training.options.joint |= joint;
     let names: Vec<String> = machines(dir)
         .map_err(anyhow::Error::msg)?
@@ -808,12 +828,12 @@ fn backtest(
     nab: &std::path::Path,
     only: &[String],
     out: Option<&std::path::Path>,
-    config: Option<&std::path::Path>,
+    settings: BacktestSettings<'_>,
     detection: mad::score::Detection,
     retrain: mad::backtest::replay::Retrain,
     plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let (training, library) = backtest_settings(config)?;
+    let (training, library) = backtest_settings(settings)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos} files {msg}")

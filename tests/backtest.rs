@@ -173,6 +173,41 @@ fn a_backtest_searches_hyperparameters_when_the_config_asks() {
     assert!(!plain.contains("searched"), "{plain}");
 }
 
+#[test]
+fn the_same_seed_repeats_a_backtest_and_another_seed_trains_another_model() {
+    let nab = datasets_dir().expect("datasets").join("nab");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = std::cell::Cell::new(0);
+    let scores = |seed: &str| -> String {
+        runs.set(runs.get() + 1);
+        let out = dir.path().join(format!("run-{}", runs.get()));
+        let output = Command::new(env!("CARGO_BIN_EXE_mad"))
+            .args([
+                "backtest",
+                "--only",
+                "art_daily_jumpsup",
+                "--seed",
+                seed,
+                "--nab",
+            ])
+            .arg(&nab)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("run mad backtest");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let file = out.join("artificialWithAnomaly/art_daily_jumpsup.csv");
+        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    };
+    let first = scores("7");
+    assert_eq!(first, scores("7"), "one seed, one model, the same scores");
+    assert_ne!(first, scores("8"), "another seed trains another model");
+}
+
 /// A slice of ASD's omi-1 (the end of its training data, the first 1,400 test rows with two
 /// labelled segments), laid out as the corpus is.
 fn asd_slice(dir: &std::path::Path) {
