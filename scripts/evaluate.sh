@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Detection quality on the labelled datasets (../shared/datasets or $MAD_DATASETS), through the
 # exporter's own scoring path: every NAB file with a model trained on its first 15% only, scored
-# by NAB's rules, and again from four more training seeds (the range is printed); then the SMD and ASD machines (one detector per machine), point-wise F1 without
-# point-adjust and attribution, again with one joint model per machine; then the single KPI
-# series, per point and per event. Extra arguments go to every `mad backtest` (try --scoring
-# band).
+# by NAB's rules, and again from four more training seeds (the range is printed); then the SMD
+# and ASD machines (one detector per machine), point-wise F1 without point-adjust and
+# attribution, again with one joint model per machine; then the single KPI series, per point
+# and per event. Extra arguments go to every `mad backtest` (try --scoring band).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

@@ -619,16 +619,17 @@ fn write_plot(path: &std::path::Path, charts: &[mad::chart::ChartData]) -> anyho
 const PLOT_WIDTH: u32 = 1600;
 const PLOT_PANEL_HEIGHT: u32 = 320;
 
-/// How models are trained (the config's `training:`, its search included) and the ONNX Runtime
-/// library, from an optional config.
 /// What a corpus backtest takes from the command line besides its data.
 #[derive(Clone, Copy)]
 struct BacktestSettings<'a> {
     /// `--config`: training settings and the ONNX Runtime library.
     config: Option<&'a std::path::Path>,
+    /// `--seed`, over the config's.
     seed: Option<u64>,
 }
 
+/// How models are trained (the config's `training:`, its search included, and `--seed`) and
+/// the ONNX Runtime library, from an optional config.
 fn backtest_settings(
     settings: BacktestSettings<'_>,
 ) -> anyhow::Result<(Training, Option<PathBuf>)> {
