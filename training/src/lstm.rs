@@ -367,8 +367,9 @@ fn avx512_block<T: Real, const AVX512: bool>(
 
 /// `c = aᵀ·b` for row-major contiguous `a` (k×m), `b` (k×n) and `c` (m×n): the weight
 /// gradients, summed over every row of every step (`k` in the thousands), read in place: a
-/// transposed copy of `a`, even written in tiles, cost 7% of an epoch. Each element adds its `k` products in
-/// order, each fused, as in [`step_product`], so every CPU computes the same gradients.
+/// transposed copy of `a`, even written in tiles, cost 7% of an epoch. Each element adds its
+/// `k` products in order, each fused, as in [`step_product`], so every CPU computes the same
+/// gradients.
 #[inline(always)]
 fn transposed_product<T: Real, const AVX512: bool>(
     a: &[T],

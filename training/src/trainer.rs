@@ -958,6 +958,7 @@ pub const MAX_ENSEMBLE_MEMBERS: usize = 8;
 /// How many models a detector's model averages: as `opts.ensemble` says, else as many as the
 /// [`ENSEMBLE_TARGET_BUDGET`] affords for `targets` training targets (values to forecast), up
 /// to [`MAX_ENSEMBLE`].
+///
 /// A model that learns from little data depends on its seed: NAB's standard score ranged from
 /// 69.5 to 73.4 over eight seeds, and from 72.9 to 73.5 with three members (README). With much
 /// data the seed hardly matters (SMD, ASD), and one model is cheaper.
@@ -999,6 +1000,7 @@ fn fit_ensemble(
         });
     }
     let mut models = Vec::with_capacity(members);
+    models.push(first.best);
     for member in 1..members {
         let seed = opts.seed.wrapping_add(member as u64);
         let mut quiet = |_: &Progress| Control::Continue;
@@ -1006,7 +1008,6 @@ fn fit_ensemble(
         member_val_losses.push(fitted.best_val);
         models.push(fitted.best);
     }
-    models.insert(0, first.best);
     let merged = LstmParams::side_by_side(&models).map_err(internal)?;
     let mut ws = Workspace::new(model.0, merged.hidden(), opts.layers, model.1);
     let best_val =
