@@ -97,6 +97,29 @@ pub trait Real:
     ) -> usize {
         0
     }
+    /// One batch row's step after its gate products, with AVX-512 intrinsics where this type
+    /// has them: the gates activated in place, then the cell, its `tanh` and the hidden state,
+    /// as the generic code computes them, bit for bit. Returns false, doing nothing, where
+    /// this type or the row's width has no such kernel. Internal to the LSTM.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[doc(hidden)]
+    #[inline(always)]
+    unsafe fn units_avx512(_gates: &mut [Self], _step: &mut UnitStep<'_, Self>) -> bool {
+        false
+    }
+}
+
+/// One batch row's per-unit slices of a forward step (each `[H]`): the cell before it, and
+/// what the step writes — the cell, its `tanh` and the hidden state.
+#[doc(hidden)]
+pub struct UnitStep<'a, T> {
+    pub cell_prev: &'a [T],
+    pub cell: &'a mut [T],
+    pub tanh_c: &'a mut [T],
+    pub hidden: &'a mut [T],
 }
 
 impl Real for f64 {
@@ -204,36 +227,50 @@ impl Real for f32 {
         // SAFETY: forwarded; the caller guarantees the CPU.
         unsafe { avx512::product_rows(a, strides, b, c_rows, kn) }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn units_avx512(gates: &mut [Self], step: &mut UnitStep<'_, Self>) -> bool {
+        // SAFETY: forwarded; the caller guarantees the CPU.
+        unsafe { avx512::step_units(gates, step) }
+    }
 }
 
 /// `exp` for f32 from branch-free arithmetic and bit operations, so loops over it vectorise
 /// (libm's `expf` is a call per element and halves training speed). Relative error ~1e-7.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding 1.5·2^23 rounds to an integer held in the low mantissa bits.
-    const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let shifted = x.mul_add(LOG2_E, ROUNDER);
-    let n = shifted - ROUNDER;
+    let shifted = x.mul_add(std::f32::consts::LOG2_E, EXP_ROUNDER);
+    let n = shifted - EXP_ROUNDER;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
-    // Degree-5 polynomial fitted for least maximum relative error on [-ln2/2, ln2/2]
-    // (1.7e-7 evaluated in f32): as accurate as the degree-7 Taylor series it replaced, within
-    // f32's own rounding, for four fewer operations per call.
-    let p = r.mul_add(0.008_290_315, 0.041_897_93);
-    let p = r.mul_add(p, 0.166_676_36);
-    let p = r.mul_add(p, 0.499_991_5);
-    let p = r.mul_add(p, 0.999_999_7);
-    let p = r.mul_add(p, 1.0);
+    let p = EXP_POLY[1..]
+        .iter()
+        .fold(EXP_POLY[0], |p, &c| r.mul_add(p, c));
     let exponent = shifted
         .to_bits()
-        .wrapping_sub(ROUNDER.to_bits())
+        .wrapping_sub(EXP_ROUNDER.to_bits())
         .wrapping_add(127)
         .wrapping_shl(23);
     p * f32::from_bits(exponent)
 }
+
+/// `ln 2` split in two for [`fast_exp`]'s range reduction: `x − n·ln 2` without the rounding
+/// of `n·ln 2` in one float.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Adding 1.5·2^23 rounds to an integer held in the low mantissa bits.
+const EXP_ROUNDER: f32 = 12_582_912.0;
+/// [`fast_exp`]'s polynomial, highest degree first: degree 5, fitted for least maximum relative
+/// error on [-ln2/2, ln2/2] (1.7e-7 evaluated in f32): as accurate as the degree-7 Taylor
+/// series it replaced, within f32's own rounding, for four fewer operations per call.
+const EXP_POLY: [f32; 6] = [
+    0.008_290_315,
+    0.041_897_93,
+    0.166_676_36,
+    0.499_991_5,
+    0.999_999_7,
+    1.0,
+];
 
 /// A strided matrix view that has been checked to stay within its slice.
 #[derive(Clone, Copy)]
@@ -363,6 +400,19 @@ fn avx512_block<T: Real, const AVX512: bool>(
     }
     let _ = (a, strides, b, c_rows, kn);
     0
+}
+
+/// One batch row's forward step through [`Real::units_avx512`] when `AVX512`; false if it
+/// was left to the generic code.
+#[inline(always)]
+fn avx512_units<T: Real, const AVX512: bool>(gates: &mut [T], step: &mut UnitStep<'_, T>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if AVX512 {
+        // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
+        return unsafe { T::units_avx512(gates, step) };
+    }
+    let _ = (gates, step);
+    false
 }
 
 /// `c = aᵀ·b` for row-major contiguous `a` (k×m), `b` (k×n) and `c` (m×n): the weight
@@ -1062,22 +1112,34 @@ impl<T: Real> LayerTape<T> {
             let tanh_c = &mut self.tanh_c[t * bh..(t + 1) * bh];
             for b in 0..batch {
                 let row = &mut gates_t[b * g..(b + 1) * g];
+                let units = b * h..(b + 1) * h;
+                let mut step = UnitStep {
+                    cell_prev: &c_prev[units.clone()],
+                    cell: &mut c_next[units.clone()],
+                    tanh_c: &mut tanh_c[units.clone()],
+                    hidden: &mut h_next[units],
+                };
+                if avx512_units::<T, AVX512>(row, &mut step) {
+                    continue;
+                }
                 let (sigmoid_gates, candidate) = row.split_at_mut(3 * h);
                 sigmoid_gates.iter_mut().for_each(|v| *v = v.sigmoid());
                 candidate.iter_mut().for_each(|v| *v = v.tanh());
                 let (i_gate, rest) = row.split_at(h);
                 let (o_gate, rest) = rest.split_at(h);
                 let (f_gate, g_gate) = rest.split_at(h);
-                let cell = &mut c_next[b * h..(b + 1) * h];
-                let cell_prev = &c_prev[b * h..(b + 1) * h];
+                let UnitStep {
+                    cell_prev,
+                    cell,
+                    tanh_c: tc,
+                    hidden: hidden_out,
+                } = step;
                 for k in 0..h {
                     cell[k] = f_gate[k] * cell_prev[k] + i_gate[k] * g_gate[k];
                 }
-                let tc = &mut tanh_c[b * h..(b + 1) * h];
                 for (t, &c) in tc.iter_mut().zip(cell.iter()) {
                     *t = c.tanh();
                 }
-                let hidden_out = &mut h_next[b * h..(b + 1) * h];
                 for k in 0..h {
                     hidden_out[k] = o_gate[k] * tc[k];
                 }
@@ -1773,12 +1835,20 @@ mod tests {
             Vectors::Avx512 => vec![Vectors::Avx2, Vectors::Avx512],
         };
         let mut rng = SmallRng::seed_from_u64(5);
-        let (features, hidden) = (5, 32);
-        let params = LstmParams::<f32>::init(features, hidden, 9);
-        // 8 streams are two blocks of rows for the per-step products, 2 are rows outside one.
-        for (seq, batch) in [(12, 8), (7, 2)] {
+        let features = 5;
+        // 8 streams are two blocks of rows for the per-step products, 2 are rows outside one;
+        // 32 and 48 units go through the AVX-512 step kernel, 20 stay with the generic loops;
+        // inputs of ±60 drive the gates into `exp`'s clamp.
+        let cases = [
+            (32, 12, 8, 2.0),
+            (32, 7, 2, 2.0),
+            (48, 5, 4, 2.0),
+            (20, 5, 4, 2.0),
+        ];
+        for (hidden, seq, batch, scale) in cases.into_iter().chain([(32, 3, 4, 60.0)]) {
+            let params = LstmParams::<f32>::init(features, hidden, 9);
             let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-            let x = as_f32(random(seq * batch * features, &mut rng, 2.0));
+            let x = as_f32(random(seq * batch * features, &mut rng, scale));
             let state = as_f32(random(batch * hidden, &mut rng, 0.5));
             let above = as_f32(random(seq * batch * hidden, &mut rng, 1.0));
             let run = |width: Vectors| {
@@ -1816,7 +1886,8 @@ mod tests {
                 "the gradients are not all zero"
             );
             for &width in &widths {
-                assert_eq!(run(width), baseline, "{width:?}, seq {seq}, batch {batch}");
+                let case = format!("{width:?}, hidden {hidden}, seq {seq}, batch {batch}");
+                assert_eq!(run(width), baseline, "{case}");
             }
         }
     }

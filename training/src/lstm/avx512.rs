@@ -5,8 +5,13 @@
 //! products in order, each rounded once, so results equal the generic code's bit for bit.
 
 use std::arch::x86_64::{
-    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_div_ps,
+    _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps,
+    _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_slli_epi32,
+    _mm512_storeu_ps, _mm512_sub_epi32, _mm512_sub_ps, _mm512_xor_si512,
 };
+
+use super::UnitStep;
 
 /// Rows of `A` (and of `C`) one block covers: the batch is split in groups of 8 streams, two
 /// blocks each.
@@ -104,4 +109,89 @@ unsafe fn tile<const VECS: usize>(
             }
         }
     }
+}
+
+/// The forward step of one batch row after its gate products (`gates` `[i, o, f, g]`, each
+/// `[H]`), sixteen units at a time: the gates activated in place, then `c = f·c' + i·g`,
+/// `tanh(c)` and `h = o·tanh(c)`. One pass with everything in registers, where the generic
+/// loops made five over short slices. The operations are the generic code's, in its order
+/// (`fast_exp`, then `1 / (1 + e)` or `2 / (1 + e) − 1`; the cell's products added unfused), so
+/// the results are its bits. Returns false, doing nothing, when `H` is not a multiple of 16.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn step_units(gates: &mut [f32], step: &mut UnitStep<'_, f32>) -> bool {
+    let h = step.cell.len();
+    if !h.is_multiple_of(LANES) {
+        return false;
+    }
+    assert!(gates.len() == 4 * h && step.cell_prev.len() == h);
+    assert!(step.tanh_c.len() == h && step.hidden.len() == h);
+    let gates = gates.as_mut_ptr();
+    // SAFETY: every offset is `gate · h + unit + lane < 4h` into `gates` and `unit + lane < h`
+    // into the per-unit slices, which the asserts above hold.
+    unsafe {
+        for unit in (0..h).step_by(LANES) {
+            let i = sigmoid(_mm512_loadu_ps(gates.add(unit)));
+            let o = sigmoid(_mm512_loadu_ps(gates.add(h + unit)));
+            let f = sigmoid(_mm512_loadu_ps(gates.add(2 * h + unit)));
+            let g = tanh(_mm512_loadu_ps(gates.add(3 * h + unit)));
+            _mm512_storeu_ps(gates.add(unit), i);
+            _mm512_storeu_ps(gates.add(h + unit), o);
+            _mm512_storeu_ps(gates.add(2 * h + unit), f);
+            _mm512_storeu_ps(gates.add(3 * h + unit), g);
+            let cell_prev = _mm512_loadu_ps(step.cell_prev.as_ptr().add(unit));
+            let cell = _mm512_add_ps(_mm512_mul_ps(f, cell_prev), _mm512_mul_ps(i, g));
+            let tanh_c = tanh(cell);
+            _mm512_storeu_ps(step.cell.as_mut_ptr().add(unit), cell);
+            _mm512_storeu_ps(step.tanh_c.as_mut_ptr().add(unit), tanh_c);
+            _mm512_storeu_ps(step.hidden.as_mut_ptr().add(unit), _mm512_mul_ps(o, tanh_c));
+        }
+    }
+    true
+}
+
+/// `1 / (1 + exp(−x))`, as `Real::sigmoid` for f32.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn sigmoid(x: __m512) -> __m512 {
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let e = exp(_mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(x),
+        sign,
+    )));
+    _mm512_div_ps(_mm512_set1_ps(1.0), _mm512_add_ps(_mm512_set1_ps(1.0), e))
+}
+
+/// `2 / (1 + exp(−2x)) − 1`, as `Real::tanh` for f32.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn tanh(x: __m512) -> __m512 {
+    let e = exp(_mm512_mul_ps(_mm512_set1_ps(-2.0), x));
+    let ratio = _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(_mm512_set1_ps(1.0), e));
+    _mm512_sub_ps(ratio, _mm512_set1_ps(1.0))
+}
+
+/// `fast_exp` in sixteen lanes: the same clamp, range reduction and polynomial.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn exp(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let rounder = _mm512_set1_ps(super::EXP_ROUNDER);
+    let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), rounder);
+    let n = _mm512_sub_ps(shifted, rounder);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
+    let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
+    for &c in &super::EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(c));
+    }
+    let bias = _mm512_set1_epi32(super::EXP_ROUNDER.to_bits() as i32 - 127);
+    let exponent = _mm512_slli_epi32::<23>(_mm512_sub_epi32(_mm512_castps_si512(shifted), bias));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(exponent))
 }
