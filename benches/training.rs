@@ -32,7 +32,8 @@ const FORWARD_TIMED: usize = 9;
 const TRAIN_RUNS: usize = 5;
 /// Epochs of the reference configuration.
 const REFERENCE_EPOCHS: usize = 5;
-/// PyTorch 2.15's seconds per epoch on the reference configuration, one thread (issue 5).
+/// PyTorch 2.15's seconds per epoch on the reference configuration, one thread, as issue 5 quotes
+/// it; `scripts/bench-vs-pytorch.sh` measures the real figure on the machine at hand.
 const PYTORCH_EPOCH_SECS: f64 = 1.4;
 /// The reference configuration's window and batch: every window of 64 points is one sample.
 const REFERENCE_WINDOW: usize = 64;
@@ -218,7 +219,8 @@ fn main() {
          steps, one forecast per window, shuffled, batch {REFERENCE_BATCH}, Adam 1e-3, \
          {REFERENCE_EPOCHS} epochs, one thread): {per_window_epoch:.3} s CPU per epoch, \
          {:.1}x faster than PyTorch's ~{PYTORCH_EPOCH_SECS} s per epoch (figure from the \
-         issue, not measured here); {:.1}x one forward pass over the series",
+         issue; scripts/bench-vs-pytorch.sh measures PyTorch on this machine); {:.1}x one \
+         forward pass over the series",
         POINTS - REFERENCE_WINDOW,
         PYTORCH_EPOCH_SECS / per_window_epoch,
         per_window_epoch / forward_cpu_med,
