@@ -239,7 +239,7 @@ impl Real for f32 {
 /// (libm's `expf` is a call per element and halves training speed). Relative error ~1e-7.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.clamp(EXP_LOWEST, EXP_HIGHEST);
     let shifted = x.mul_add(std::f32::consts::LOG2_E, EXP_ROUNDER);
     let n = shifted - EXP_ROUNDER;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
@@ -254,6 +254,9 @@ fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(exponent)
 }
 
+/// [`fast_exp`]'s argument is clamped to these: beyond, `exp` leaves f32's normal range.
+const EXP_LOWEST: f32 = -87.0;
+const EXP_HIGHEST: f32 = 88.0;
 /// `ln 2` split in two for [`fast_exp`]'s range reduction: `x − n·ln 2` without the rounding
 /// of `n·ln 2` in one float.
 const LN2_HI: f32 = 0.693_145_75;

@@ -1,8 +1,9 @@
-//! The per-step products' register blocks written with AVX-512 intrinsics, for CPUs that have
-//! it. Left to the compiler, the generic blocks came out with their `B` rows loaded in pieces
-//! and shuffled together; here each `k` is one load per 16 columns of `B`, one broadcast per
-//! row of `A` and one fused multiply-add per accumulator. Every element still adds its `k`
-//! products in order, each rounded once, so results equal the generic code's bit for bit.
+//! The per-step products' register blocks, and a forward step's activations, written with
+//! AVX-512 intrinsics, for CPUs that have it. Left to the compiler, the generic blocks came out
+//! with their `B` rows loaded in pieces and shuffled together; here each `k` is one load per 16
+//! columns of `B`, one broadcast per row of `A` and one fused multiply-add per accumulator.
+//! Every element still adds its `k` products in order, each rounded once, and the activations
+//! repeat the generic code's operations, so results equal the generic code's bit for bit.
 
 use std::arch::x86_64::{
     __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_div_ps,
@@ -179,8 +180,8 @@ fn tanh(x: __m512) -> __m512 {
 #[inline]
 fn exp(x: __m512) -> __m512 {
     let x = _mm512_min_ps(
-        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-        _mm512_set1_ps(88.0),
+        _mm512_max_ps(x, _mm512_set1_ps(super::EXP_LOWEST)),
+        _mm512_set1_ps(super::EXP_HIGHEST),
     );
     let rounder = _mm512_set1_ps(super::EXP_ROUNDER);
     let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), rounder);
