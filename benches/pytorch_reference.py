@@ -32,7 +32,8 @@ def series(points: int, seed: int) -> torch.Tensor:
     t = torch.arange(points, dtype=torch.float64) * STEP_SECS
     day = 2 * math.pi * t / DAY
     week = 2 * math.pi * t / WEEK
-    value = 1 + 0.45 * torch.sin(day) + 0.05 * torch.randn(points, generator=generator, dtype=torch.float64)
+    noise = torch.randn(points, generator=generator, dtype=torch.float64)
+    value = 1 + 0.45 * torch.sin(day) + 0.05 * noise
     value = (value - value.mean()) / value.std()
     return torch.stack(
         [value, torch.sin(day), torch.cos(day), torch.sin(week), torch.cos(week)], dim=1

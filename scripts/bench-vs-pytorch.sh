@@ -35,4 +35,5 @@ for round in $(seq 1 "$rounds"); do
   echo "round $round: MAD $mad s, PyTorch $torch s CPU per epoch: MAD ${ratio}x faster"
 done
 sorted=$(printf '%s\n' "${ratios[@]}" | sort -n)
-echo "MAD against PyTorch $torch_version on this machine, same runs: $(head -1 <<<"$sorted")x to $(tail -1 <<<"$sorted")x faster per epoch over $rounds rounds"
+echo "MAD against PyTorch $torch_version on this machine, same runs:" \
+  "$(head -1 <<<"$sorted")x to $(tail -1 <<<"$sorted")x faster per epoch over $rounds rounds"
