@@ -824,14 +824,13 @@ impl<T: Real> LstmParams<T> {
                 let column_offset = if layer == 0 { 0 } else { m * h };
                 for r in 0..GATES * h {
                     let to = row(m, r);
-                    for c in 0..member_inputs {
-                        merged.data[into.w + to * inputs + column_offset + c] =
-                            member.data[from.w + r * member_inputs + c];
-                    }
-                    for c in 0..h {
-                        merged.data[into.r + to * wide + m * h + c] =
-                            member.data[from.r + r * h + c];
-                    }
+                    let w = into.w + to * inputs + column_offset;
+                    merged.data[w..w + member_inputs].copy_from_slice(
+                        &member.data[from.w + r * member_inputs..][..member_inputs],
+                    );
+                    let r_to = into.r + to * wide + m * h;
+                    merged.data[r_to..r_to + h]
+                        .copy_from_slice(&member.data[from.r + r * h..][..h]);
                     merged.data[into.wb + to] = member.data[from.wb + r];
                     merged.data[into.rb + to] = member.data[from.rb + r];
                 }
@@ -1847,8 +1846,9 @@ mod tests {
             (32, 7, 2, 2.0),
             (48, 5, 4, 2.0),
             (20, 5, 4, 2.0),
+            (32, 3, 4, 60.0),
         ];
-        for (hidden, seq, batch, scale) in cases.into_iter().chain([(32, 3, 4, 60.0)]) {
+        for (hidden, seq, batch, scale) in cases {
             let params = LstmParams::<f32>::init(features, hidden, 9);
             let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
             let x = as_f32(random(seq * batch * features, &mut rng, scale));
