@@ -22,13 +22,23 @@ fi
 cargo build --release --quiet --bin mad
 logs="$(mktemp -d)"
 trap 'rm -rf "$logs"' EXIT
+# NAB, printed, then from four more training seeds (how much of the score the seed decides).
+nab_runs() {
+  local log="$1"
+  shift
+  target/release/mad backtest --nab "$datasets/nab" "$@" | tee "$logs/$log"
+  for seed in 1 2 3 4; do
+    target/release/mad backtest --nab "$datasets/nab" --seed "$seed" "$@" > "$logs/$log-seed-$seed"
+    echo "seed $seed: $(awk '$1 == "NAB" && $2 == "standard" { print $3 }' "$logs/$log-seed-$seed")"
+  done
+}
 echo "== NAB (${datasets}/nab)"
-target/release/mad backtest --nab "$datasets/nab" "$@" | tee "$logs/nab"
-# The same files from other training seeds: how much of the NAB score the seed decides.
-for seed in 1 2 3 4; do
-  target/release/mad backtest --nab "$datasets/nab" --seed "$seed" "$@" > "$logs/nab-seed-$seed"
-  echo "seed $seed: $(awk '$1 == "NAB" && $2 == "standard" { print $3 }' "$logs/nab-seed-$seed")"
-done
+nab_runs nab "$@"
+# As a deployment retrains: again each time a file's history has doubled, leaving out the
+# points scored above 1.
+echo
+echo "== NAB, retrained as the history grows (--retrain)"
+nab_runs nab-retrain --retrain "$@"
 echo
 echo "== SMD (${datasets}/smd)"
 target/release/mad backtest --machines "$datasets/smd" --step 1m "$@" | tee "$logs/smd"
@@ -51,28 +61,35 @@ if compgen -G "$datasets/kpi/*.csv" > /dev/null; then
 fi
 
 # The one table: each corpus' summary lines, as printed above, side by side.
-nab_profile() { awk -v p="$1" '$1 == "NAB" && $2 == p { print $3 }' "$logs/nab"; }
+nab_profile() { awk -v p="$2" '$1 == "NAB" && $2 == p { print $3 }' "$logs/$1"; }
+nab_profiles() {
+  echo "$(nab_profile "$1" standard) / $(nab_profile "$1" reward_low_FP_rate) / $(nab_profile "$1" reward_low_FN_rate)"
+}
 machines() { grep '^mean best F1' "$logs/$1"; }
 best_f1() { machines "$1" | sed -E 's/^mean best F1 ([0-9.]+),.*/\1/'; }
 default_f1() { machines "$1" | sed -E 's/.*default threshold ([0-9.]+ \([0-9]+% of best\)).*/\1/'; }
 attribution() { machines "$1" | sed -E 's/.*named in ([0-9]+ of [0-9]+) segments.*/\1/'; }
 per_segment() { machines "$1" | sed -E 's/.*default threshold: ([0-9]+) of ([0-9]+) found, ([0-9]+) of ([0-9]+) detections right.*/\1\/\2; \3\/\4/'; }
 train_time() { machines "$1" | sed -E 's/.*training ([0-9.]+ s) per model.*/\1/'; }
-nab_seeds="$(cat "$logs/nab" "$logs"/nab-seed-* | awk '$1 == "NAB" && $2 == "standard" { v = $3 + 0;
-  if (n == 0 || v < lo) lo = v; if (n == 0 || v > hi) hi = v; n++ }
-  END { printf "%.1f-%.1f over %d training seeds", lo, hi, n }')"
-nab_train="$(sed -nE 's/^training: ([0-9]+) models, median ([0-9.]+ s).*/median \2 (\1 models)/p' "$logs/nab")"
+nab_seeds() {
+  cat "$logs/$1" "$logs/$1"-seed-* | awk '$1 == "NAB" && $2 == "standard" { v = $3 + 0; s += v;
+    if (n == 0 || v < lo) lo = v; if (n == 0 || v > hi) hi = v; n++ }
+    END { printf "%.1f-%.1f (mean %.1f) over %d seeds", lo, hi, s / n, n }'
+}
+nab_train() { sed -nE 's/^training: ([0-9]+) models, median ([0-9.]+ s).*/median \2 (\1 models)/p' "$logs/$1"; }
 echo
 echo "== Summary"
 printf '%-34s %-28s %-24s %s\n' "" "NAB" "SMD" "ASD"
-printf '%-34s %-28s\n' "NAB standard / low FP / low FN" \
-  "$(nab_profile standard) / $(nab_profile reward_low_FP_rate) / $(nab_profile reward_low_FN_rate)"
-printf '%-34s %-28s\n' "NAB standard across seeds" "$nab_seeds"
+printf '%-34s %-28s\n' "NAB standard / low FP / low FN" "$(nab_profiles nab)"
+printf '%-34s %-28s\n' "NAB standard across seeds" "$(nab_seeds nab)"
+printf '%-34s %-28s\n' "NAB --retrain: std / low FP / FN" "$(nab_profiles nab-retrain)"
+printf '%-34s %-28s\n' "NAB --retrain across seeds" "$(nab_seeds nab-retrain)"
+printf '%-34s %-28s\n' "NAB --retrain: training per model" "$(nab_train nab-retrain)"
 printf '%-34s %-28s %-24s %s\n' "best F1 (no point-adjust)" "" "$(best_f1 smd)" "$(best_f1 asd)"
 printf '%-34s %-28s %-24s %s\n' "F1 at the default threshold" "" "$(default_f1 smd)" "$(default_f1 asd)"
 printf '%-34s %-28s %-24s %s\n' "segments found; detections right" "" "$(per_segment smd)" "$(per_segment asd)"
 printf '%-34s %-28s %-24s %s\n' "attribution: labelled in top 3" "" "$(attribution smd)" "$(attribution asd)"
-printf '%-34s %-28s %-24s %s\n' "training time per model" "$nab_train" "$(train_time smd)" "$(train_time asd)"
+printf '%-34s %-28s %-24s %s\n' "training time per model" "$(nab_train nab)" "$(train_time smd)" "$(train_time asd)"
 printf '%-34s %-28s %-24s %s\n' "joint model: best F1" "" "$(best_f1 smd-joint)" "$(best_f1 asd-joint)"
 printf '%-34s %-28s %-24s %s\n' "joint model: F1 at default" "" "$(default_f1 smd-joint)" "$(default_f1 asd-joint)"
 printf '%-34s %-28s %-24s %s\n' "joint model: training per model" "" "$(train_time smd-joint)" "$(train_time asd-joint)"

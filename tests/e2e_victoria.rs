@@ -268,6 +268,26 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     )
     .await;
 
+    // A retrain over the live points leaves out what the exporter flagged (the spike), and
+    // nothing like the whole history.
+    let above: usize = scores
+        .iter()
+        .map(|(_, points)| points.iter().filter(|(_, s)| *s > 1.0).count())
+        .sum();
+    let live_end = live_start + LIVE_SECS + 4;
+    let over_spike = mad::train::run(
+        &test_config(&vm.url, tmp.path(), port, 3),
+        &[],
+        Some(live_end),
+    )
+    .await
+    .expect("retraining over the live points succeeds");
+    let left_out = over_spike[0].flagged_excluded;
+    assert!(
+        (1..=2 * above + 2).contains(&left_out),
+        "{left_out} points left out; {above} scraped scores above 1: {over_spike:?}"
+    );
+
     // The datasource goes away: scores vanish instead of going stale, errors are counted.
     vm.stop().await;
     eventually(

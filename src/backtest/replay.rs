@@ -11,7 +11,7 @@ use mad_training::{SeriesHistory, TrainError, TrainOptions, TrainedModel};
 
 use crate::chart::ChartPoint;
 use crate::model::Forecaster;
-use crate::score::{Detection, DetectorScorer, Score};
+use crate::score::{Detection, DetectorScorer, Score, ANOMALOUS_ABOVE};
 use crate::source::{Labels, Series};
 
 /// The detector name models trained here carry.
@@ -161,7 +161,8 @@ pub fn replay(
     .ok_or_else(|| format!("{}: nothing replayed", recording.name))
 }
 
-/// When a replay trains its model again, on everything seen so far.
+/// When a replay trains its model again, on everything seen so far except the points it scored
+/// as anomalous (as `mad train` leaves out what the exporter flagged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retrain {
     Never,
@@ -197,15 +198,26 @@ pub fn replay_many(
     let mut train_seconds = 0.0;
     let mut epochs = 0;
     let mut trials = 0;
-    let mut fit = |upto: usize, options: &mut TrainOptions| -> Result<DetectorScorer, String> {
+    // Per series and slot: scored above the edge. A retrain leaves these points out, as
+    // `mad train` leaves out what the exporter flagged.
+    let mut flagged: Vec<Vec<bool>> = grids.iter().map(|g| vec![false; g.points.len()]).collect();
+    let mut fit = |upto: usize,
+                   options: &mut TrainOptions,
+                   flagged: &[Vec<bool>]|
+     -> Result<DetectorScorer, String> {
         let histories: Vec<SeriesHistory> = grids
             .iter()
-            .map(|g| {
+            .zip(flagged)
+            .map(|(g, flagged)| {
                 let end = upto.min(g.points.len());
                 SeriesHistory {
                     labels: g.labels.clone(),
                     timestamps: g.points[..end].iter().map(|p| p.0).collect(),
-                    values: g.points[..end].iter().map(|p| p.1).collect(),
+                    values: g.points[..end]
+                        .iter()
+                        .zip(flagged)
+                        .map(|(p, flagged)| if *flagged { f64::NAN } else { p.1 })
+                        .collect(),
                 }
             })
             .collect();
@@ -234,7 +246,7 @@ pub fn replay_many(
         // Never stale: the recording's clock, not the wall clock, drives the cycles.
         Ok(DetectorScorer::new(Arc::new(forecaster), i64::MAX / 4).with_detection(detection))
     };
-    let mut scorer = fit(learned, &mut options)?;
+    let mut scorer = fit(learned, &mut options, &flagged)?;
     let mut next_retrain = match retrain {
         Retrain::Never => usize::MAX,
         Retrain::WhenDoubled => learned.saturating_mul(2).max(1),
@@ -246,7 +258,7 @@ pub fn replay_many(
         // Only what has been seen: the points before this one.
         let mut from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
         if i == next_retrain {
-            scorer = fit(i, &mut options)?;
+            scorer = fit(i, &mut options, &flagged)?;
             next_retrain = next_retrain.saturating_mul(2);
             // A fresh scorer warms up on the recent past, as the exporter's lookback does.
             from = (i + 1).saturating_sub(scorer.warmup_points() + 1);
@@ -274,6 +286,7 @@ pub fn replay_many(
                 if let Ok(slot) = grids[k].points.binary_search_by_key(&score.ts, |p| p.0) {
                     // A retrained scorer re-scores its warm-up: the earlier verdict stands.
                     if by_slot[k][slot].is_none() || score.ts == grids[k].points[i].0 {
+                        flagged[k][slot] = score.score > ANOMALOUS_ABOVE;
                         by_slot[k][slot] = Some(score);
                     }
                 }

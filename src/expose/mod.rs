@@ -5,6 +5,9 @@ mod render;
 mod server;
 mod telemetry;
 
-pub use render::{escape_label_value, exposed_labels, Exposition, Family, FAMILIES};
+pub use render::{
+    escape_label_value, exposed_labels, Exposition, Family, CONTRIBUTION, DETECTOR_LABEL, FAMILIES,
+    SCORE,
+};
 pub use server::{serve_http, ApiHandler, Probes};
 pub use telemetry::Telemetry;

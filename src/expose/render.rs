@@ -26,9 +26,9 @@ pub struct Family {
 
 /// Index in [`FAMILIES`] of the score that alerts: per series, or per group of a multivariate
 /// detector.
-const SCORE: usize = 0;
+pub const SCORE: usize = 0;
 /// Index of a multivariate detector's per-input scores.
-const CONTRIBUTION: usize = 1;
+pub const CONTRIBUTION: usize = 1;
 
 /// The families in exposition order (DESIGN.md, Contract 1).
 pub const FAMILIES: [Family; 6] = [

@@ -39,6 +39,9 @@ use state::Step;
 /// Series per ONNX Runtime run: bounds the tensors of a cold start with many new series.
 pub const MAX_BATCH: usize = 4096;
 
+/// A score above this is anomalous: what the alerts fire on, and what a retrain leaves out.
+pub const ANOMALOUS_ABOVE: f64 = 1.0;
+
 /// One scored point, in the series' own units.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Score {

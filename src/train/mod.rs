@@ -1,5 +1,7 @@
 //! `mad train`: fetch each detector's history, train its model, store it.
 
+mod flagged;
+
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -25,6 +27,8 @@ pub struct Trained {
     pub epochs: usize,
     /// Models averaged into the one stored (an ensemble for a short history).
     pub members: usize,
+    /// Points left out because the exporter had scored them above 1.
+    pub flagged_excluded: usize,
     pub seconds: f64,
     /// A joint model's inputs, in column order; empty for a model that reads each series alone.
     pub joint_inputs: Vec<String>,
@@ -39,6 +43,13 @@ impl std::fmt::Display for Trained {
         )?;
         if self.members > 1 {
             write!(f, ", {} models averaged", self.members)?;
+        }
+        if self.flagged_excluded > 0 {
+            write!(
+                f,
+                ", {} points scored anomalous left out",
+                self.flagged_excluded
+            )?;
         }
         write!(f, "; stored version {}", self.version.version)?;
         if !self.joint_inputs.is_empty() {
@@ -222,11 +233,22 @@ async fn train_detector(
     }
     let min_points = detector.window.0 * 4;
     let mut excluded = 0;
+    // The exporter's own scores, as the datasource scraped them (none before the first model).
+    let flagged = client
+        .query_range(&flagged::flagged_query(detector), start, end, step)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(detector = %detector.name, error = %e, "could not read the exporter's scores: no point left out for them");
+            Vec::new()
+        });
+    let flagged = flagged::Flagged::new(&detector.name.0, &flagged);
+    let mut flagged_excluded = 0;
     let history: Vec<SeriesHistory> = fetched
         .iter()
         .filter_map(|s| to_history(s, step))
         .map(|mut h| {
             excluded += exclude_windows(windows, &detector.name.0, &h.labels, &h.timestamps, &mut h.values);
+            flagged_excluded += flagged.exclude(&mut h, step);
             h
         })
         .filter(|h| {
@@ -240,6 +262,10 @@ async fn train_detector(
     if excluded > 0 {
         tracing::info!(detector = %detector.name, excluded, "points inside maintenance windows left out");
     }
+    if flagged_excluded > 0 {
+        tracing::info!(detector = %detector.name, flagged_excluded, "points the exporter scored anomalous left out");
+    }
+
     if history.is_empty() {
         bail!(
             "the query returned {} series but none has {min_points} points (4 windows) between {} and {}",
@@ -324,6 +350,7 @@ async fn train_detector(
         points,
         epochs,
         members,
+        flagged_excluded,
         seconds: started.elapsed().as_secs_f64(),
         joint_inputs: model.meta.inputs.clone(),
     })
@@ -347,8 +374,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_summary_line_says_when_models_were_averaged() {
-        let trained = |members| Trained {
+    fn the_summary_line_says_when_models_were_averaged_and_points_left_out() {
+        let trained = |members, flagged_excluded| Trained {
             detector: "cpu".into(),
             version: VersionInfo {
                 detector: "cpu".into(),
@@ -361,16 +388,22 @@ mod tests {
             points: 900,
             epochs: 12,
             members,
+            flagged_excluded,
             seconds: 0.5,
             joint_inputs: Vec::new(),
         };
         assert_eq!(
-            trained(3).to_string(),
+            trained(3, 0).to_string(),
             "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs, 3 models averaged; \
              stored version v7"
         );
         assert_eq!(
-            trained(1).to_string(),
+            trained(1, 14).to_string(),
+            "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs, 14 points scored \
+             anomalous left out; stored version v7"
+        );
+        assert_eq!(
+            trained(1, 0).to_string(),
             "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs; stored version v7"
         );
     }
