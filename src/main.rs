@@ -67,6 +67,12 @@ enum Command {
         /// training (whether or not training succeeded: they depend on the config only).
         #[arg(long, value_name = "DIR", conflicts_with = "watch")]
         rules_dir: Option<PathBuf>,
+        /// Retrain a detector that has a model only when it is due: its history has doubled
+        /// since, a series is new to it, its window or step changed, or it is half
+        /// `alerting.model_max_age` old (what a scheduled run wants: every retrain restarts the
+        /// exporter's scoring of the detector).
+        #[arg(long, conflicts_with = "watch")]
+        if_due: bool,
     },
     /// Score fresh data with the active models and expose anomaly_score, yhat, yhat_lower,
     /// yhat_upper and y on /metrics (plus /healthz and /readyz). Picks up new model versions
@@ -369,12 +375,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             end,
             watch,
             rules_dir,
+            if_due,
         } => {
             let config = Config::load(&config)?;
             if watch {
                 mad::train::watch(&config, mad::serve::shutdown_signal()).await?;
             } else {
-                let trained = mad::train::run(&config, &detectors, end).await;
+                let schedule = if if_due {
+                    mad::train::Schedule::IfDue
+                } else {
+                    mad::train::Schedule::Always
+                };
+                let trained = mad::train::run_scheduled(&config, &detectors, end, schedule).await;
                 if let Some(dir) = rules_dir {
                     let path = mad::rules::write(&config, &dir)?;
                     println!("alerting rules refreshed: {}", path.display());

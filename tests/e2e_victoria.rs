@@ -288,6 +288,23 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
         "{left_out} points left out; {above} scraped scores above 1: {over_spike:?}"
     );
 
+    // A scheduled run (`--if-due`) leaves that model alone: the same history, the same series,
+    // trained a moment ago.
+    let scheduled = mad::train::run_scheduled(
+        &test_config(&vm.url, tmp.path(), port, 4),
+        &[],
+        Some(live_end),
+        mad::train::Schedule::IfDue,
+    )
+    .await
+    .expect("scheduled run");
+    match &scheduled[..] {
+        [mad::train::Outcome::UpToDate { version, .. }] => {
+            assert_eq!(version, &over_spike[0].version.version)
+        }
+        other => panic!("a model that was not due was retrained: {other:?}"),
+    }
+
     // The datasource goes away: scores vanish instead of going stale, errors are counted.
     vm.stop().await;
     eventually(

@@ -1,5 +1,6 @@
 //! `mad train`: fetch each detector's history, train its model, store it.
 
+mod due;
 mod flagged;
 
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use mad_training::{Progress, SeriesHistory};
+use mad_training::{ModelMeta, Progress, SeriesHistory};
 
 use crate::config::{Config, Detector};
 use crate::registry::{exclude_windows, merged_detectors, MaintenanceWindow, Registry};
@@ -63,6 +64,59 @@ impl std::fmt::Display for Trained {
     }
 }
 
+/// When a run retrains a detector that already has a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Every time: `mad train` run by hand, a retraining request.
+    Always,
+    /// Only when its model is due (`mad train --if-due`, what a scheduled run does): its
+    /// history has doubled, a series is new, the window or step changed, or it is old.
+    IfDue,
+}
+
+/// What a run did with one detector.
+#[derive(Debug)]
+pub enum Outcome {
+    Trained(Trained),
+    /// `--if-due` and the active model is not due.
+    UpToDate {
+        detector: String,
+        version: String,
+        /// What the model learnt, and when it will be due.
+        why: String,
+    },
+}
+
+impl Outcome {
+    /// The detector's active version after the run.
+    pub fn version(&self) -> &str {
+        match self {
+            Outcome::Trained(t) => &t.version.version,
+            Outcome::UpToDate { version, .. } => version,
+        }
+    }
+
+    pub fn trained(self) -> Option<Trained> {
+        match self {
+            Outcome::Trained(t) => Some(t),
+            Outcome::UpToDate { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Trained(t) => t.fmt(f),
+            Outcome::UpToDate {
+                detector,
+                version,
+                why,
+            } => write!(f, "{detector}: up to date, version {version} kept ({why})"),
+        }
+    }
+}
+
 /// What `mad train` works with: the datasource, the model store and, with PostgreSQL, the
 /// registry (database detectors, maintenance windows, the retraining queue).
 struct Trainer<'a> {
@@ -93,8 +147,17 @@ impl<'a> Trainer<'a> {
         Ok(merged.into_iter().map(|(d, _)| d).collect())
     }
 
-    async fn train(&self, detector: &Detector, end: i64) -> anyhow::Result<Trained> {
+    async fn train(
+        &self,
+        detector: &Detector,
+        end: i64,
+        schedule: Schedule,
+    ) -> anyhow::Result<Outcome> {
         let step = detector.step.0.as_secs().max(1) as i64;
+        let current = match schedule {
+            Schedule::Always => None,
+            Schedule::IfDue => self.active_meta(&detector.name.0).await?,
+        };
         let start = end - detector.train_range.0.as_secs() as i64;
         let windows = match &self.registry {
             Some(r) => r.windows(start, end).await?,
@@ -107,9 +170,25 @@ impl<'a> Trainer<'a> {
             detector,
             end,
             &windows,
+            current.as_ref(),
         )
         .await
         .with_context(|| format!("detector {} (step {step}s)", detector.name))
+    }
+
+    /// The active model's version and metadata; none when there is no model or its metadata
+    /// cannot be read (then it is retrained).
+    async fn active_meta(&self, detector: &str) -> anyhow::Result<Option<(String, ModelMeta)>> {
+        let Some(stored) = self.store.load_active(detector).await? else {
+            return Ok(None);
+        };
+        match mad_training::onnx::embedded_meta(&stored.onnx) {
+            Ok(meta) => Ok(Some((stored.info.version, meta))),
+            Err(e) => {
+                tracing::warn!(detector, version = %stored.info.version, error = %e, "the active model's metadata cannot be read: retraining");
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -121,6 +200,17 @@ pub async fn run(
     only: &[String],
     end: Option<i64>,
 ) -> anyhow::Result<Vec<Trained>> {
+    let outcomes = run_scheduled(config, only, end, Schedule::Always).await?;
+    Ok(outcomes.into_iter().filter_map(Outcome::trained).collect())
+}
+
+/// [`run`], retraining a detector that has a model only when `schedule` says so.
+pub async fn run_scheduled(
+    config: &Config,
+    only: &[String],
+    end: Option<i64>,
+    schedule: Schedule,
+) -> anyhow::Result<Vec<Outcome>> {
     let trainer = Trainer::new(config).await?;
     let detectors = trainer.detectors().await?;
     for name in only {
@@ -141,7 +231,7 @@ pub async fn run(
                 continue;
             }
         }
-        let result = trainer.train(detector, end).await?;
+        let result = trainer.train(detector, end, schedule).await?;
         println!("{result}");
         trained.push(result);
     }
@@ -195,7 +285,7 @@ pub async fn watch(
             .find(|d| d.name.0 == request.detector);
         let outcome = match detector {
             Some(d) => trainer
-                .train(&d, unix_now())
+                .train(&d, unix_now(), Schedule::Always)
                 .await
                 .map_err(|e| format!("{e:#}")),
             None => Err(format!("no detector named {:?}", request.detector)),
@@ -206,7 +296,7 @@ pub async fn watch(
         }
         let result = outcome
             .as_ref()
-            .map(|t| t.version.version.as_str())
+            .map(Outcome::version)
             .map_err(String::as_str);
         registry.finish_training_request(request.id, result).await?;
     }
@@ -219,7 +309,8 @@ async fn train_detector(
     detector: &Detector,
     end: i64,
     windows: &[MaintenanceWindow],
-) -> anyhow::Result<Trained> {
+    current: Option<&(String, ModelMeta)>,
+) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let step = detector.step.0.as_secs().max(1) as i64;
     let end = align_down(end, step);
@@ -275,6 +366,29 @@ async fn train_detector(
         );
     }
     let options = detector.train_options(&config.training);
+    if let Some((version, meta)) = current {
+        let wanted = due::Wanted {
+            window: options.window,
+            step_secs: step as u64,
+            max_age_secs: config.alerting.model_max_age.0.as_secs() as i64 / 2,
+        };
+        match due::reason(meta, &history, wanted, unix_now()) {
+            Some(reason) => tracing::info!(detector = %detector.name, reason, "retraining"),
+            None => {
+                return Ok(Outcome::UpToDate {
+                    detector: detector.name.0.clone(),
+                    version: version.clone(),
+                    why: format!(
+                        "learnt {} of history, {} old; due when the history doubles, a series \
+                         is new, the window or step changes, or at {}",
+                        due::duration(meta.train_end - meta.train_start),
+                        due::duration(unix_now() - meta.trained_at),
+                        due::duration(wanted.max_age_secs),
+                    ),
+                });
+            }
+        }
+    }
     let bar = ProgressBar::new(options.max_epochs as u64);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] epoch {pos}/{len} {msg}")
@@ -343,7 +457,7 @@ async fn train_detector(
             .unwrap_or_default() as usize
     };
     let (epochs, members) = (fact("epochs_run"), fact("ensemble").max(1));
-    Ok(Trained {
+    Ok(Outcome::Trained(Trained {
         detector: detector.name.0.clone(),
         version,
         series,
@@ -353,7 +467,7 @@ async fn train_detector(
         flagged_excluded,
         seconds: started.elapsed().as_secs_f64(),
         joint_inputs: model.meta.inputs.clone(),
-    })
+    }))
 }
 
 /// The series on its step grid from its first to its last finite sample.

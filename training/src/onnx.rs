@@ -270,6 +270,19 @@ fn int_attribute(name: &str, value: i64) -> AttributeProto {
     }
 }
 
+/// The metadata a model carries (its `mad.meta` entry), read without ONNX Runtime: what the
+/// trainer needs to know about the model it may replace.
+pub fn embedded_meta(onnx: &[u8]) -> Result<ModelMeta, String> {
+    let model = ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
+    let entry = model
+        .metadata_props
+        .iter()
+        .find(|entry| entry.key.as_deref() == Some(META_KEY))
+        .and_then(|entry| entry.value.as_deref())
+        .ok_or_else(|| format!("no {META_KEY:?} metadata entry"))?;
+    serde_json::from_str(entry).map_err(|e| format!("metadata {META_KEY:?} is not valid: {e}"))
+}
+
 /// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
 /// `x [seq, batch, F]`, `h0`/`c0 [layers, batch, H]`; outputs `yhat [seq, batch]` (a joint
 /// model's `[seq, batch, outputs]`), `h`/`c [layers, batch, H]`. Each layer is one standard
@@ -563,5 +576,7 @@ mod tests {
         assert_eq!(entry.key.as_deref(), Some(META_KEY));
         let decoded: ModelMeta = serde_json::from_str(entry.value.as_deref().unwrap()).unwrap();
         assert_eq!(decoded, meta(h));
+        assert_eq!(embedded_meta(&bytes), Ok(meta(h)));
+        assert!(embedded_meta(&bytes[..bytes.len() / 2]).is_err());
     }
 }
