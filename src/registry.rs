@@ -502,12 +502,7 @@ pub async fn merged_detectors(
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::source::labels_of as labels;
 
     fn window(detector: Option<&str>, matchers: &[(&str, &str)]) -> MaintenanceWindow {
         MaintenanceWindow {

@@ -246,12 +246,7 @@ fn write_value(v: f64, out: &mut String) {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::source::labels_of as labels;
 
     #[test]
     fn detector_label_is_added_and_collisions_are_kept() {

@@ -14,6 +14,15 @@ pub use joined::group_of;
 /// Labels of one series, sorted by name.
 pub type Labels = BTreeMap<String, String>;
 
+/// Labels from name/value pairs, for tests.
+#[cfg(test)]
+pub(crate) fn labels_of(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// One series of a range query: samples at step-aligned Unix seconds. Samples whose value was
 /// `NaN` or `±Inf` are kept as NaN so the caller sees the gap.
 #[derive(Debug, Clone, PartialEq)]

@@ -103,12 +103,7 @@ impl<'a> Flagged<'a> {
 mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::source::labels_of as labels;
 
     fn history(pairs: &[(&str, &str)], points: usize) -> SeriesHistory {
         SeriesHistory {
