@@ -178,7 +178,8 @@ enum Command {
         /// with others to see how much of it the seed decides.
         #[arg(long)]
         seed: Option<u64>,
-        /// NAB: train again on the rows already seen each time they have doubled.
+        /// NAB and `--machines`: train again on the rows already seen each time they have
+        /// doubled (leaving out the points scored above 1), as `mad train --if-due` would.
         #[arg(long)]
         retrain: bool,
         /// `--machines`: one joint model reads all metrics of a machine together and forecasts
@@ -416,11 +417,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let settings = BacktestSettings {
                 config: config.as_deref(),
                 seed,
-            };
-            let retrain = if retrain {
-                mad::backtest::replay::Retrain::WhenDoubled
-            } else {
-                mad::backtest::replay::Retrain::Never
+                retrain: if retrain {
+                    mad::backtest::replay::Retrain::WhenDoubled
+                } else {
+                    mad::backtest::replay::Retrain::Never
+                },
             };
             let detection = mad::score::Detection {
                 scoring: match scoring {
@@ -439,7 +440,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     out.as_deref(),
                     settings,
                     detection,
-                    retrain,
                     plot.as_deref(),
                 )?,
                 (None, Some(dir)) => backtest_machines(
@@ -638,6 +638,8 @@ struct BacktestSettings<'a> {
     config: Option<&'a std::path::Path>,
     /// `--seed`, over the config's.
     seed: Option<u64>,
+    /// `--retrain` (NAB and machines).
+    retrain: mad::backtest::replay::Retrain,
 }
 
 /// How models are trained (the config's `training:`, its search included, and `--seed`) and
@@ -743,8 +745,9 @@ fn backtest_machines(
     joint: bool,
     output: BacktestOutput<'_>,
 ) -> anyhow::Result<()> {
-    use mad::backtest::machines::{machines, run_machine, MachineOutput, NAMED};
+    use mad::backtest::machines::{machines, run_machine, MachineRun, NAMED};
     let plot = output.plot;
+    let retrain = settings.retrain;
     let (mut training, library) = backtest_settings(settings)?;
     training.options.joint |= joint;
     let names: Vec<String> = machines(dir)
@@ -777,7 +780,8 @@ fn backtest_machines(
             &training,
             detection,
             library.as_deref(),
-            MachineOutput {
+            MachineRun {
+                retrain,
                 charts: plot.is_some(),
                 scores: output.out,
             },
@@ -843,9 +847,9 @@ fn backtest(
     out: Option<&std::path::Path>,
     settings: BacktestSettings<'_>,
     detection: mad::score::Detection,
-    retrain: mad::backtest::replay::Retrain,
     plot: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
+    let retrain = settings.retrain;
     let (training, library) = backtest_settings(settings)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

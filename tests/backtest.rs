@@ -253,7 +253,8 @@ fn a_machine_is_scored_point_wise_and_the_cause_is_named() {
         &Training::default(),
         Detection::default(),
         None,
-        mad::backtest::machines::MachineOutput {
+        mad::backtest::machines::MachineRun {
+            retrain: Retrain::Never,
             charts: true,
             scores: Some(&dir.path().join("scores")),
         },

@@ -99,9 +99,11 @@ fn read_interpretation(path: &Path) -> Result<Vec<(usize, usize, Vec<usize>)>, S
         .collect()
 }
 
-/// What a machine's run keeps besides its figures.
+/// How a machine's run retrains, and what it keeps besides its figures.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct MachineOutput<'a> {
+pub struct MachineRun<'a> {
+    /// Train again as the rows seen grow (`--retrain`), as `mad train --if-due` would.
+    pub retrain: Retrain,
     /// Keep charts of the most often labelled metrics in the report.
     pub charts: bool,
     /// Write the test rows' scores to `<dir>/<machine>.csv`
@@ -117,7 +119,7 @@ pub fn run_machine(
     training: &Training,
     detection: Detection,
     onnxruntime: Option<&Path>,
-    output: MachineOutput<'_>,
+    run: MachineRun<'_>,
 ) -> Result<MachineReport, String> {
     let file = format!("{name}.txt");
     let train = read_matrix(&dir.join("train").join(&file))?;
@@ -156,7 +158,7 @@ pub fn run_machine(
         &recordings,
         past.len(),
         training,
-        Retrain::Never,
+        run.retrain,
         detection,
         onnxruntime,
     )?;
@@ -179,7 +181,7 @@ pub fn run_machine(
             group_score(ranked)
         })
         .collect();
-    if let Some(out) = output.scores {
+    if let Some(out) = run.scores {
         write_scores(
             &out.join(format!("{name}.csv")),
             &combined,
@@ -206,7 +208,7 @@ pub fn run_machine(
             attribution_hits += 1;
         }
     }
-    let charts = if output.charts {
+    let charts = if run.charts {
         let test_rows = past.len()..rows.len();
         let labelled: Vec<(i64, i64)> = segments
             .iter()

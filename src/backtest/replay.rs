@@ -163,8 +163,9 @@ pub fn replay(
 
 /// When a replay trains its model again, on everything seen so far except the points it scored
 /// as anomalous (as `mad train` leaves out what the exporter flagged).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Retrain {
+    #[default]
     Never,
     /// Each time the points seen have doubled since the last training.
     WhenDoubled,
