@@ -6,6 +6,7 @@
 //! each time a file's history had doubled raised the standard score 73.5 → 75.2 (README,
 //! Detection quality). So a scheduled run retrains a model only when it has something to learn.
 
+use mad_training::search::SEARCH_META_KEY;
 use mad_training::{series_key, ModelMeta, SeriesHistory};
 
 /// What a detector asks of its model now.
@@ -27,7 +28,9 @@ pub fn reason(
     wanted: Wanted,
     now: i64,
 ) -> Option<String> {
-    if (meta.window, meta.step_secs) != (wanted.window, wanted.step_secs) {
+    // A searched model picked its own window: only the step must match the config's.
+    let searched = meta.training.contains_key(SEARCH_META_KEY);
+    if meta.step_secs != wanted.step_secs || (!searched && meta.window != wanted.window) {
         return Some(format!(
             "the config asks for window {} at step {}s, the model has {} at {}s",
             wanted.window, wanted.step_secs, meta.window, meta.step_secs
@@ -159,5 +162,11 @@ mod tests {
         assert!(
             reason(&meta, &both[..1], wider, 14 * DAY).is_some_and(|r| r.contains("window 128"))
         );
+        // A search chose the model's window: the config's is only where it started.
+        let mut searched = meta.clone();
+        searched
+            .training
+            .insert(SEARCH_META_KEY.into(), serde_json::json!({"trials": 12}));
+        assert_eq!(reason(&searched, &both[..1], wider, 14 * DAY), None);
     }
 }

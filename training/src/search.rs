@@ -166,6 +166,10 @@ fn behind_the_median(epoch: usize, best_so_far: f64, finished: &[Vec<f64>]) -> b
     median(at_epoch).is_some_and(|m| best_so_far > m)
 }
 
+/// The key of the search's record (trials, best trial, seconds) in a model's `training`
+/// metadata.
+pub const SEARCH_META_KEY: &str = "search";
+
 /// Searches hyperparameters for `detector` and returns the best trial's model, with the search
 /// recorded in its metadata (`training.search`). `on_trial` hears of each trial as it ends.
 pub fn search(
@@ -277,7 +281,7 @@ pub fn search(
         return Err(last_error.unwrap_or_else(|| invalid("no trial finished")));
     };
     model.meta.training.insert(
-        "search".to_string(),
+        SEARCH_META_KEY.to_string(),
         serde_json::json!({
             "trials": trials,
             "best_trial": best_number,
