@@ -40,26 +40,23 @@ nab_runs nab "$@"
 echo
 echo "== NAB, retrained as the history grows (--retrain)"
 nab_runs nab-retrain --retrain "$@"
-echo
-echo "== SMD (${datasets}/smd)"
-target/release/mad backtest --machines "$datasets/smd" --step 1m "$@" | tee "$logs/smd"
-echo
-echo "== ASD (${datasets}/asd)"
-target/release/mad backtest --machines "$datasets/asd" --step 5m "$@" | tee "$logs/asd"
+# SMD (a row a minute) and ASD (one every five minutes), one detector per machine, logged as
+# <corpus><suffix>; the rest of the arguments go to `mad backtest`.
+machine_runs() {
+  local suffix="$1" title="$2"
+  shift 2
+  for corpus in "smd 1m" "asd 5m"; do
+    read -r name step <<< "$corpus"
+    echo
+    echo "== ${name^^}${title} (${datasets}/${name})"
+    target/release/mad backtest --machines "$datasets/$name" --step "$step" "$@" | tee "$logs/$name$suffix"
+  done
+}
+machine_runs "" "" "$@"
 # The same machines retrained as their rows double (as `mad train --if-due` would).
-echo
-echo "== SMD, retrained as the history grows (--retrain)"
-target/release/mad backtest --machines "$datasets/smd" --step 1m --retrain "$@" | tee "$logs/smd-retrain"
-echo
-echo "== ASD, retrained as the history grows (--retrain)"
-target/release/mad backtest --machines "$datasets/asd" --step 5m --retrain "$@" | tee "$logs/asd-retrain"
+machine_runs -retrain ", retrained as the history grows (--retrain)" --retrain "$@"
 # The same machines with one joint model per machine reading all its metrics (training.joint).
-echo
-echo "== SMD, joint model (--joint)"
-target/release/mad backtest --machines "$datasets/smd" --step 1m --joint "$@" | tee "$logs/smd-joint"
-echo
-echo "== ASD, joint model (--joint)"
-target/release/mad backtest --machines "$datasets/asd" --step 5m --joint "$@" | tee "$logs/asd-joint"
+machine_runs -joint ", joint model (--joint)" --joint "$@"
 if compgen -G "$datasets/kpi/*.csv" > /dev/null; then
   echo
   echo "== KPI (${datasets}/kpi)"
