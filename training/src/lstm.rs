@@ -26,8 +26,11 @@ const GATES: usize = 4;
 /// broadcast elements of `A`.
 const BLOCK_ROWS: usize = 4;
 const BLOCK_COLS: usize = 16;
-#[cfg(target_arch = "x86_64")]
-const _: () = assert!(avx512::ROWS == BLOCK_ROWS);
+/// Columns of the AVX-512 kernel's widest tile (four registers of 16 f32 per row).
+const WIDE_TILE_COLS: usize = 64;
+/// Rows of `b` [`transposed_product`] runs through every block of rows before the next:
+/// 64 rows of 128 gates are 32 KB, which stay in L1 while they are read again.
+const TRANSPOSED_K_CHUNK: usize = 64;
 
 /// Floating-point element type the LSTM runs in.
 pub trait Real:
@@ -77,9 +80,10 @@ pub trait Real:
         rsc: isize,
         csc: isize,
     );
-    /// Adds one 4-row block of the LSTM's per-step or weight-gradient products with AVX-512
-    /// intrinsics, where this type has them, over as many columns as fill whole registers;
-    /// returns the first column left undone (0: this type has no such kernel). The block's
+    /// Adds one block of `ROWS` rows (4 or 8) of the LSTM's per-step or weight-gradient
+    /// products with AVX-512 intrinsics, where this type has them, over as many columns as
+    /// fill whole registers; returns the first column left undone (0: this type has no such
+    /// kernel). The block's
     /// element `(row, kk)` of `A` is `a[row · strides.0 + kk · strides.1]`. Internal to the
     /// LSTM; not for callers of the crate.
     ///
@@ -88,7 +92,7 @@ pub trait Real:
     #[cfg(target_arch = "x86_64")]
     #[doc(hidden)]
     #[inline(always)]
-    unsafe fn product_rows_avx512(
+    unsafe fn product_rows_avx512<const ROWS: usize>(
         _a: &[Self],
         _strides: (usize, usize),
         _b: &[Self],
@@ -216,7 +220,7 @@ impl Real for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn product_rows_avx512(
+    unsafe fn product_rows_avx512<const ROWS: usize>(
         a: &[Self],
         (row, k): (usize, usize),
         b: &[Self],
@@ -225,7 +229,7 @@ impl Real for f32 {
     ) -> usize {
         let strides = avx512::Strides { row, k };
         // SAFETY: forwarded; the caller guarantees the CPU.
-        unsafe { avx512::product_rows(a, strides, b, c_rows, kn) }
+        unsafe { avx512::product_rows::<ROWS>(a, strides, b, c_rows, kn) }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -363,10 +367,26 @@ fn step_product<T: Real, const AVX512: bool>(
     if n == 0 || k == 0 {
         return;
     }
+    // Narrow products (the backward `dgates · R`, 32 columns) take 8 rows per block in the
+    // AVX-512 kernel: 16 accumulators hide the multiply-adds' latency where 4 rows had 8.
+    let wide_rows = if AVX512 && n < WIDE_TILE_COLS {
+        m - m % (2 * BLOCK_ROWS)
+    } else {
+        0
+    };
+    let (a_wide, a) = a.split_at(wide_rows * k);
+    let (c_wide, c) = c.split_at_mut(wide_rows * n);
+    for (c_rows, a_rows) in c_wide
+        .chunks_mut(2 * BLOCK_ROWS * n)
+        .zip(a_wide.chunks(2 * BLOCK_ROWS * k))
+    {
+        let done = avx512_block::<T, AVX512, { 2 * BLOCK_ROWS }>(a_rows, (k, 1), b, c_rows, (k, n));
+        loose_products(a_rows, b, c_rows, (k, n), done);
+    }
     let blocked_cols = n - n % BLOCK_COLS;
     for (c_rows, a_rows) in c.chunks_mut(BLOCK_ROWS * n).zip(a.chunks(BLOCK_ROWS * k)) {
         let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            let done = avx512_block::<T, AVX512>(a_rows, (k, 1), b, c_rows, (k, n));
+            let done = avx512_block::<T, AVX512, BLOCK_ROWS>(a_rows, (k, 1), b, c_rows, (k, n));
             for col in (done..blocked_cols).step_by(BLOCK_COLS) {
                 product_block(a_rows, b, c_rows, (k, n), col);
             }
@@ -374,13 +394,28 @@ fn step_product<T: Real, const AVX512: bool>(
         } else {
             0
         };
-        // Rows short of a block, and columns short of one: row by row, still in order of `k`.
-        for (c_row, a_row) in c_rows.chunks_exact_mut(n).zip(a_rows.chunks_exact(k)) {
-            let c_row = &mut c_row[first_loose_col..];
-            for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
-                for (v, &bv) in c_row.iter_mut().zip(&b_row[first_loose_col..]) {
-                    *v = av.mul_add(bv, *v);
-                }
+        loose_products(a_rows, b, c_rows, (k, n), first_loose_col);
+    }
+}
+
+/// The columns from `first_col` of [`step_product`]'s rows `a_rows` (rows short of a block,
+/// and columns short of one): row by row, still in order of `k`.
+#[inline(always)]
+fn loose_products<T: Real>(
+    a_rows: &[T],
+    b: &[T],
+    c_rows: &mut [T],
+    (k, n): (usize, usize),
+    first_col: usize,
+) {
+    if first_col == n {
+        return;
+    }
+    for (c_row, a_row) in c_rows.chunks_exact_mut(n).zip(a_rows.chunks_exact(k)) {
+        let c_row = &mut c_row[first_col..];
+        for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
+            for (v, &bv) in c_row.iter_mut().zip(&b_row[first_col..]) {
+                *v = av.mul_add(bv, *v);
             }
         }
     }
@@ -389,7 +424,7 @@ fn step_product<T: Real, const AVX512: bool>(
 /// One block of rows through [`Real::product_rows_avx512`] when `AVX512`, else nothing done:
 /// the first column left undone.
 #[inline(always)]
-fn avx512_block<T: Real, const AVX512: bool>(
+fn avx512_block<T: Real, const AVX512: bool, const ROWS: usize>(
     a: &[T],
     strides: (usize, usize),
     b: &[T],
@@ -399,7 +434,7 @@ fn avx512_block<T: Real, const AVX512: bool>(
     #[cfg(target_arch = "x86_64")]
     if AVX512 {
         // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
-        return unsafe { T::product_rows_avx512(a, strides, b, c_rows, kn) };
+        return unsafe { T::product_rows_avx512::<ROWS>(a, strides, b, c_rows, kn) };
     }
     let _ = (a, strides, b, c_rows, kn);
     0
@@ -436,10 +471,22 @@ fn transposed_product<T: Real, const AVX512: bool>(
         return;
     }
     let blocked_cols = n - n % BLOCK_COLS;
+    let blocked_rows = m - m % BLOCK_ROWS;
+    // The kernel's columns, in chunks of `k` whose rows of `b` stay in L1 across all blocks of
+    // rows; each element still adds its products in order of `k`.
+    let mut done = 0;
+    let kernel_chunks = if AVX512 { k } else { 0 };
+    for first_k in (0..kernel_chunks).step_by(TRANSPOSED_K_CHUNK) {
+        let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
+        let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
+        for (block, c_rows) in c[..blocked_rows * n].chunks_mut(BLOCK_ROWS * n).enumerate() {
+            let a = &a[block * BLOCK_ROWS..];
+            done = avx512_block::<T, AVX512, BLOCK_ROWS>(a, (1, m), b, c_rows, (chunk, n));
+        }
+    }
     for (block, c_rows) in c.chunks_mut(BLOCK_ROWS * n).enumerate() {
         let first_row = block * BLOCK_ROWS;
         let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            let done = avx512_block::<T, AVX512>(&a[first_row..], (1, m), b, c_rows, (k, n));
             for col in (done..blocked_cols).step_by(BLOCK_COLS) {
                 let mut acc = [[T::ZERO; BLOCK_COLS]; BLOCK_ROWS];
                 for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(n)) {
@@ -1838,12 +1885,14 @@ mod tests {
         };
         let mut rng = SmallRng::seed_from_u64(5);
         let features = 5;
-        // 8 streams are two blocks of rows for the per-step products, 2 are rows outside one;
+        // 8 streams are two blocks of rows for the per-step products (one for the narrow
+        // backward one), 12 both kinds of block, 2 are rows outside one;
         // 32 and 48 units go through the AVX-512 step kernel, 20 stay with the generic loops;
         // inputs of ±60 drive the gates into `exp`'s clamp.
         let cases = [
             (32, 12, 8, 2.0),
             (32, 7, 2, 2.0),
+            (32, 5, 12, 2.0),
             (48, 5, 4, 2.0),
             (20, 5, 4, 2.0),
             (32, 3, 4, 60.0),

@@ -14,13 +14,13 @@ use std::arch::x86_64::{
 
 use super::UnitStep;
 
-/// Rows of `A` (and of `C`) one block covers: the batch is split in groups of 8 streams, two
-/// blocks each.
-pub const ROWS: usize = 4;
 /// f32 lanes in one register.
 const LANES: usize = 16;
+/// A tile's accumulators: half of the 32 registers, leaving the rest for a row of `B` and the
+/// broadcast elements of `A`.
+const ACCUMULATORS: usize = 16;
 
-/// Where a block's [`ROWS`] rows of `A` lie in a slice: element `(row, kk)` at
+/// Where a block's `ROWS` rows of `A` lie in a slice: element `(row, kk)` at
 /// `row · row + kk · k` (`(k, 1)` for rows of `A` stored in place, `(1, m)` for the columns of
 /// an `Aᵀ` stored `k × m`).
 #[derive(Debug, Clone, Copy)]
@@ -29,15 +29,16 @@ pub struct Strides {
     pub k: usize,
 }
 
-/// Adds `A · b` into `c_rows` for the [`ROWS`] rows of `A` that `a` holds as `strides` say
+/// Adds `A · b` into `c_rows` for the `ROWS` rows of `A` that `a` holds as `strides` say
 /// (`b` is `k × n`, `c_rows` is `ROWS × n`, both row-major), over as many columns as fill whole
-/// registers, widest tiles first; returns the first column left undone (`n` rounded down to 16).
+/// registers, widest tiles first (at most 16 accumulators: 4 rows by 64 columns, 8 by 32);
+/// returns the first column left undone (`n` rounded down to 16).
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub unsafe fn product_rows(
+pub unsafe fn product_rows<const ROWS: usize>(
     a: &[f32],
     strides: Strides,
     b: &[f32],
@@ -51,28 +52,28 @@ pub unsafe fn product_rows(
     let mut col = 0;
     // SAFETY (each call): the asserts above hold every element the tile reads and writes, and
     // the loop conditions keep `col + VECS · 16 ≤ n`.
-    while col + 4 * LANES <= n {
-        unsafe { tile::<4>(a, strides, b, c_rows, (k, n), col) };
+    while ROWS * 4 <= ACCUMULATORS && col + 4 * LANES <= n {
+        unsafe { tile::<ROWS, 4>(a, strides, b, c_rows, (k, n), col) };
         col += 4 * LANES;
     }
-    if col + 2 * LANES <= n {
-        unsafe { tile::<2>(a, strides, b, c_rows, (k, n), col) };
+    while ROWS * 2 <= ACCUMULATORS && col + 2 * LANES <= n {
+        unsafe { tile::<ROWS, 2>(a, strides, b, c_rows, (k, n), col) };
         col += 2 * LANES;
     }
-    if col + LANES <= n {
-        unsafe { tile::<1>(a, strides, b, c_rows, (k, n), col) };
+    while col + LANES <= n {
+        unsafe { tile::<ROWS, 1>(a, strides, b, c_rows, (k, n), col) };
         col += LANES;
     }
     col
 }
 
-/// One [`ROWS`] × `VECS · 16` tile at column `col`, its accumulators in registers throughout.
+/// One `ROWS` × `VECS · 16` tile at column `col`, its accumulators in registers throughout.
 ///
 /// # Safety
 /// AVX-512F; `col + VECS · 16 ≤ n` and the slices as [`product_rows`] asserts.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile<const VECS: usize>(
+unsafe fn tile<const ROWS: usize, const VECS: usize>(
     a: &[f32],
     strides: Strides,
     b: &[f32],
