@@ -6,7 +6,7 @@
 //! whenever any one of them wobbles past its edge: on SMD and ASD, the real incidents move
 //! several metrics at once, the false alarms mostly one (the highest input alone: SMD best F1
 //! 0.333, 0.234 at the default threshold; the top three's mean: 0.357 and 0.292; ASD 0.450 /
-//! 0.363 and 0.452 / 0.405; README). A group of one input scores that input, unchanged.
+//! 0.363 and 0.452 / 0.405; docs/quality.md). A group of one input scores that input, unchanged.
 
 use std::collections::BTreeMap;
 

@@ -10,23 +10,24 @@ use super::dynamic::DynamicThreshold;
 pub const SHORT_WINDOW: usize = 6;
 /// Span (in points) of the slow scale's exponential average of errors: a run of moderate
 /// errors that no six points show (a drift, a level that stays off) still adds up. Measured on
-/// NAB, SMD and ASD alike (README). The slow scale is judged on the lower of its average and
-/// the short one: a run counts while it lasts, and one burst of large errors, which holds the
-/// average up for dozens of points after it, stops counting six points after the errors do
-/// (SMD's and ASD's false alarms trailed their incidents by up to two hours; README).
+/// NAB, SMD and ASD alike (docs/quality.md). The slow scale is judged on the lower of its
+/// average and the short one: a run counts while it lasts, and one burst of large errors, which
+/// holds the average up for dozens of points after it, stops counting six points after the
+/// errors do (SMD's and ASD's false alarms trailed their incidents by up to two hours).
 pub const SLOW_SPAN: f64 = 60.0;
 /// Span of a third, drift scale: a day of one-minute points. SMD's and ASD's incidents include
 /// stretches of hours where a metric misbehaves now and then, each miss too small for the hour
 /// scale (spans of 360, 720, 1,440 and 2,880 measured: SMD best F1 0.377, 0.382, 0.385, 0.379
 /// against 0.356 without; ASD 0.483, 0.463, 0.455, 0.456 against 0.458; NAB unchanged; the KPI
-/// file `cpu4` loses 0.075 and 0.028 at 360 and 720, nothing from 1,440; README). It joins the
-/// score once it has a history of its own: a day and [`MIN_HISTORY`] points after the start.
+/// file `cpu4` loses 0.075 and 0.028 at 360 and 720, nothing from 1,440; docs/quality.md). It
+/// joins the score once it has a history of its own: a day and [`MIN_HISTORY`] points after
+/// the start.
 pub const DRIFT_SPAN: f64 = 1_440.0;
 /// Points of error history the distribution is estimated from: a running mean and variance
 /// up to this many points, exponentially weighted with this memory after (a few numbers per
 /// series instead of a window of them: 100,000 series must fit). A week of one-minute points:
 /// a shorter memory lets a long anomaly or a bad week pass for normal (2,016: NAB 56.8, SMD
-/// best F1 0.282; 10,080: 58.8 and 0.333; README).
+/// best F1 0.282; 10,080: 58.8 and 0.333; docs/quality.md).
 pub const LONG_WINDOW: usize = 10_080;
 /// Below this much history the likelihood abstains (scores 0); the exporter primes a new
 /// series with this many past points before its first score.
@@ -225,7 +226,7 @@ pub const STANDARD_EDGE: f64 = 3.0;
 
 /// The simpler sibling of [`Likelihood`]: each raw score standardised against every earlier raw
 /// score of the series (running mean and variance, Welford), counting only errors above the
-/// mean. Measured on NAB it separates better than the windowed likelihood (README).
+/// mean. Measured on NAB it separates better than the windowed likelihood (docs/quality.md).
 #[derive(Debug, Clone, Default)]
 pub struct Standardized {
     count: f64,

@@ -431,7 +431,7 @@ impl DetectorScorer {
     /// half-widths: the naive one "as the previous point", or the [`Season`]'s. Each is scored
     /// through its own likelihood next to the model's: a forecaster that learnt from a short,
     /// frozen history can follow a change into a pattern it never saw, while a jump from the
-    /// last value shows it at once (NAB, ASD: README), and a day unlike its weekday shows
+    /// last value shows it at once (NAB, ASD: docs/quality.md), and a day unlike its weekday shows
     /// against the same hours of earlier weeks.
     fn deviation_from(&self, calibrated_half_width: f64, y: f64, expected: f64) -> f64 {
         let half = self.detection.half_width(expected, calibrated_half_width);
@@ -507,8 +507,8 @@ impl DetectorScorer {
         let mut previous = state.last_raw;
         for (t, p) in steps.iter().enumerate() {
             // The model's errors on points it was fitted to are smaller than any it makes
-            // live: learnt from, they set the likelihood's idea of normal too tight (README:
-            // NAB 68.4 → 69.2, SMD 0.385 → 0.400, ASD 0.455 → 0.463).
+            // live: learnt from, they set the likelihood's idea of normal too tight
+            // (docs/quality.md: NAB 68.4 → 69.2, SMD 0.385 → 0.400, ASD 0.455 → 0.463).
             let in_sample = state.fitted_until.is_some_and(|until| p.ts <= until);
             let scorable = p.observed && state.fed >= window && !in_sample;
             if let (true, Some(yhat)) = (scorable, state.pending) {

@@ -11,7 +11,7 @@ use super::detection::{Detection, Direction};
 /// How far beyond the range seen, as a share of the range's width, a value scores 1. Measured
 /// on NAB (standard profile, 58.8 without novelty): 0.01 → 64.2, 0.02 → 64.9, 0.03 → 65.0,
 /// 0.05 → 63.0, 0.1 → 60.4, 0.2 → 60.6; SMD, ASD and the KPI files within ±0.006 of without
-/// (README).
+/// (docs/quality.md).
 pub const NOVELTY_EDGE: f64 = 0.03;
 
 /// The novelty score of `y` (forecast `yhat`) against `range`: its distance beyond the range in

@@ -2,7 +2,7 @@
 //! this hour of the week. A one-step forecast follows whatever the last points did, so a
 //! holiday Thursday shaped like a Sunday surprises it only where one point differs from the
 //! next; compared with the same hour of earlier weeks, the whole day stands out (NAB's
-//! `nyc_taxi` holidays; README).
+//! `nyc_taxi` holidays; docs/quality.md).
 //!
 //! An hour counts as unusual only when it is unlike both its hour of the week and the same
 //! hour yesterday: after a lasting change of level, yesterday already looks like today, so a

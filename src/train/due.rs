@@ -3,7 +3,7 @@
 //! A new model restarts the exporter's scorer: its likelihoods start again from a warm-up's worth
 //! of history, and on one-minute data a daily retrain keeps the day-long scale from ever joining.
 //! Replayed on SMD, retraining every day cost best F1 0.395 → 0.219, while on NAB retraining
-//! each time a file's history had doubled raised the standard score 73.5 → 75.2 (README,
+//! each time a file's history had doubled raised the standard score 73.5 → 75.2 (docs/quality.md,
 //! Detection quality). So a scheduled run retrains a model only when it has something to learn.
 
 use mad_training::search::SEARCH_META_KEY;

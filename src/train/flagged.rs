@@ -3,7 +3,7 @@
 //! A model retrained on an incident learns it as normal and forecasts the next one. `mad train`
 //! reads back the scores the datasource scraped from `mad serve` over the training range and
 //! leaves out every point that scored above the edge, as it leaves out maintenance windows
-//! (NAB, retraining as the history grows: standard 74.5 → 75.2; README, Detection quality).
+//! (NAB, retraining as the history grows: standard 74.5 → 75.2; docs/quality.md).
 
 use std::collections::HashMap;
 

@@ -28,7 +28,7 @@ pub const EPOCHS: (f64, f64) = (10.0, 120.0);
 /// Epochs every trial runs before the pruner may stop it. A trial with a lower learning rate is
 /// behind the others early by construction: at 4 epochs against 2 finished trials, every trial
 /// after the second was pruned on SMD, and the search lowered NAB's validation losses by a
-/// median 3%; at 10 against 5, by 15% (README).
+/// median 3%; at 10 against 5, by 15% (docs/quality.md).
 pub const PRUNE_AFTER_EPOCHS: usize = 10;
 /// Trials that complete before pruning starts: the median needs something to stand on
 /// (Optuna's `MedianPruner` waits for 5 too).

@@ -949,7 +949,7 @@ struct Fit {
 /// than one model on two weeks at one minute.
 pub const ENSEMBLE_TARGET_BUDGET: usize = 14_000;
 
-/// The most members an automatic ensemble trains (NAB: 3 and 5 alike, README).
+/// The most members an automatic ensemble trains (NAB: 3 and 5 alike, docs/quality.md).
 pub const MAX_ENSEMBLE: usize = 3;
 
 /// The most members a config may ask for: the exporter runs a model that many times as wide.
@@ -960,8 +960,8 @@ pub const MAX_ENSEMBLE_MEMBERS: usize = 8;
 /// to [`MAX_ENSEMBLE`].
 ///
 /// A model that learns from little data depends on its seed: NAB's standard score ranged from
-/// 69.5 to 73.4 over eight seeds, and from 72.9 to 73.5 with three members (README). With much
-/// data the seed hardly matters (SMD, ASD), and one model is cheaper.
+/// 69.5 to 73.4 over eight seeds, and from 72.9 to 73.5 with three members (docs/quality.md).
+/// With much data the seed hardly matters (SMD, ASD), and one model is cheaper.
 pub fn ensemble_size(opts: &TrainOptions, targets: usize) -> usize {
     opts.ensemble
         .unwrap_or_else(|| (ENSEMBLE_TARGET_BUDGET / targets.max(1)).clamp(1, MAX_ENSEMBLE))

@@ -21,7 +21,7 @@ pub const MEMORY_WEEKS: f64 = 3.0;
 /// Share of the series' variance the profile must explain to be listened to (the seasonal
 /// strength of STL decompositions: 1 − var(residual) / var(series)). NAB scored 73.2 at every
 /// floor from 0.3 to 0.7; without one, SMD's F1 at the default threshold fell 0.312 → 0.284, its
-/// aseasonal metrics' week-to-week differences counted as news (README).
+/// aseasonal metrics' week-to-week differences counted as news (docs/quality.md).
 pub const MIN_STRENGTH: f64 = 0.5;
 /// Points compared with the profile before its strength is trusted.
 pub const MIN_COMPARED: f64 = 100.0;
