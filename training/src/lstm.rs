@@ -83,9 +83,8 @@ pub trait Real:
     /// Adds one block of `ROWS` rows (4 or 8) of the LSTM's per-step or weight-gradient
     /// products with AVX-512 intrinsics, where this type has them, over as many columns as
     /// fill whole registers; returns the first column left undone (0: this type has no such
-    /// kernel). The block's
-    /// element `(row, kk)` of `A` is `a[row · strides.0 + kk · strides.1]`. Internal to the
-    /// LSTM; not for callers of the crate.
+    /// kernel). The block's element `(row, kk)` of `A` is `a[row · strides.0 + kk ·
+    /// strides.1]`. Internal to the LSTM; not for callers of the crate.
     ///
     /// # Safety
     /// The CPU must support AVX-512F.

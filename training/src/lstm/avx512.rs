@@ -49,6 +49,7 @@ pub unsafe fn product_rows<const ROWS: usize>(
         assert!(a.len() > (ROWS - 1) * strides.row + (k - 1) * strides.k);
     }
     assert!(b.len() >= k * n && c_rows.len() >= ROWS * n);
+    const { assert!(ROWS > 0 && ROWS <= ACCUMULATORS) };
     let mut col = 0;
     // SAFETY (each call): the asserts above hold every element the tile reads and writes, and
     // the loop conditions keep `col + VECS · 16 ≤ n`.
