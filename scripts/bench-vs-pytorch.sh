@@ -15,7 +15,8 @@ torch_version="${MAD_TORCH_VERSION:-2.15.0}"
 if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
   echo "installing PyTorch $torch_version into $venv (once)" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet "torch==$torch_version"
+  # numpy only quiets torch's warning that it is missing; the script does not use it.
+  "$venv/bin/pip" install --quiet "torch==$torch_version" numpy
 fi
 cargo bench --quiet --bench training --no-run
 
