@@ -28,6 +28,9 @@ const BLOCK_ROWS: usize = 4;
 const BLOCK_COLS: usize = 16;
 /// Columns of the AVX-512 kernel's widest tile (four registers of 16 f32 per row).
 const WIDE_TILE_COLS: usize = 64;
+/// Rows of an AVX-512 block for products narrower than [`WIDE_TILE_COLS`]: 8 rows by 32
+/// columns are 16 accumulators, as 4 by 64 are.
+const NARROW_BLOCK_ROWS: usize = 2 * BLOCK_ROWS;
 /// Rows of `b` [`transposed_product`] runs through every block of rows before the next:
 /// 64 rows of 128 gates are 32 KB, which stay in L1 while they are read again.
 const TRANSPOSED_K_CHUNK: usize = 64;
@@ -368,18 +371,18 @@ fn step_product<T: Real, const AVX512: bool>(
     }
     // Narrow products (the backward `dgates · R`, 32 columns) take 8 rows per block in the
     // AVX-512 kernel: 16 accumulators hide the multiply-adds' latency where 4 rows had 8.
-    let wide_rows = if AVX512 && n < WIDE_TILE_COLS {
-        m - m % (2 * BLOCK_ROWS)
+    let narrow_rows = if AVX512 && n < WIDE_TILE_COLS {
+        m - m % NARROW_BLOCK_ROWS
     } else {
         0
     };
-    let (a_wide, a) = a.split_at(wide_rows * k);
-    let (c_wide, c) = c.split_at_mut(wide_rows * n);
-    for (c_rows, a_rows) in c_wide
-        .chunks_mut(2 * BLOCK_ROWS * n)
-        .zip(a_wide.chunks(2 * BLOCK_ROWS * k))
+    let (a_narrow, a) = a.split_at(narrow_rows * k);
+    let (c_narrow, c) = c.split_at_mut(narrow_rows * n);
+    for (c_rows, a_rows) in c_narrow
+        .chunks_mut(NARROW_BLOCK_ROWS * n)
+        .zip(a_narrow.chunks(NARROW_BLOCK_ROWS * k))
     {
-        let done = avx512_block::<T, AVX512, { 2 * BLOCK_ROWS }>(a_rows, (k, 1), b, c_rows, (k, n));
+        let done = avx512_block::<T, AVX512, NARROW_BLOCK_ROWS>(a_rows, (k, 1), b, c_rows, (k, n));
         loose_products(a_rows, b, c_rows, (k, n), done);
     }
     let blocked_cols = n - n % BLOCK_COLS;
@@ -474,13 +477,14 @@ fn transposed_product<T: Real, const AVX512: bool>(
     // The kernel's columns, in chunks of `k` whose rows of `b` stay in L1 across all blocks of
     // rows; each element still adds its products in order of `k`.
     let mut done = 0;
-    let kernel_chunks = if AVX512 { k } else { 0 };
-    for first_k in (0..kernel_chunks).step_by(TRANSPOSED_K_CHUNK) {
-        let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
-        let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
-        for (block, c_rows) in c[..blocked_rows * n].chunks_mut(BLOCK_ROWS * n).enumerate() {
-            let a = &a[block * BLOCK_ROWS..];
-            done = avx512_block::<T, AVX512, BLOCK_ROWS>(a, (1, m), b, c_rows, (chunk, n));
+    if AVX512 {
+        for first_k in (0..k).step_by(TRANSPOSED_K_CHUNK) {
+            let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
+            let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
+            for (block, c_rows) in c[..blocked_rows * n].chunks_mut(BLOCK_ROWS * n).enumerate() {
+                let a = &a[block * BLOCK_ROWS..];
+                done = avx512_block::<T, AVX512, BLOCK_ROWS>(a, (1, m), b, c_rows, (chunk, n));
+            }
         }
     }
     for (block, c_rows) in c.chunks_mut(BLOCK_ROWS * n).enumerate() {
