@@ -17,15 +17,21 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
 mod avx512;
 
 /// Number of gates per hidden unit.
 const GATES: usize = 4;
-/// The block of a per-step product that [`step_product`] keeps in registers: 4 rows
-/// × 16 columns of f32 is eight AVX2 accumulators, leaving registers for a row of `B` and the
+/// The block of a per-step product that the generic code keeps in registers: 4 rows × 16
+/// columns of f32 is eight AVX2 accumulators, leaving registers for a row of `B` and the
 /// broadcast elements of `A`.
 const BLOCK_ROWS: usize = 4;
 const BLOCK_COLS: usize = 16;
+/// Which hand-written kernels a build of the loops calls, as a const parameter (the f32 lanes
+/// of their registers) so that each build has its own inlined: none, AVX2's or AVX-512's.
+const NO_KERNEL: usize = 0;
+const AVX2_KERNEL: usize = 8;
+const AVX512_KERNEL: usize = 16;
 /// Columns of the AVX-512 kernel's widest tile (four registers of 16 f32 per row).
 const WIDE_TILE_COLS: usize = 64;
 /// Rows of an AVX-512 block for products narrower than [`WIDE_TILE_COLS`]: 8 rows by 32
@@ -83,18 +89,19 @@ pub trait Real:
         rsc: isize,
         csc: isize,
     );
-    /// Adds one block of `ROWS` rows (4 or 8) of the LSTM's per-step or weight-gradient
-    /// products with AVX-512 intrinsics, where this type has them, over as many columns as
-    /// fill whole registers; returns the first column left undone (0: this type has no such
-    /// kernel). The block's element `(row, kk)` of `A` is `a[row · strides.0 + kk ·
-    /// strides.1]`. Internal to the LSTM; not for callers of the crate.
+    /// Adds one block of `ROWS` rows of the LSTM's per-step or weight-gradient products with
+    /// the `KERNEL`'s intrinsics ([`AVX2_KERNEL`], [`AVX512_KERNEL`]), where this type has
+    /// them, over as many columns as fill whole registers; returns the first column left
+    /// undone (0: this type has no such kernel). The block's element `(row, kk)` of `A` is
+    /// `a[row · strides.0 + kk · strides.1]`. Internal to the LSTM; not for callers of the
+    /// crate.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F.
+    /// The CPU must support the `KERNEL`'s instructions.
     #[cfg(target_arch = "x86_64")]
     #[doc(hidden)]
     #[inline(always)]
-    unsafe fn product_rows_avx512<const ROWS: usize>(
+    unsafe fn product_rows_kernel<const KERNEL: usize, const ROWS: usize>(
         _a: &[Self],
         _strides: (usize, usize),
         _b: &[Self],
@@ -222,7 +229,7 @@ impl Real for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn product_rows_avx512<const ROWS: usize>(
+    unsafe fn product_rows_kernel<const KERNEL: usize, const ROWS: usize>(
         a: &[Self],
         (row, k): (usize, usize),
         b: &[Self],
@@ -231,7 +238,13 @@ impl Real for f32 {
     ) -> usize {
         let strides = avx512::Strides { row, k };
         // SAFETY: forwarded; the caller guarantees the CPU.
-        unsafe { avx512::product_rows::<ROWS>(a, strides, b, c_rows, kn) }
+        unsafe {
+            match KERNEL {
+                AVX512_KERNEL => avx512::product_rows::<ROWS>(a, strides, b, c_rows, kn),
+                AVX2_KERNEL => avx2::product_rows::<ROWS>(a, strides, b, c_rows, kn),
+                _ => 0,
+            }
+        }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -352,10 +365,11 @@ fn gemm<T: Real>(alpha: T, a: MatRef<'_, T>, b: MatRef<'_, T>, beta: T, c: &mut 
 /// products in order, each a fused multiply-add (one rounding, so the same on every CPU), so the
 /// result does not depend on the vector width the loops are compiled for.
 ///
-/// With `AVX512` (only where the caller is compiled for it), whole blocks of rows go to the
-/// type's AVX-512 kernel ([`Real::product_rows_avx512`]), the same sums in the same order.
+/// With a `KERNEL` (only where the caller is compiled for it), whole blocks of rows go to the
+/// type's hand-written kernel ([`Real::product_rows_kernel`]), the same sums in the same order;
+/// the generic code does the rest.
 #[inline(always)]
-fn step_product<T: Real, const AVX512: bool>(
+fn step_product<T: Real, const KERNEL: usize>(
     a: &[T],
     b: &[T],
     c: &mut [T],
@@ -369,64 +383,77 @@ fn step_product<T: Real, const AVX512: bool>(
     if n == 0 || k == 0 {
         return;
     }
-    // Narrow products (the backward `dgates · R`, 32 columns) take 8 rows per block in the
-    // AVX-512 kernel: 16 accumulators hide the multiply-adds' latency where 4 rows had 8.
-    let narrow_rows = if AVX512 && n < WIDE_TILE_COLS {
-        m - m % NARROW_BLOCK_ROWS
-    } else {
-        0
+    let block_rows = match KERNEL {
+        // Narrow products (the backward `dgates · R`, 32 columns) take 8 rows per block in the
+        // AVX-512 kernel: 16 accumulators hide the multiply-adds' latency where 4 rows had 8.
+        AVX512_KERNEL if n < WIDE_TILE_COLS => NARROW_BLOCK_ROWS,
+        AVX512_KERNEL | AVX2_KERNEL => BLOCK_ROWS,
+        _ => 0,
     };
-    let (a_narrow, a) = a.split_at(narrow_rows * k);
-    let (c_narrow, c) = c.split_at_mut(narrow_rows * n);
-    for (c_rows, a_rows) in c_narrow
-        .chunks_mut(NARROW_BLOCK_ROWS * n)
-        .zip(a_narrow.chunks(NARROW_BLOCK_ROWS * k))
+    let (kernel_rows, mut kernel_cols) = (whole_blocks(m, block_rows), 0);
+    let (a_kernel, a_rest) = a.split_at(kernel_rows * k);
+    let (c_kernel, c_rest) = c.split_at_mut(kernel_rows * n);
+    for (c_rows, a_rows) in c_kernel
+        .chunks_mut(block_rows.max(1) * n)
+        .zip(a_kernel.chunks(block_rows.max(1) * k))
     {
-        let done = avx512_block::<T, AVX512, NARROW_BLOCK_ROWS>(a_rows, (k, 1), b, c_rows, (k, n));
-        loose_products(a_rows, b, c_rows, (k, n), done);
+        kernel_cols = kernel_block::<T, KERNEL>(block_rows, a_rows, (k, 1), b, c_rows, (k, n));
     }
-    let blocked_cols = n - n % BLOCK_COLS;
-    for (c_rows, a_rows) in c.chunks_mut(BLOCK_ROWS * n).zip(a.chunks(BLOCK_ROWS * k)) {
-        let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            let done = avx512_block::<T, AVX512, BLOCK_ROWS>(a_rows, (k, 1), b, c_rows, (k, n));
-            for col in (done..blocked_cols).step_by(BLOCK_COLS) {
-                product_block(a_rows, b, c_rows, (k, n), col);
-            }
-            blocked_cols.max(done)
-        } else {
-            0
-        };
-        loose_products(a_rows, b, c_rows, (k, n), first_loose_col);
+    generic_product(a_kernel, b, c_kernel, (k, n), kernel_cols);
+    generic_product(a_rest, b, c_rest, (k, n), 0);
+}
+
+/// The rows of `m` that whole blocks of `block_rows` cover (none when there are no blocks).
+fn whole_blocks(m: usize, block_rows: usize) -> usize {
+    if block_rows == 0 {
+        0
+    } else {
+        m - m % block_rows
     }
 }
 
-/// The columns from `first_col` of [`step_product`]'s rows `a_rows` (rows short of a block,
-/// and columns short of one): row by row, still in order of `k`.
+/// The columns from `first_col` of [`step_product`]'s rows `a_rows`: in blocks of
+/// [`BLOCK_ROWS`] × [`BLOCK_COLS`], then row by row (rows short of a block, and columns short
+/// of one), each element still in order of `k`.
 #[inline(always)]
-fn loose_products<T: Real>(
+fn generic_product<T: Real>(
     a_rows: &[T],
     b: &[T],
     c_rows: &mut [T],
     (k, n): (usize, usize),
     first_col: usize,
 ) {
-    if first_col == n {
-        return;
-    }
-    for (c_row, a_row) in c_rows.chunks_exact_mut(n).zip(a_rows.chunks_exact(k)) {
-        let c_row = &mut c_row[first_col..];
-        for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
-            for (v, &bv) in c_row.iter_mut().zip(&b_row[first_col..]) {
-                *v = av.mul_add(bv, *v);
+    for (c_rows, a_rows) in c_rows
+        .chunks_mut(BLOCK_ROWS * n)
+        .zip(a_rows.chunks(BLOCK_ROWS * k))
+    {
+        let mut col = first_col;
+        if c_rows.len() == BLOCK_ROWS * n {
+            while col + BLOCK_COLS <= n {
+                product_block(a_rows, b, c_rows, (k, n), col);
+                col += BLOCK_COLS;
+            }
+        }
+        if col == n {
+            continue;
+        }
+        for (c_row, a_row) in c_rows.chunks_exact_mut(n).zip(a_rows.chunks_exact(k)) {
+            let c_row = &mut c_row[col..];
+            for (&av, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
+                for (v, &bv) in c_row.iter_mut().zip(&b_row[col..]) {
+                    *v = av.mul_add(bv, *v);
+                }
             }
         }
     }
 }
 
-/// One block of rows through [`Real::product_rows_avx512`] when `AVX512`, else nothing done:
-/// the first column left undone.
+/// One block of `rows` rows through the `KERNEL` ([`Real::product_rows_kernel`]), with the
+/// block heights the kernels are instantiated for; returns the first column left undone (0
+/// where there is no kernel).
 #[inline(always)]
-fn avx512_block<T: Real, const AVX512: bool, const ROWS: usize>(
+fn kernel_block<T: Real, const KERNEL: usize>(
+    rows: usize,
     a: &[T],
     strides: (usize, usize),
     b: &[T],
@@ -434,21 +461,31 @@ fn avx512_block<T: Real, const AVX512: bool, const ROWS: usize>(
     kn: (usize, usize),
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if AVX512 {
-        // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
-        return unsafe { T::product_rows_avx512::<ROWS>(a, strides, b, c_rows, kn) };
+    if KERNEL != NO_KERNEL {
+        // SAFETY: `KERNEL` is set only by callers compiled for (and run on) its instructions.
+        unsafe {
+            return match rows {
+                BLOCK_ROWS => {
+                    T::product_rows_kernel::<KERNEL, BLOCK_ROWS>(a, strides, b, c_rows, kn)
+                }
+                NARROW_BLOCK_ROWS => {
+                    T::product_rows_kernel::<KERNEL, NARROW_BLOCK_ROWS>(a, strides, b, c_rows, kn)
+                }
+                _ => 0,
+            };
+        }
     }
-    let _ = (a, strides, b, c_rows, kn);
+    let _ = (rows, a, strides, b, c_rows, kn);
     0
 }
 
-/// One batch row's forward step through [`Real::units_avx512`] when `AVX512`; false if it
-/// was left to the generic code.
+/// One batch row's forward step through [`Real::units_avx512`] when the `KERNEL` is AVX-512's;
+/// false if it was left to the generic code.
 #[inline(always)]
-fn avx512_units<T: Real, const AVX512: bool>(gates: &mut [T], step: &mut UnitStep<'_, T>) -> bool {
+fn kernel_units<T: Real, const KERNEL: usize>(gates: &mut [T], step: &mut UnitStep<'_, T>) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if AVX512 {
-        // SAFETY: `AVX512` is set only by callers compiled for (and run on) AVX-512F.
+    if KERNEL == AVX512_KERNEL {
+        // SAFETY: `KERNEL` is set only by callers compiled for (and run on) its instructions.
         return unsafe { T::units_avx512(gates, step) };
     }
     let _ = (gates, step);
@@ -461,7 +498,7 @@ fn avx512_units<T: Real, const AVX512: bool>(gates: &mut [T], step: &mut UnitSte
 /// `k` products in order, each fused, as in [`step_product`], so every CPU computes the same
 /// gradients.
 #[inline(always)]
-fn transposed_product<T: Real, const AVX512: bool>(
+fn transposed_product<T: Real, const KERNEL: usize>(
     a: &[T],
     b: &[T],
     c: &mut [T],
@@ -472,25 +509,46 @@ fn transposed_product<T: Real, const AVX512: bool>(
     if n == 0 || k == 0 {
         return;
     }
-    let blocked_cols = n - n % BLOCK_COLS;
-    let blocked_rows = m - m % BLOCK_ROWS;
+    let block_rows = match KERNEL {
+        AVX512_KERNEL | AVX2_KERNEL => BLOCK_ROWS,
+        _ => 0,
+    };
+    let (kernel_rows, mut kernel_cols) = (whole_blocks(m, block_rows), 0);
     // The kernel's columns, in chunks of `k` whose rows of `b` stay in L1 across all blocks of
     // rows; each element still adds its products in order of `k`.
-    let mut done = 0;
-    if AVX512 {
-        for first_k in (0..k).step_by(TRANSPOSED_K_CHUNK) {
-            let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
-            let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
-            for (block, c_rows) in c[..blocked_rows * n].chunks_mut(BLOCK_ROWS * n).enumerate() {
-                let a = &a[block * BLOCK_ROWS..];
-                done = avx512_block::<T, AVX512, BLOCK_ROWS>(a, (1, m), b, c_rows, (chunk, n));
-            }
+    for first_k in (0..k).step_by(TRANSPOSED_K_CHUNK) {
+        let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
+        let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
+        for (block, c_rows) in c[..kernel_rows * n]
+            .chunks_mut(block_rows.max(1) * n)
+            .enumerate()
+        {
+            let a = &a[block * block_rows..];
+            let kn = (chunk, n);
+            kernel_cols = kernel_block::<T, KERNEL>(block_rows, a, (1, m), b, c_rows, kn);
         }
     }
-    for (block, c_rows) in c.chunks_mut(BLOCK_ROWS * n).enumerate() {
-        let first_row = block * BLOCK_ROWS;
-        let first_loose_col = if c_rows.len() == BLOCK_ROWS * n {
-            for col in (done..blocked_cols).step_by(BLOCK_COLS) {
+    let (c_kernel, c_rest) = c.split_at_mut(kernel_rows * n);
+    generic_transposed(a, b, c_kernel, (m, n), (0, kernel_cols));
+    generic_transposed(a, b, c_rest, (m, n), (kernel_rows, 0));
+}
+
+/// [`transposed_product`]'s rows from `first_row` that `c_rows` holds, from column
+/// `first_col`: in blocks of [`BLOCK_ROWS`] × [`BLOCK_COLS`], then row by row (rows short of a
+/// block, and columns short of one), each element still in order of `k`.
+#[inline(always)]
+fn generic_transposed<T: Real>(
+    a: &[T],
+    b: &[T],
+    c_rows: &mut [T],
+    (m, n): (usize, usize),
+    (first_row, first_col): (usize, usize),
+) {
+    for (block, c_rows) in c_rows.chunks_mut(BLOCK_ROWS * n).enumerate() {
+        let first_row = first_row + block * BLOCK_ROWS;
+        let mut col = first_col;
+        if c_rows.len() == BLOCK_ROWS * n {
+            while col + BLOCK_COLS <= n {
                 let mut acc = [[T::ZERO; BLOCK_COLS]; BLOCK_ROWS];
                 for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(n)) {
                     let xs = &a_row[first_row..first_row + BLOCK_ROWS];
@@ -504,17 +562,14 @@ fn transposed_product<T: Real, const AVX512: bool>(
                 for (r, acc_row) in acc.iter().enumerate() {
                     c_rows[r * n + col..r * n + col + BLOCK_COLS].copy_from_slice(acc_row);
                 }
+                col += BLOCK_COLS;
             }
-            blocked_cols.max(done)
-        } else {
-            0
-        };
-        // Rows short of a block, and columns short of one: row by row, still in order of `k`.
+        }
         for (r, c_row) in c_rows.chunks_exact_mut(n).enumerate() {
-            let c_row = &mut c_row[first_loose_col..];
+            let c_row = &mut c_row[col..];
             for (a_row, b_row) in a.chunks_exact(m).zip(b.chunks_exact(n)) {
                 let x = a_row[first_row + r];
-                for (v, &bv) in c_row.iter_mut().zip(&b_row[first_loose_col..]) {
+                for (v, &bv) in c_row.iter_mut().zip(&b_row[col..]) {
                     *v = x.mul_add(bv, *v);
                 }
             }
@@ -1064,10 +1119,10 @@ impl<T: Real> LayerTape<T> {
             // SAFETY: the CPU has the features each variant is compiled for.
             Vectors::Avx512 => unsafe { self.forward_avx512(params, layer, seq, batch, h0, c0) },
             Vectors::Avx2 => unsafe { self.forward_wide(params, layer, seq, batch, h0, c0) },
-            Vectors::Baseline => self.forward_steps::<false>(params, layer, seq, batch, h0, c0),
+            Vectors::Baseline => self.forward_steps::<NO_KERNEL>(params, layer, seq, batch, h0, c0),
         }
         #[cfg(not(target_arch = "x86_64"))]
-        self.forward_steps::<false>(params, layer, seq, batch, h0, c0)
+        self.forward_steps::<NO_KERNEL>(params, layer, seq, batch, h0, c0)
     }
 
     /// [`Self::forward_steps`] compiled for AVX2.
@@ -1085,7 +1140,7 @@ impl<T: Real> LayerTape<T> {
         h0: &[T],
         c0: &[T],
     ) {
-        self.forward_steps::<false>(params, layer, seq, batch, h0, c0)
+        self.forward_steps::<AVX2_KERNEL>(params, layer, seq, batch, h0, c0)
     }
 
     /// [`Self::forward_steps`] compiled for AVX-512, its products in the AVX-512 kernel.
@@ -1103,11 +1158,11 @@ impl<T: Real> LayerTape<T> {
         h0: &[T],
         c0: &[T],
     ) {
-        self.forward_steps::<true>(params, layer, seq, batch, h0, c0)
+        self.forward_steps::<AVX512_KERNEL>(params, layer, seq, batch, h0, c0)
     }
 
     #[inline(always)]
-    fn forward_steps<const AVX512: bool>(
+    fn forward_steps<const KERNEL: usize>(
         &mut self,
         params: &LstmParams<T>,
         layer: usize,
@@ -1150,7 +1205,7 @@ impl<T: Real> LayerTape<T> {
                 row[..f].copy_from_slice(x_row);
                 row[f..].copy_from_slice(h_row);
             }
-            step_product::<T, AVX512>(
+            step_product::<T, KERNEL>(
                 xh_t,
                 &self.weights_transposed,
                 gates_t,
@@ -1171,7 +1226,7 @@ impl<T: Real> LayerTape<T> {
                     tanh_c: &mut tanh_c[units.clone()],
                     hidden: &mut h_next[units],
                 };
-                if avx512_units::<T, AVX512>(row, &mut step) {
+                if kernel_units::<T, KERNEL>(row, &mut step) {
                     continue;
                 }
                 let (sigmoid_gates, candidate) = row.split_at_mut(3 * h);
@@ -1222,11 +1277,11 @@ impl<T: Real> LayerTape<T> {
                 self.backward_wide(params, layer, shape, from_above, grads, to_below)
             },
             Vectors::Baseline => {
-                self.backward_steps::<false>(params, layer, shape, from_above, grads, to_below)
+                self.backward_steps::<NO_KERNEL>(params, layer, shape, from_above, grads, to_below)
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        self.backward_steps::<false>(params, layer, shape, from_above, grads, to_below)
+        self.backward_steps::<NO_KERNEL>(params, layer, shape, from_above, grads, to_below)
     }
 
     /// [`Self::backward_steps`] compiled for AVX2.
@@ -1244,7 +1299,7 @@ impl<T: Real> LayerTape<T> {
         grads: &mut LstmParams<T>,
         to_below: Option<&mut Vec<T>>,
     ) {
-        self.backward_steps::<false>(params, layer, shape, from_above, grads, to_below)
+        self.backward_steps::<AVX2_KERNEL>(params, layer, shape, from_above, grads, to_below)
     }
 
     /// [`Self::backward_steps`] compiled for AVX-512, its products in the AVX-512 kernel.
@@ -1262,11 +1317,11 @@ impl<T: Real> LayerTape<T> {
         grads: &mut LstmParams<T>,
         to_below: Option<&mut Vec<T>>,
     ) {
-        self.backward_steps::<true>(params, layer, shape, from_above, grads, to_below)
+        self.backward_steps::<AVX512_KERNEL>(params, layer, shape, from_above, grads, to_below)
     }
 
     #[inline(always)]
-    fn backward_steps<const AVX512: bool>(
+    fn backward_steps<const KERNEL: usize>(
         &mut self,
         params: &LstmParams<T>,
         layer: usize,
@@ -1302,7 +1357,7 @@ impl<T: Real> LayerTape<T> {
                 gate_gradients(row, cp, tc, above, dh, dc, di, d_o, df, dg);
             }
             // dh_{t-1} = dgates_t · R
-            step_product::<T, AVX512>(dgates_t, r, &mut self.dh, (batch, g, h), false);
+            step_product::<T, KERNEL>(dgates_t, r, &mut self.dh, (batch, g, h), false);
         }
 
         let o = grads.layer_offsets(layer);
@@ -1311,7 +1366,7 @@ impl<T: Real> LayerTape<T> {
         // along its rows, as wide as the kernels' tiles.
         let fh = f + h;
         reuse(&mut self.dweights, fh * g);
-        transposed_product::<T, AVX512>(&self.xh, &self.dgates, &mut self.dweights, (fh, rows, g));
+        transposed_product::<T, KERNEL>(&self.xh, &self.dgates, &mut self.dweights, (fh, rows, g));
         let (dw, dr) = grads.data[o.w..o.wb].split_at_mut(g * f);
         transpose(&self.dweights[..f * g], f, g, dw);
         transpose(&self.dweights[f * g..], h, g, dr);
@@ -1761,7 +1816,7 @@ mod tests {
                     }
                 }
                 let mut c = c0.clone();
-                step_product::<f64, false>(&a, &b, &mut c, (m, k, n), accumulate);
+                step_product::<f64, NO_KERNEL>(&a, &b, &mut c, (m, k, n), accumulate);
                 assert_eq!(c, expected, "{m}x{k}x{n}, accumulate {accumulate}");
             }
         }
@@ -1784,20 +1839,35 @@ mod tests {
                 }
             }
             let mut c = random(m * n, &mut rng, 1.0);
-            transposed_product::<f64, false>(&a, &b, &mut c, (m, k, n));
+            transposed_product::<f64, NO_KERNEL>(&a, &b, &mut c, (m, k, n));
             assert_eq!(c, expected, "{m}x{k}x{n}");
         }
     }
 
-    /// The AVX-512 kernel's tiles (64, 32 and 16 columns wide), the generic blocks after them
-    /// and the loose rows and columns add up what the generic code does, bit for bit.
+    /// The kernels' tiles (AVX-512's 64, 32 and 16 columns wide, AVX2's 16 and 8), the generic
+    /// blocks after them and the loose rows and columns add up what the generic code does, bit
+    /// for bit.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx512_product_adds_what_the_generic_one_does() {
-        if vectors() != Vectors::Avx512 {
-            eprintln!("no AVX-512 on this CPU: its kernel does not run here");
-            return;
-        }
+    fn the_kernel_products_add_what_the_generic_ones_do() {
+        type Product = fn(&[f32], &[f32], &mut [f32], (usize, usize, usize), bool);
+        type Transposed = fn(&[f32], &[f32], &mut [f32], (usize, usize, usize));
+        let avx2: (Product, Transposed) = (
+            step_product::<f32, AVX2_KERNEL>,
+            transposed_product::<f32, AVX2_KERNEL>,
+        );
+        let avx512: (Product, Transposed) = (
+            step_product::<f32, AVX512_KERNEL>,
+            transposed_product::<f32, AVX512_KERNEL>,
+        );
+        let kernels = match vectors() {
+            Vectors::Baseline => {
+                eprintln!("no AVX2 on this CPU: no kernel runs here");
+                return;
+            }
+            Vectors::Avx2 => vec![("AVX2", avx2)],
+            Vectors::Avx512 => vec![("AVX2", avx2), ("AVX-512", avx512)],
+        };
         let mut rng = SmallRng::seed_from_u64(6);
         for (m, k, n) in [
             (8, 33, 128),
@@ -1805,22 +1875,29 @@ mod tests {
             (9, 5, 121),
             (4, 7, 16),
             (3, 2, 40),
+            (13, 37, 128),
+            (7, 128, 24),
         ] {
             let as_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
             let a = as_f32(random(m * k, &mut rng, 1.0));
             let b = as_f32(random(k * n, &mut rng, 1.0));
             let c0 = as_f32(random(m * n, &mut rng, 1.0));
-            for accumulate in [true, false] {
-                let (mut generic, mut avx512) = (c0.clone(), c0.clone());
-                step_product::<f32, false>(&a, &b, &mut generic, (m, k, n), accumulate);
-                step_product::<f32, true>(&a, &b, &mut avx512, (m, k, n), accumulate);
-                assert_eq!(avx512, generic, "{m}x{k}x{n}, accumulate {accumulate}");
+            for &(name, (product, transposed)) in &kernels {
+                for accumulate in [true, false] {
+                    let (mut generic, mut kernel) = (c0.clone(), c0.clone());
+                    step_product::<f32, NO_KERNEL>(&a, &b, &mut generic, (m, k, n), accumulate);
+                    product(&a, &b, &mut kernel, (m, k, n), accumulate);
+                    assert_eq!(
+                        kernel, generic,
+                        "{name} {m}x{k}x{n}, accumulate {accumulate}"
+                    );
+                }
+                // The same shapes as the weight gradients' product, `a` read as `k × m`.
+                let (mut generic, mut kernel) = (c0.clone(), c0.clone());
+                transposed_product::<f32, NO_KERNEL>(&a, &b, &mut generic, (m, k, n));
+                transposed(&a, &b, &mut kernel, (m, k, n));
+                assert_eq!(kernel, generic, "{name} {m}x{k}x{n} transposed");
             }
-            // The same shapes as the weight gradients' product, `a` read as `k × m`.
-            let (mut generic, mut avx512) = (c0.clone(), c0.clone());
-            transposed_product::<f32, false>(&a, &b, &mut generic, (m, k, n));
-            transposed_product::<f32, true>(&a, &b, &mut avx512, (m, k, n));
-            assert_eq!(avx512, generic, "{m}x{k}x{n} transposed");
         }
     }
 
@@ -1927,8 +2004,8 @@ mod tests {
                         layer.backward_wide(&params, 0, shape, &above, &mut grads, to_below);
                     },
                     Vectors::Baseline => {
-                        layer.forward_steps::<false>(&params, 0, seq, batch, &state, &state);
-                        layer.backward_steps::<false>(
+                        layer.forward_steps::<NO_KERNEL>(&params, 0, seq, batch, &state, &state);
+                        layer.backward_steps::<NO_KERNEL>(
                             &params, 0, shape, &above, &mut grads, to_below,
                         );
                     }
