@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 
 /// Number of gates per hidden unit.
