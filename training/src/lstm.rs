@@ -17,6 +17,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 #[cfg(target_arch = "x86_64")]
+#[macro_use]
+mod tiles;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -237,7 +240,7 @@ impl Real for f32 {
         c_rows: &mut [Self],
         kn: (usize, usize),
     ) -> usize {
-        let strides = avx512::Strides { row, k };
+        let strides = tiles::Strides { row, k };
         // SAFETY: forwarded; the caller guarantees the CPU.
         unsafe {
             match KERNEL {
