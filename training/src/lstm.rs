@@ -387,33 +387,24 @@ fn step_product<T: Real, const KERNEL: usize>(
     if n == 0 || k == 0 {
         return;
     }
+    // Without a kernel, `kernel_block` does nothing and the generic code takes every row.
     let block_rows = match KERNEL {
         // Narrow products (the backward `dgates · R`, 32 columns) take 8 rows per block in the
         // AVX-512 kernel: 16 accumulators hide the multiply-adds' latency where 4 rows had 8.
         AVX512_KERNEL if n < WIDE_TILE_COLS => NARROW_BLOCK_ROWS,
-        AVX512_KERNEL | AVX2_KERNEL => BLOCK_ROWS,
-        _ => 0,
+        _ => BLOCK_ROWS,
     };
-    let (kernel_rows, mut kernel_cols) = (whole_blocks(m, block_rows), 0);
+    let (kernel_rows, mut kernel_cols) = (m - m % block_rows, 0);
     let (a_kernel, a_rest) = a.split_at(kernel_rows * k);
     let (c_kernel, c_rest) = c.split_at_mut(kernel_rows * n);
     for (c_rows, a_rows) in c_kernel
-        .chunks_mut(block_rows.max(1) * n)
-        .zip(a_kernel.chunks(block_rows.max(1) * k))
+        .chunks_mut(block_rows * n)
+        .zip(a_kernel.chunks(block_rows * k))
     {
         kernel_cols = kernel_block::<T, KERNEL>(block_rows, a_rows, (k, 1), b, c_rows, (k, n));
     }
     generic_product(a_kernel, b, c_kernel, (k, n), kernel_cols);
     generic_product(a_rest, b, c_rest, (k, n), 0);
-}
-
-/// The rows of `m` that whole blocks of `block_rows` cover (none when there are no blocks).
-fn whole_blocks(m: usize, block_rows: usize) -> usize {
-    if block_rows == 0 {
-        0
-    } else {
-        m - m % block_rows
-    }
 }
 
 /// The columns from `first_col` of [`step_product`]'s rows `a_rows`: in blocks of
@@ -513,23 +504,17 @@ fn transposed_product<T: Real, const KERNEL: usize>(
     if n == 0 || k == 0 {
         return;
     }
-    let block_rows = match KERNEL {
-        AVX512_KERNEL | AVX2_KERNEL => BLOCK_ROWS,
-        _ => 0,
-    };
-    let (kernel_rows, mut kernel_cols) = (whole_blocks(m, block_rows), 0);
+    let (kernel_rows, mut kernel_cols) = (m - m % BLOCK_ROWS, 0);
     // The kernel's columns, in chunks of `k` whose rows of `b` stay in L1 across all blocks of
-    // rows; each element still adds its products in order of `k`.
+    // rows; each element still adds its products in order of `k`. Without a kernel,
+    // `kernel_block` does nothing and the generic code takes every row.
     for first_k in (0..k).step_by(TRANSPOSED_K_CHUNK) {
         let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
         let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
-        for (block, c_rows) in c[..kernel_rows * n]
-            .chunks_mut(block_rows.max(1) * n)
-            .enumerate()
-        {
-            let a = &a[block * block_rows..];
+        for (block, c_rows) in c[..kernel_rows * n].chunks_mut(BLOCK_ROWS * n).enumerate() {
+            let a = &a[block * BLOCK_ROWS..];
             let kn = (chunk, n);
-            kernel_cols = kernel_block::<T, KERNEL>(block_rows, a, (1, m), b, c_rows, kn);
+            kernel_cols = kernel_block::<T, KERNEL>(BLOCK_ROWS, a, (1, m), b, c_rows, kn);
         }
     }
     let (c_kernel, c_rest) = c.split_at_mut(kernel_rows * n);
