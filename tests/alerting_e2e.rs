@@ -10,21 +10,20 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::feeder::{import_at, import_history, rhythmic, spike};
 use common::process::Process;
-use common::telegram::{alerts_in, FakeTelegram, Sent};
+use common::stack::{Stack, BOT};
+use common::telegram::{alerts_in, Sent};
 use mad::config::Config;
-use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::demo::free_port;
 use mad::source::unix_now as now;
-use mad::synth::{Incident, IncidentKind, Profile, Synth};
+use mad::synth::{Profile, Synth};
 
-const TOKEN: &str = "515151:AAE-e2e-alerting-secret";
-const INTAKE: &str = "e2e-intake-secret";
-const CHAT: i64 = -1_001_234;
 const HISTORY_SECS: i64 = 2 * 3600;
 /// Live seconds before the spike, and how long it lasts.
 const SPIKE_AT: i64 = 8;
@@ -37,50 +36,12 @@ const LIVE_MAX_SECS: i64 = 120;
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn profile(instance: &str, base: f64, period: f64) -> Profile {
-    Profile {
-        metric: "app_requests_rate".into(),
-        labels: [("instance".to_string(), instance.to_string())].into(),
-        base,
-        daily: 0.0,
-        weekend_dip: 0.0,
-        fast: 0.3,
-        fast_period_secs: period,
-        trend_per_week: 0.0,
-        noise: 0.02,
-    }
+    rhythmic("app_requests_rate", &[("instance", instance)], base, period)
 }
 
-fn config(vm_url: &str, dir: &Path, serve_port: u16, relay_port: u16, telegram: &str) -> Config {
-    let text = format!(
-        r#"
-datasource: {{ url: "{vm_url}", timeout: 2s, retries: 1 }}
-store: {{ path: "{models}" }}
-server: {{ listen: "127.0.0.1:{serve_port}", reload_interval: 1s }}
-training: {{ max_epochs: 25, seed: 1 }}
-alerting: {{ grafana_url: "http://127.0.0.1:3000/grafana" }}
-detectors:
-  - name: e2e
-    query: app_requests_rate
-    step: 1s
-    window: 32
-    train_range: 2h
-    interval: 1s
-    staleness: 10s
-    alert: {{ for: 4s, severity: {{ warning: 1, critical: 1000 }} }}
-relay:
-  listen: "127.0.0.1:{relay_port}"
-  intake_token: "{INTAKE}"
-  state_path: "{state}"
-  chart_datasource: "{vm_url}"
-  chart_window: 2m
-  telegram:
-    token: "{TOKEN}"
-    api_url: "{telegram}"
-    default_chat: {CHAT}
-"#,
-        models = dir.join("models").display(),
-        state = dir.join("relay.redb").display(),
-    );
+fn config(stack: &Stack) -> Config {
+    let alerting = "alerting: { grafana_url: \"http://127.0.0.1:3000/grafana\" }\n";
+    let text = stack.config_text("e2e", "1s", alerting);
     Config::parse(&text, Path::new("alerting-e2e.yaml")).expect("test config is valid")
 }
 
@@ -98,8 +59,9 @@ receivers:
       - url: http://127.0.0.1:{relay_port}/api/v2/alerts
         send_resolved: true
         http_config:
-          authorization: {{ credentials: "{INTAKE}" }}
-"#
+          authorization: {{ credentials: "{intake}" }}
+"#,
+        intake = BOT.intake
     )
 }
 
@@ -116,48 +78,21 @@ struct Run {
 async fn run(via_alertmanager: bool) -> Run {
     let _one = ONE_AT_A_TIME.lock().await;
     let test_started = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    let (serve_port, relay_port, vmalert_port) = (
-        free_port().expect("port"),
-        free_port().expect("port"),
-        free_port().expect("port"),
-    );
-    let scrape = dir.join("scrape.yaml");
-    std::fs::write(
-        &scrape,
-        scrape_config(&format!("127.0.0.1:{serve_port}"), Duration::from_secs(1)),
-    )
-    .expect("write scrape config");
-    let vm = Arc::new(
-        VictoriaMetrics::start(&dir.join("vm"), Some(&scrape))
-            .await
-            .expect("start victoria-metrics"),
-    );
-    let telegram = FakeTelegram::start().await;
+    let stack = Stack::start().await;
+    let (dir, vm, telegram) = (stack.dir(), &stack.vm, &stack.telegram);
 
     let start = now();
     let live_start = start + 1;
-    let spike = Incident {
-        series: 0,
-        start: live_start + SPIKE_AT,
-        end: live_start + SPIKE_AT + SPIKE_SECS - 1,
-        kind: IncidentKind::Spike { factor: 1.0 },
-        description: "spike".into(),
-    };
+    let spike = spike(0, live_start + SPIKE_AT, SPIKE_SECS, 1.0);
     let synth = Arc::new(Synth {
         profiles: vec![profile("spiky", 100.0, 600.0), profile("calm", 40.0, 420.0)],
         incidents: vec![spike.clone()],
         seed: 11,
         origin: start - HISTORY_SECS,
     });
-    let mut history = String::new();
-    for ts in start - HISTORY_SECS..=start {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    import_history(vm, &synth, start - HISTORY_SECS, start).await;
 
-    let config = config(&vm.url, dir, serve_port, relay_port, &telegram.url);
+    let config = config(&stack);
     let trained_at = Instant::now();
     let trained = mad::train::run(&config, &[], Some(start))
         .await
@@ -179,7 +114,7 @@ async fn run(via_alertmanager: bool) -> Run {
     let notifier = if via_alertmanager {
         let port = free_port().expect("port");
         let file = dir.join("alertmanager.yml");
-        std::fs::write(&file, alertmanager_config(relay_port)).expect("alertmanager config");
+        std::fs::write(&file, alertmanager_config(stack.relay_port)).expect("alertmanager config");
         let mut am = Process::spawn(
             "alertmanager",
             Command::new("prometheus-alertmanager")
@@ -195,32 +130,10 @@ async fn run(via_alertmanager: bool) -> Run {
         alertmanager = Some(am);
         format!("http://127.0.0.1:{port}")
     } else {
-        format!("http://127.0.0.1:{relay_port}")
+        format!("http://127.0.0.1:{}", stack.relay_port)
     };
-    let mut vmalert_args = vec![
-        format!("-rule={}", rules.display()),
-        format!("-datasource.url={}", vm.url),
-        format!("-remoteWrite.url={}", vm.url),
-        format!("-remoteRead.url={}", vm.url),
-        format!("-notifier.url={notifier}"),
-        "-evaluationInterval=1s".into(),
-        "-rule.resendDelay=2s".into(),
-        "-remoteWrite.flushInterval=1s".into(),
-        format!("-httpListenAddr=127.0.0.1:{vmalert_port}"),
-    ];
-    if !via_alertmanager {
-        vmalert_args.push(format!("-notifier.bearerToken={INTAKE}"));
-    }
-    let mut vmalert = Process::spawn(
-        "vmalert",
-        Command::new("vmalert")
-            .args(&vmalert_args)
-            .stdin(Stdio::null()),
-        dir.join("vmalert.log"),
-    );
-    vmalert
-        .wait_ok(&format!("http://127.0.0.1:{vmalert_port}/health"))
-        .await;
+    // Straight to the relay, vmalert sends the intake token; Alertmanager adds it itself.
+    let vmalert = stack.vmalert(&rules, &notifier, !via_alertmanager).await;
 
     // Live points, one a second, with the spike; when each phase's first point went in.
     let stop_feeding = Arc::new(AtomicBool::new(false));
@@ -238,13 +151,7 @@ async fn run(via_alertmanager: bool) -> Run {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let wait = ts - now();
-                if wait > 0 {
-                    tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-                }
-                let mut line = String::new();
-                synth.exposition_at(ts, &mut line);
-                vm.import(line).await.expect("import live point");
+                import_at(&vm, &synth, ts).await;
                 if let Ok(mut m) = marks.lock() {
                     if ts == spike.start {
                         m.0 = Some(Instant::now());
@@ -351,7 +258,7 @@ fn check(run: &Run, logs: &str) {
     );
     let (firing, resolved) = (&messages[0], &messages[1]);
     for m in messages {
-        assert_eq!(m.chat_id, CHAT);
+        assert_eq!(m.chat_id, BOT.chat);
         assert_eq!(m.parse_mode.as_deref(), Some("HTML"));
         assert_eq!(alerts_in(&m.text), vec!["spiky"], "{}", m.text);
         assert!(m.text.contains("MadAnomaly"), "{}", m.text);
@@ -395,7 +302,7 @@ fn check(run: &Run, logs: &str) {
         "one chart, for the firing message only\n{logs}"
     );
     let photo = &run.photos[0];
-    assert_eq!(photo.chat_id, CHAT);
+    assert_eq!(photo.chat_id, BOT.chat);
     assert_eq!(
         photo.reply_to,
         Some(firing.message_id),

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::exporter::wait_served;
 use common::pg::TestDb;
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mad::config::Config;
 use mad::demo::VictoriaMetrics;
-use mad::store::{ModelStore, PgStore};
+use mad::store::PgStore;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -18,6 +19,7 @@ const TOKEN: &str = "t0ken-for-tests";
 
 /// A running exporter with the API.
 struct Harness {
+    port: u16,
     base: String,
     http: reqwest::Client,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -59,6 +61,7 @@ detectors:
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Harness {
+            port,
             base,
             http,
             stop,
@@ -407,33 +410,12 @@ async fn models_are_listed_activated_and_rolled_back() {
     let db = TestDb::new().await;
     let store: PgStore = db.store().await;
     store.migrate().await.expect("migrate");
-    let meta = common::meta("cpu", 1.0);
-    let v1 = store
-        .put(&common::model_bytes(&meta), &meta)
-        .await
-        .expect("put v1");
-    let mut newer = meta.clone();
-    newer.default_band = 2.0;
-    let v2 = store
-        .put(&common::model_bytes(&newer), &newer)
-        .await
-        .expect("put v2");
+    let v1 = common::put_untrained(&store, "cpu", 1.0).await;
+    let v2 = common::put_untrained(&store, "cpu", 2.0).await;
     let api = Harness::with_db(&db, &closed_datasource(), "").await;
-    let serves = |version: String| {
-        let metrics = format!("{}/metrics", api.base);
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let wanted = format!("mad_model_info{{detector=\"cpu\",version=\"{version}\"}} 1");
-            loop {
-                if let Ok(r) = reqwest::get(&metrics).await {
-                    if r.text().await.unwrap_or_default().contains(&wanted) {
-                        return;
-                    }
-                }
-                assert!(Instant::now() < deadline, "exporter never served {version}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    let port = api.port;
+    let serves = |version: String| async move {
+        wait_served(port, "cpu", &version, Duration::from_secs(10)).await;
     };
     serves(v2.version.clone()).await;
 

@@ -4,16 +4,19 @@
 //! exposition passes promtool, a new model version is picked up without a restart, and scores
 //! disappear when the datasource does.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::time::Duration;
+
+use common::exporter::eventually;
+use common::feeder::{import_history, import_live, requests_detector, rhythmic, spike};
 use mad::config::Config;
-use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::demo::free_port;
 use mad::source::unix_now as now;
 use mad::source::Labels;
-use mad::synth::{Incident, IncidentKind, Profile, Synth};
+use mad::synth::{Profile, Synth};
 
-const STEP: i64 = 1;
 const HISTORY_SECS: i64 = 2 * 3600;
 const LIVE_SECS: i64 = 40;
 const SPIKE_AT: i64 = 22;
@@ -21,20 +24,7 @@ const SPIKE_AT: i64 = 22;
 const AFTERMATH_SECS: i64 = 15;
 
 fn profile(labels: &[(&str, &str)], base: f64, period: f64) -> Profile {
-    Profile {
-        metric: "app_requests_rate".into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        base,
-        daily: 0.0,
-        weekend_dip: 0.0,
-        fast: 0.3,
-        fast_period_secs: period,
-        trend_per_week: 0.0,
-        noise: 0.02,
-    }
+    rhythmic("app_requests_rate", labels, base, period)
 }
 
 fn test_config(vm_url: &str, dir: &Path, port: u16, seed: u64) -> Config {
@@ -44,16 +34,9 @@ datasource: {{ url: "{vm_url}", timeout: 2s, retries: 1 }}
 store: {{ path: "{}" }}
 server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
 training: {{ max_epochs: 25, seed: {seed} }}
-detectors:
-  - name: e2e
-    query: app_requests_rate
-    step: 1s
-    window: 32
-    train_range: 2h
-    interval: 1s
-    staleness: 10s
-"#,
-        dir.join("models").display()
+{}"#,
+        dir.join("models").display(),
+        requests_detector("e2e", 32, "2h", "10s")
     );
     Config::parse(&text, Path::new("e2e.yaml")).expect("test config is valid")
 }
@@ -68,19 +51,6 @@ async fn get(url: &str) -> (u16, String) {
     }
 }
 
-/// Waits until `check` holds, polling; panics with `what` after `timeout`.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 fn matches(labels: &Labels, profile: &Profile) -> bool {
     profile.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -89,15 +59,7 @@ fn matches(labels: &Labels, profile: &Profile) -> bool {
 async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let port = free_port().expect("port");
-    let scrape = tmp.path().join("scrape.yaml");
-    std::fs::write(
-        &scrape,
-        scrape_config(&format!("127.0.0.1:{port}"), Duration::from_secs(1)),
-    )
-    .expect("write scrape config");
-    let vm = VictoriaMetrics::start(&tmp.path().join("vm"), Some(&scrape))
-        .await
-        .expect("start victoria-metrics");
+    let vm = common::victoria::scraping(tmp.path(), port).await;
 
     let start = now();
     let live_start = start + 1;
@@ -113,21 +75,11 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     ];
     let synth = Synth {
         profiles,
-        incidents: vec![Incident {
-            series: 0,
-            start: live_start + SPIKE_AT,
-            end: live_start + SPIKE_AT + 1,
-            kind: IncidentKind::Spike { factor: 1.0 },
-            description: "spike".into(),
-        }],
+        incidents: vec![spike(0, live_start + SPIKE_AT, 2, 1.0)],
         seed: 11,
         origin: start - HISTORY_SECS,
     };
-    let mut history = String::new();
-    for ts in (start - HISTORY_SECS..=start).step_by(STEP as usize) {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    import_history(&vm, &synth, start - HISTORY_SECS, start).await;
 
     let config = test_config(&vm.url, tmp.path(), port, 1);
     let trained = mad::train::run(&config, &[], Some(start))
@@ -137,26 +89,11 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     assert_eq!(trained[0].series, 3);
     let first_version = trained[0].version.version.clone();
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve_config = config.clone();
-    let server = tokio::spawn(async move {
-        mad::serve::run(serve_config, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let serving = common::serve::start(config.clone());
     let base = format!("http://127.0.0.1:{port}");
 
     // Live points, one per second, with the spike in the middle.
-    for ts in live_start..=live_start + LIVE_SECS {
-        let wait = ts - now();
-        if wait > 0 {
-            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-        }
-        let mut line = String::new();
-        synth.exposition_at(ts, &mut line);
-        vm.import(line).await.expect("import live point");
-    }
+    import_live(&vm, &synth, live_start, live_start + LIVE_SECS).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     vm.flush().await.expect("flush");
 
@@ -320,11 +257,7 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
     .await;
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
 
-    let _ = stop_tx.send(());
-    server
-        .await
-        .expect("exporter task")
-        .expect("exporter stops cleanly");
+    serving.stop().await;
 }
 
 fn promtool_check(exposition: &str, dir: &Path) {

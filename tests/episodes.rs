@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::feeder::steady;
+use common::feeder::{import_history, import_live, spike, steady};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::registry::{AnomalyQuery, NewWindow, Registry};
 use mad::source::unix_now as now;
-use mad::synth::{Incident, IncidentKind, Synth};
+use mad::synth::Synth;
 
 const HISTORY_SECS: i64 = 3600;
 const LIVE_SECS: i64 = 30;
@@ -28,28 +28,18 @@ async fn episodes_are_recorded_outside_maintenance_windows_only() {
         .expect("start victoria-metrics");
     let start = now();
     let live_start = start + 1;
-    let spike = |series| Incident {
-        series,
-        start: live_start + SPIKE_AT,
-        end: live_start + SPIKE_AT + 3,
-        kind: IncidentKind::Spike { factor: 2.0 },
-        description: "spike".into(),
-    };
+    let spike_on = |series| spike(series, live_start + SPIKE_AT, 4, 2.0);
     // The same spike on both series; "b" is under maintenance at the time.
     let synth = Synth {
         profiles: vec![
             steady("queue_depth", "a", 50.0),
             steady("queue_depth", "b", 80.0),
         ],
-        incidents: vec![spike(0), spike(1)],
+        incidents: vec![spike_on(0), spike_on(1)],
         seed: 3,
         origin: start - HISTORY_SECS,
     };
-    let mut history = String::new();
-    for ts in start - HISTORY_SECS..=start {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    import_history(&vm, &synth, start - HISTORY_SECS, start).await;
 
     let port = free_port().expect("port");
     let text = format!(
@@ -87,22 +77,8 @@ detectors:
         .await
         .expect("maintenance window");
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        mad::serve::run(config, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    for ts in live_start..=live_start + LIVE_SECS {
-        let wait = ts - now();
-        if wait > 0 {
-            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-        }
-        let mut line = String::new();
-        synth.exposition_at(ts, &mut line);
-        vm.import(line).await.expect("import live point");
-    }
+    let serving = common::serve::start(config);
+    import_live(&vm, &synth, live_start, live_start + LIVE_SECS).await;
 
     // The episode of "a" closes 3 s after its spike; give the writer a moment.
     let query = AnomalyQuery {
@@ -139,8 +115,7 @@ detectors:
         "nothing recorded inside the maintenance window: {episodes:?}"
     );
 
-    let _ = stop_tx.send(());
-    server.await.expect("task").expect("exporter stops cleanly");
+    serving.stop().await;
     vm.stop().await;
     db.drop().await;
 }

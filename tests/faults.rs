@@ -12,7 +12,7 @@ mod common;
 use common::exporter::{
     eventually, has_scores, last_success, metrics, sample, served_version, try_metrics,
 };
-use common::feeder::{requests, with_history};
+use common::feeder::{requests, requests_detector, with_history};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,16 +34,9 @@ datasource: {{ url: "{vm_url}", timeout: 1s, retries: 0 }}
 store: {{ path: "{}" }}
 server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
 training: {{ max_epochs: 8, hidden: 8 }}
-detectors:
-  - name: {DETECTOR}
-    query: app_requests_rate
-    step: 1s
-    window: 16
-    train_range: 1h
-    interval: 1s
-    staleness: 10m
-"#,
-        store.display()
+{}"#,
+        store.display(),
+        requests_detector(DETECTOR, 16, "1h", "10m")
     );
     Config::parse(&text, Path::new("faults.yaml")).expect("test config is valid")
 }

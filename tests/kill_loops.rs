@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::feeder::{requests, with_history, Feeder};
+use common::feeder::{requests, requests_detector, with_history, Feeder};
 use mad::demo::{free_port, VictoriaMetrics};
-use mad::model::Forecaster;
 use mad::source::unix_now as now;
 use mad::store::{DirStore, ModelStore, VersionInfo};
 
@@ -81,17 +80,10 @@ datasource: {{ url: "{}", timeout: 2s, retries: 0 }}
 store: {{ path: "{}", keep_versions: 4 }}
 server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
 training: {{ max_epochs: 300, patience: 300, hidden: 8 }}
-detectors:
-  - name: {DETECTOR}
-    query: app_requests_rate
-    step: 1s
-    window: 16
-    train_range: 1h
-    interval: 1s
-    staleness: 10m
-"#,
+{}"#,
         vm.url,
-        store.display()
+        store.display(),
+        requests_detector(DETECTOR, 16, "1h", "10m")
     );
     let config = dir.join("mad.yaml");
     std::fs::write(&config, text).expect("write the config");
@@ -218,14 +210,7 @@ async fn check_store(store: &Path) -> (Vec<VersionInfo>, Vec<String>) {
         // docs/model-contract.md: `<detector>/<version>.onnx` next to its metadata.
         let bytes = std::fs::read(dir.join(format!("{}.onnx", v.version)))
             .unwrap_or_else(|e| panic!("listed version {} has no model: {e}", v.version));
-        assert_eq!(
-            bytes.len() as u64,
-            v.size_bytes,
-            "listed version {} is truncated",
-            v.version
-        );
-        Forecaster::load(&bytes, &v.version, DETECTOR, None)
-            .unwrap_or_else(|e| panic!("listed version {} does not load: {e}", v.version));
+        common::assert_loads(&bytes, v, DETECTOR);
     }
     let active = api
         .load_active(DETECTOR)

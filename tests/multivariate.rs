@@ -6,13 +6,16 @@
 //! shared model that reads each input on its own, and with a joint model (`training.joint`)
 //! that reads both inputs of an instance together.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
+use common::feeder::{import_history, import_live, rhythmic, spike};
 use mad::config::Config;
-use mad::demo::{free_port, scrape_config, VictoriaMetrics};
+use mad::demo::free_port;
 use mad::source::unix_now as now;
-use mad::synth::{Incident, IncidentKind, Profile, Synth};
+use mad::synth::{Profile, Synth};
 
 const HISTORY_SECS: i64 = 2 * 3600;
 const LIVE_SECS: i64 = 30;
@@ -21,21 +24,12 @@ const SPIKE_AT: i64 = 18;
 const AFTERMATH_SECS: i64 = 12;
 
 fn profile(metric: &str, instance: &str, base: f64, period: f64) -> Profile {
-    Profile {
-        metric: metric.into(),
-        labels: [
-            ("instance".to_string(), instance.to_string()),
-            ("job".to_string(), "node".to_string()),
-        ]
-        .into(),
+    rhythmic(
+        metric,
+        &[("instance", instance), ("job", "node")],
         base,
-        daily: 0.0,
-        weekend_dip: 0.0,
-        fast: 0.3,
-        fast_period_secs: period,
-        trend_per_week: 0.0,
-        noise: 0.02,
-    }
+        period,
+    )
 }
 
 /// The two end-to-end runs start their own VictoriaMetrics and feed it in real time: one at a
@@ -80,15 +74,7 @@ async fn group_scores_once_and_names_its_driver(joint: bool) {
     let _serial = ONE_AT_A_TIME.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let port = free_port().expect("port");
-    let scrape = tmp.path().join("scrape.yaml");
-    std::fs::write(
-        &scrape,
-        scrape_config(&format!("127.0.0.1:{port}"), Duration::from_secs(1)),
-    )
-    .expect("write scrape config");
-    let vm = VictoriaMetrics::start(&tmp.path().join("vm"), Some(&scrape))
-        .await
-        .expect("start victoria-metrics");
+    let vm = common::victoria::scraping(tmp.path(), port).await;
 
     let start = now();
     let live_start = start + 1;
@@ -99,21 +85,12 @@ async fn group_scores_once_and_names_its_driver(joint: bool) {
             profile("node_cpu_busy", "b", 0.3, 500.0),
             profile("node_memory_used", "b", 2e9, 900.0),
         ],
-        incidents: vec![Incident {
-            series: 1,
-            start: live_start + SPIKE_AT,
-            end: live_start + SPIKE_AT + 1,
-            kind: IncidentKind::Spike { factor: 1.0 },
-            description: "memory spike on a".into(),
-        }],
+        // A memory spike on instance a.
+        incidents: vec![spike(1, live_start + SPIKE_AT, 2, 1.0)],
         seed: 5,
         origin: start - HISTORY_SECS,
     };
-    let mut history = String::new();
-    for ts in start - HISTORY_SECS..=start {
-        synth.exposition_at(ts, &mut history);
-    }
-    vm.import(history).await.expect("import history");
+    import_history(&vm, &synth, start - HISTORY_SECS, start).await;
 
     let config = config(&vm.url, tmp.path(), port, joint);
     let trained = mad::train::run(&config, &[], Some(start))
@@ -135,23 +112,8 @@ async fn group_scores_once_and_names_its_driver(joint: bool) {
     let model = mad::model::Forecaster::load(&stored.onnx, "v", "node", None).expect("valid");
     assert_eq!(model.is_joint(), joint, "inputs: {:?}", model.meta.inputs);
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve_config = config.clone();
-    let server = tokio::spawn(async move {
-        mad::serve::run(serve_config, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
-    for ts in live_start..=live_start + LIVE_SECS {
-        let wait = ts - now();
-        if wait > 0 {
-            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
-        }
-        let mut line = String::new();
-        synth.exposition_at(ts, &mut line);
-        vm.import(line).await.expect("import live point");
-    }
+    let serving = common::serve::start(config.clone());
+    import_live(&vm, &synth, live_start, live_start + LIVE_SECS).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     vm.flush().await.expect("flush");
     let end = live_start + LIVE_SECS + 4;
@@ -257,9 +219,5 @@ async fn group_scores_once_and_names_its_driver(joint: bool) {
             "{family}: one series per input and instance"
         );
     }
-    let _ = stop_tx.send(());
-    server
-        .await
-        .expect("exporter task")
-        .expect("exporter stops cleanly");
+    serving.stop().await;
 }

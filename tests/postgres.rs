@@ -4,12 +4,13 @@
 
 mod common;
 
+use common::exporter::wait_served;
 use common::pg::TestDb;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mad::config::{Config, Secret};
+use mad::config::Secret;
 use mad::store::{ModelStore, PgStore};
 
 /// Replicas starting together on a fresh database (sharded exporters, trainers, the relay):
@@ -152,54 +153,16 @@ async fn a_running_exporter_follows_activations_through_notify() {
     let db = TestDb::new().await;
     let store = db.store().await;
     store.migrate().await.expect("migrate");
-    let meta = common::meta("cpu", 1.0);
-    let v1 = store
-        .put(&common::model_bytes(&meta), &meta)
-        .await
-        .expect("put v1");
+    let v1 = common::put_untrained(&store, "cpu", 1.0).await;
 
-    let port = mad::demo::free_port().expect("port");
-    let closed = mad::demo::free_port().expect("port");
     // Polling once an hour: only a notification can make the exporter switch in time.
-    let text = format!(
-        r#"
-datasource: {{ url: "http://127.0.0.1:{closed}", retries: 0, timeout: 1s }}
-store: {{ postgres: "{}" }}
-server: {{ listen: "127.0.0.1:{port}", reload_interval: 1h }}
-detectors:
-  - {{ name: cpu, query: up, step: 1m, window: 8, train_range: 1d }}
-"#,
-        db.url
-    );
-    let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
-    let serving = common::serve::start(config);
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
-    let serves = |version: String| {
-        let metrics = metrics.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Ok(r) = reqwest::get(&metrics).await {
-                    let body = r.text().await.unwrap_or_default();
-                    if body.contains(&format!(
-                        "mad_model_info{{detector=\"cpu\",version=\"{version}\"}} 1"
-                    )) {
-                        return Instant::now();
-                    }
-                }
-                assert!(Instant::now() < deadline, "exporter never served {version}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    let (serving, port) = common::serve::from_db(&db, "1h");
+    let serves = |version: String| async move {
+        wait_served(port, "cpu", &version, Duration::from_secs(5)).await
     };
     serves(v1.version.clone()).await;
 
-    let mut newer = meta.clone();
-    newer.default_band = 3.0;
-    let v2 = store
-        .put(&common::model_bytes(&newer), &newer)
-        .await
-        .expect("put v2");
+    let v2 = common::put_untrained(&store, "cpu", 3.0).await;
     let trained = Instant::now();
     let seen = serves(v2.version.clone()).await;
     println!(
@@ -238,26 +201,9 @@ async fn detectors_added_to_the_database_are_served_and_removed_ones_stop() {
     let store = db.store().await;
     store.migrate().await.expect("migrate");
     let registry = mad::registry::Registry::new(std::sync::Arc::new(db.store().await));
-    let meta = common::meta("from_db", 1.0);
-    let version = store
-        .put(&common::model_bytes(&meta), &meta)
-        .await
-        .expect("put");
+    let version = common::put_untrained(&store, "from_db", 1.0).await;
 
-    let port = mad::demo::free_port().expect("port");
-    let closed = mad::demo::free_port().expect("port");
-    let text = format!(
-        r#"
-datasource: {{ url: "http://127.0.0.1:{closed}", retries: 0, timeout: 1s }}
-store: {{ postgres: "{}" }}
-server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
-detectors:
-  - {{ name: cpu, query: up, step: 1m, window: 8, train_range: 1d }}
-"#,
-        db.url
-    );
-    let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
-    let serving = common::serve::start(config);
+    let (serving, port) = common::serve::from_db(&db, "1s");
     let info = format!(
         "mad_model_info{{detector=\"from_db\",version=\"{}\"}} 1",
         version.version

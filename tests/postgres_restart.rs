@@ -20,12 +20,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::feeder::{requests, with_history, Feeder};
+use common::feeder::{requests, requests_detector, with_history, Feeder};
 use common::pg::TestDb;
 use mad::config::Config;
 use mad::demo::{free_port, VictoriaMetrics};
 use mad::history::{EpisodeTracker, Recorder};
-use mad::model::Forecaster;
 use mad::score::Score;
 use mad::source::unix_now as now;
 use mad::source::Labels;
@@ -223,15 +222,8 @@ datasource: {{ url: "{vm_url}", timeout: 2s, retries: 0 }}
 store: {{ postgres: "{dsn}" }}
 server: {{ listen: "127.0.0.1:{port}", reload_interval: 1s }}
 training: {{ max_epochs: {epochs}, patience: {epochs}, hidden: 8 }}
-detectors:
-  - name: {DETECTOR}
-    query: app_requests_rate
-    step: 1s
-    window: 16
-    train_range: 1h
-    interval: 1s
-    staleness: 10m
-"#
+{detectors}"#,
+        detectors = requests_detector(DETECTOR, 16, "1h", "10m")
     );
     Config::parse(&text, Path::new("pg-restart.yaml")).expect("test config is valid")
 }
@@ -267,14 +259,7 @@ async fn check_versions(db: &TestDb, store: &dyn ModelStore) -> (Vec<String>, St
             .await
             .expect("the listed version's bytes");
         let onnx: Vec<u8> = row.get(0);
-        assert_eq!(
-            onnx.len() as u64,
-            v.size_bytes,
-            "{} is cut short",
-            v.version
-        );
-        Forecaster::load(&onnx, &v.version, DETECTOR, None)
-            .unwrap_or_else(|e| panic!("listed version {} does not load: {e}", v.version));
+        common::assert_loads(&onnx, v, DETECTOR);
     }
     let active: Vec<&str> = listed
         .iter()

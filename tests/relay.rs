@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::telegram::{Answer, FakeTelegram};
@@ -14,25 +14,10 @@ use mad::demo::free_port;
 const TOKEN: &str = "424242:AAH-very-secret-bot-token";
 
 fn config_text(dir: &Path, port: u16, telegram_url: &str) -> String {
-    format!(
-        r#"
-datasource: {{ url: http://127.0.0.1:1 }}
-detectors:
-  - {{ name: cpu, query: up, step: 1m }}
-relay:
-  listen: 127.0.0.1:{port}
-  intake_token: intake-secret
-  intake_basic_auth: {{ username: vmalert, password: "basic-secret" }}
-  state_path: "{}"
-  telegram:
-    token: "{TOKEN}"
-    api_url: "{telegram_url}"
-    default_chat: 100
-    routes:
-      - {{ match: {{ team: db }}, chat: 200 }}
-"#,
-        dir.join("relay.redb").display()
-    )
+    let relay =
+        common::relay::config_text(dir, port, telegram_url, TOKEN, "cpu", &[("db".into(), 200)]);
+    // Besides the bearer token, the basic auth vmalert may send instead (a key of `relay:`).
+    format!("{relay}  intake_basic_auth: {{ username: vmalert, password: \"basic-secret\" }}\n")
 }
 
 fn alerts(instances: &[&str], firing: bool, team: &str) -> String {
@@ -260,27 +245,6 @@ async fn bad_intake_is_refused_with_a_reason() {
     task.await.expect("task").expect("relay stops cleanly");
 }
 
-fn spawn_relay(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mad"))
-        .args(["relay", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("start mad relay")
-}
-
-async fn wait_healthy(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "relay did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_alerts_survive_a_sigkill_and_telegram_being_down() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -289,8 +253,7 @@ async fn accepted_alerts_survive_a_sigkill_and_telegram_being_down() {
     let config: PathBuf = dir.path().join("relay.yaml");
     std::fs::write(&config, config_text(dir.path(), port, &down)).expect("config");
     let first_log = dir.path().join("first.log");
-    let mut relay = spawn_relay(&config, &first_log);
-    wait_healthy(port).await;
+    let mut relay = common::relay::start(&config, port, first_log.clone()).await;
     for i in 0..20 {
         let (status, _) = post(
             port,
@@ -301,24 +264,23 @@ async fn accepted_alerts_survive_a_sigkill_and_telegram_being_down() {
         assert_eq!(status, 200, "accepted while Telegram is unreachable");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    relay.kill().expect("SIGKILL");
-    let _ = relay.wait();
+    relay.child.kill().expect("SIGKILL");
+    let _ = relay.child.wait();
 
     // Back up, with Telegram reachable: everything accepted is delivered, once.
     let telegram = FakeTelegram::start().await;
     std::fs::write(&config, config_text(dir.path(), port, &telegram.url)).expect("config");
     let second_log = dir.path().join("second.log");
-    let mut relay = spawn_relay(&config, &second_log);
-    wait_healthy(port).await;
+    let mut relay = common::relay::start(&config, port, second_log.clone()).await;
     wait_for("all 20 alerts", Duration::from_secs(60), || {
         telegram.sent().len() == 20
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
+        .args(["-TERM", &relay.pid().to_string()])
         .status();
-    let _ = relay.wait();
+    let _ = relay.child.wait();
     let sent = telegram.sent();
     assert_eq!(sent.len(), 20, "nothing doubled");
     for i in 0..20 {

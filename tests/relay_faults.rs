@@ -13,21 +13,19 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::relay::{DEFAULT_CHAT, INTAKE};
 use common::telegram::{alerts_in, hidden_in, FakeTelegram, Outcome};
 use mad::demo::free_port;
 
 const TOKEN: &str = "777001:AAF-burst-test-secret-token";
-const INTAKE: &str = "intake-secret";
 const ALERTS: usize = 1_000;
 const REQUESTS: usize = 10;
 const PER_REQUEST: usize = ALERTS / REQUESTS;
 /// `team=t0` goes to the default chat, t1..t4 through routes: five chats.
 const TEAMS: usize = 5;
-const DEFAULT_CHAT: i64 = 100;
 /// Requests posted before delivery is held; one more while it is held, the rest once the relay
 /// has been killed (refused until it is back).
 const BEFORE_KILL: usize = 6;
@@ -40,34 +38,12 @@ fn chat_of(team: usize) -> i64 {
 
 /// `postgres`: the outbox's database URL; `None` keeps it in the embedded redb file.
 fn config_text(dir: &Path, port: u16, telegram_url: &str, postgres: Option<&str>) -> String {
-    let routes: String = (1..TEAMS)
-        .map(|t| {
-            format!(
-                "      - {{ match: {{ team: t{t} }}, chat: {} }}\n",
-                chat_of(t)
-            )
-        })
-        .collect();
+    let routes: Vec<(String, i64)> = (1..TEAMS).map(|t| (format!("t{t}"), chat_of(t))).collect();
     let store = postgres.map_or(String::new(), |url| {
         format!("store: {{ postgres: \"{url}\" }}\n")
     });
-    format!(
-        r#"
-datasource: {{ url: http://127.0.0.1:1 }}
-{store}detectors:
-  - {{ name: burst, query: up, step: 1m }}
-relay:
-  listen: 127.0.0.1:{port}
-  intake_token: {INTAKE}
-  state_path: "{}"
-  telegram:
-    token: "{TOKEN}"
-    api_url: "{telegram_url}"
-    default_chat: {DEFAULT_CHAT}
-    routes:
-{routes}"#,
-        dir.join("relay.redb").display()
-    )
+    let relay = common::relay::config_text(dir, port, telegram_url, TOKEN, "burst", &routes);
+    format!("{store}{relay}")
 }
 
 fn instance(i: usize) -> String {
@@ -88,37 +64,6 @@ fn request_body(r: usize) -> String {
         })
         .collect();
     format!("[{}]", items.join(","))
-}
-
-fn spawn_relay(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mad"))
-        .args(["relay", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("start mad relay")
-}
-
-/// Kills the child on drop, so a failing assertion leaves no relay behind.
-struct Relay(Child);
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_healthy(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "relay did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// What happened to the test's intake requests.
@@ -171,12 +116,7 @@ async fn post_until_accepted(port: u16, r: usize, posts: &Mutex<Posts>) {
 
 /// The relay's `/metrics` as name{labels} → value.
 async fn metrics(port: u16) -> BTreeMap<String, f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("relay /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = common::exporter::metrics(port).await;
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
@@ -232,8 +172,7 @@ async fn burst_with_a_sigkill(postgres: Option<&str>) {
     .expect("config");
     let (first_log, second_log) = (dir.path().join("first.log"), dir.path().join("second.log"));
 
-    let mut first = Relay(spawn_relay(&config, &first_log));
-    wait_healthy(port).await;
+    let mut first = common::relay::start(&config, port, first_log.clone()).await;
     let posts = Arc::new(Mutex::new(Posts::default()));
     let started = Instant::now();
     for r in 0..BEFORE_KILL {
@@ -250,8 +189,8 @@ async fn burst_with_a_sigkill(postgres: Option<&str>) {
     post_until_accepted(port, BEFORE_KILL, &posts).await;
     let before_kill = metrics(port).await;
     let killed_at = Instant::now();
-    first.0.kill().expect("SIGKILL the relay");
-    let _ = first.0.wait();
+    first.child.kill().expect("SIGKILL the relay");
+    let _ = first.child.wait();
     telegram.release_dropping();
     let delivered_by_first = telegram.sent().len();
     let outcomes = telegram.outcomes();
@@ -278,8 +217,7 @@ async fn burst_with_a_sigkill(postgres: Option<&str>) {
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     let restarted_at = Instant::now();
-    let second = Relay(spawn_relay(&config, &second_log));
-    wait_healthy(port).await;
+    let second = common::relay::start(&config, port, second_log.clone()).await;
     late.await.expect("late posts");
 
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -298,16 +236,10 @@ async fn burst_with_a_sigkill(postgres: Option<&str>) {
 
     // vmalert keeps repeating firing alerts: the restarted relay remembers them all.
     let replay_from = second_metrics_received(port).await;
-    let client = reqwest::Client::new();
     for r in 0..REQUESTS {
-        let response = client
-            .post(format!("http://127.0.0.1:{port}/api/v2/alerts"))
-            .bearer_auth(INTAKE)
-            .body(request_body(r))
-            .send()
+        assert!(common::relay::post(port, request_body(r))
             .await
-            .expect("replay");
-        assert!(response.status().is_success());
+            .is_success());
     }
     // Anything doubled would show up now.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -12,42 +12,45 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::process::Process;
+use common::relay::DEFAULT_CHAT;
 use common::telegram::{alerts_in, hidden_in, FakeTelegram};
 use mad::demo::free_port;
 
 const TOKEN: &str = "777001:AAF-burst-test-secret-token";
-const INTAKE: &str = "intake-secret";
 /// Intake requests spread over the outage, a few alerts each.
 const BATCHES: usize = 8;
 const PER_BATCH: usize = 3;
-const DEFAULT_CHAT: i64 = 100;
 const ROUTED_CHAT: i64 = 200;
 /// The relay's longest retry backoff, plus room to send what piled up.
 const DRAIN: Duration = Duration::from_secs(60 + 40);
 
-fn config_text(dir: &Path, port: u16, telegram_url: &str) -> String {
-    format!(
-        r#"
-datasource: {{ url: http://127.0.0.1:1 }}
-detectors:
-  - {{ name: outage, query: up, step: 1m }}
-relay:
-  listen: 127.0.0.1:{port}
-  intake_token: {INTAKE}
-  state_path: "{}"
-  telegram:
-    token: "{TOKEN}"
-    api_url: "{telegram_url}"
-    default_chat: {DEFAULT_CHAT}
-    routes:
-      - {{ match: {{ team: db }}, chat: {ROUTED_CHAT} }}
-"#,
-        dir.join("relay.redb").display()
-    )
+/// A fake Telegram and the relay delivering to it; with the relay's port and config file, to
+/// start it again after a kill.
+async fn relay_to_telegram(dir: &Path) -> (FakeTelegram, u16, PathBuf, Process) {
+    let telegram = FakeTelegram::start().await;
+    let port = free_port().expect("port");
+    let config = dir.join("mad.yaml");
+    let text = common::relay::config_text(
+        dir,
+        port,
+        &telegram.url,
+        TOKEN,
+        "outage",
+        &[("db".into(), ROUTED_CHAT)],
+    );
+    std::fs::write(&config, text).expect("config");
+    let relay = start_relay(&config, port).await;
+    (telegram, port, config, relay)
+}
+
+/// The relay on `config`, up on `port`; every start logs to the same file.
+async fn start_relay(config: &Path, port: u16) -> Process {
+    let log = config.with_file_name("relay.log");
+    common::relay::start(config, port, log).await
 }
 
 fn instance(i: usize) -> String {
@@ -78,63 +81,14 @@ fn batch_body(batch: usize) -> String {
     format!("[{}]", items.join(","))
 }
 
-/// Kills the child on drop, so a failing assertion leaves no relay behind.
-struct Relay(Child);
-
-impl Relay {
-    fn spawn(config: &Path) -> Relay {
-        let child = Command::new(env!("CARGO_BIN_EXE_mad"))
-            .args(["relay", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mad relay");
-        Relay(child)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_healthy(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "relay did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn post(port: u16, batch: usize) {
-    let response = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/api/v2/alerts"))
-        .bearer_auth(INTAKE)
-        .body(batch_body(batch))
-        .send()
-        .await
-        .expect("the relay takes alerts while Telegram is down");
-    assert!(
-        response.status().is_success(),
-        "batch {batch}: HTTP {}",
-        response.status()
-    );
+    let status = common::relay::post(port, batch_body(batch)).await;
+    assert!(status.is_success(), "batch {batch}: HTTP {status}");
 }
 
 /// Sum of a metric family over its labels in the relay's `/metrics`.
 async fn family_sum(port: u16, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("relay /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = common::exporter::metrics(port).await;
     text.lines()
         .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -150,12 +104,7 @@ async fn telegram_down_for_a_while_loses_nothing_and_keeps_order() {
             .unwrap_or(20),
     );
     let tmp = tempfile::tempdir().expect("tempdir");
-    let telegram = FakeTelegram::start().await;
-    let port = free_port().expect("port");
-    let config = tmp.path().join("mad.yaml");
-    std::fs::write(&config, config_text(tmp.path(), port, &telegram.url)).expect("config");
-    let mut relay = Relay::spawn(&config);
-    wait_healthy(port).await;
+    let (telegram, port, config, mut relay) = relay_to_telegram(tmp.path()).await;
 
     telegram.go_down();
     let down_at = Instant::now();
@@ -165,8 +114,7 @@ async fn telegram_down_for_a_while_loses_nothing_and_keeps_order() {
         if batch == BATCHES / 2 {
             // Killed with everything so far only in its outbox.
             drop(relay);
-            relay = Relay::spawn(&config);
-            wait_healthy(port).await;
+            relay = start_relay(&config, port).await;
         }
         tokio::time::sleep(pause).await;
     }
@@ -264,12 +212,7 @@ async fn relay_killed_again_and_again_while_delivering_loses_nothing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let telegram = FakeTelegram::start().await;
-    let port = free_port().expect("port");
-    let config = tmp.path().join("mad.yaml");
-    std::fs::write(&config, config_text(tmp.path(), port, &telegram.url)).expect("config");
-    let mut relay = Relay::spawn(&config);
-    wait_healthy(port).await;
+    let (telegram, port, config, mut relay) = relay_to_telegram(tmp.path()).await;
 
     let mut moments = Moments(0x5EED_0FC0_FFEE);
     let mut killed_at = Vec::new();
@@ -283,8 +226,7 @@ async fn relay_killed_again_and_again_while_delivering_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(moments.next_millis(50, 1500))).await;
         drop(relay);
         killed_at.push(Instant::now());
-        relay = Relay::spawn(&config);
-        wait_healthy(port).await;
+        relay = start_relay(&config, port).await;
     }
 
     let alerts = batches * PER_BATCH;

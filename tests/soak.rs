@@ -12,21 +12,18 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::feeder::{rhythmic, spike};
 use common::process::Process;
-use common::telegram::{alerts_in, FakeTelegram, Sent};
+use common::stack::Stack;
+use common::telegram::{alerts_in, Sent};
 use mad::config::Config;
-use mad::demo::{free_port, scrape_config, VictoriaMetrics};
 use mad::source::unix_now as now;
-use mad::synth::{Incident, IncidentKind, Profile, Synth};
+use mad::synth::{Incident, Profile, Synth};
 
-const TOKEN: &str = "424242:AAH-soak-test-secret-token";
-const INTAKE: &str = "soak-intake-secret";
-const CHAT: i64 = -1_004_242;
 const HISTORY_SECS: i64 = 2 * 3600;
 /// Series live at any moment.
 const LIVE_SERIES: usize = 6;
@@ -52,17 +49,12 @@ fn instance(index: usize) -> String {
 
 /// Similar services with their own level and rhythm.
 fn profile(index: usize) -> Profile {
-    Profile {
-        metric: "app_requests_rate".into(),
-        labels: [("instance".to_string(), instance(index))].into(),
-        base: 40.0 + (index * 37 % 80) as f64,
-        daily: 0.0,
-        weekend_dip: 0.0,
-        fast: 0.3,
-        fast_period_secs: 300.0 + (index * 53 % 300) as f64,
-        trend_per_week: 0.0,
-        noise: 0.02,
-    }
+    rhythmic(
+        "app_requests_rate",
+        &[("instance", &instance(index))],
+        40.0 + (index * 37 % 80) as f64,
+        300.0 + (index * 53 % 300) as f64,
+    )
 }
 
 /// Series `index` is live in round `round` (negative rounds are the imported history): the
@@ -82,51 +74,7 @@ fn live(index: usize, round: i64) -> bool {
 /// exporter's warm-up) and leaving a round after it.
 fn incident(live_start: i64, round: i64) -> Incident {
     let start = live_start + round * ROUND_SECS + INCIDENT_AT;
-    Incident {
-        series: round as usize + 1,
-        start,
-        end: start + INCIDENT_SECS - 1,
-        kind: IncidentKind::Spike { factor: 1.0 },
-        description: format!("soak spike {round}"),
-    }
-}
-
-fn config_text(
-    vm_url: &str,
-    dir: &Path,
-    serve_port: u16,
-    relay_port: u16,
-    telegram: &str,
-) -> String {
-    format!(
-        r#"
-datasource: {{ url: "{vm_url}", timeout: 2s, retries: 1 }}
-store: {{ path: "{models}" }}
-server: {{ listen: "127.0.0.1:{serve_port}", reload_interval: 5s }}
-training: {{ max_epochs: 25, seed: 1 }}
-detectors:
-  - name: soak
-    query: app_requests_rate
-    step: 1s
-    window: 32
-    train_range: 2h
-    interval: 1s
-    staleness: 10s
-    alert: {{ for: 4s, severity: {{ warning: 1, critical: 1000 }} }}
-relay:
-  listen: "127.0.0.1:{relay_port}"
-  intake_token: "{INTAKE}"
-  state_path: "{state}"
-  chart_datasource: "{vm_url}"
-  chart_window: 2m
-  telegram:
-    token: "{TOKEN}"
-    api_url: "{telegram}"
-    default_chat: {CHAT}
-"#,
-        models = dir.join("models").display(),
-        state = dir.join("relay.redb").display(),
-    )
+    spike(round as usize + 1, start, INCIDENT_SECS, 1.0)
 }
 
 /// Resident memory (KiB) and open file descriptors of a process, from /proc.
@@ -206,25 +154,9 @@ fn mib(kib: u64) -> f64 {
 async fn the_stack_stays_flat_and_alerts_every_incident_once() {
     let duration = soak_secs();
     let rounds = (duration / ROUND_SECS).max(1);
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    let (serve_port, relay_port, vmalert_port) = (
-        free_port().expect("port"),
-        free_port().expect("port"),
-        free_port().expect("port"),
-    );
-    let scrape = dir.join("scrape.yaml");
-    std::fs::write(
-        &scrape,
-        scrape_config(&format!("127.0.0.1:{serve_port}"), Duration::from_secs(1)),
-    )
-    .expect("write scrape config");
-    let vm = Arc::new(
-        VictoriaMetrics::start(&dir.join("vm"), Some(&scrape))
-            .await
-            .expect("start victoria-metrics"),
-    );
-    let telegram = FakeTelegram::start().await;
+    let stack = Stack::start().await;
+    let (dir, vm, telegram) = (stack.dir(), &stack.vm, &stack.telegram);
+    let (serve_port, relay_port) = (stack.serve_port, stack.relay_port);
 
     let start = now();
     let live_start = start + 1;
@@ -243,7 +175,7 @@ async fn the_stack_stays_flat_and_alerts_every_incident_once() {
     vm.import(history).await.expect("import history");
 
     let config_file = dir.join("soak.yaml");
-    let text = config_text(&vm.url, dir, serve_port, relay_port, &telegram.url);
+    let text = stack.config_text("soak", "5s", "");
     std::fs::write(&config_file, &text).expect("write config");
     let config = Config::parse(&text, &config_file).expect("soak config is valid");
     let trained = mad::train::run(&config, &[], Some(start))
@@ -264,29 +196,9 @@ async fn the_stack_stays_flat_and_alerts_every_incident_once() {
     serve
         .wait_ok(&format!("http://127.0.0.1:{serve_port}/healthz"))
         .await;
-    let mut relay = Process::spawn("mad relay", &mut mad("relay"), dir.join("relay.log"));
-    relay
-        .wait_ok(&format!("http://127.0.0.1:{relay_port}/healthz"))
-        .await;
-    let mut vmalert = Process::spawn(
-        "vmalert",
-        Command::new("vmalert")
-            .arg(format!("-rule={}", rules.display()))
-            .arg(format!("-datasource.url={}", vm.url))
-            .arg(format!("-remoteWrite.url={}", vm.url))
-            .arg(format!("-remoteRead.url={}", vm.url))
-            .arg(format!("-notifier.url=http://127.0.0.1:{relay_port}"))
-            .arg(format!("-notifier.bearerToken={INTAKE}"))
-            .arg("-evaluationInterval=1s")
-            .arg("-rule.resendDelay=2s")
-            .arg("-remoteWrite.flushInterval=1s")
-            .arg(format!("-httpListenAddr=127.0.0.1:{vmalert_port}"))
-            .stdin(Stdio::null()),
-        dir.join("vmalert.log"),
-    );
-    vmalert
-        .wait_ok(&format!("http://127.0.0.1:{vmalert_port}/health"))
-        .await;
+    let mut relay = common::relay::start(&config_file, relay_port, dir.join("relay.log")).await;
+    let relay_url = format!("http://127.0.0.1:{relay_port}");
+    let mut vmalert = stack.vmalert(&rules, &relay_url, true).await;
 
     let began = Instant::now();
     let began_unix = now();

@@ -60,6 +60,22 @@ pub fn served_version(body: &str, detector: &str) -> Option<String> {
     Some(line[start..end].to_string())
 }
 
+/// When the exporter on `port` first serves `version` of `detector` (polled every 50 ms).
+pub async fn wait_served(port: u16, detector: &str, version: &str, timeout: Duration) -> Instant {
+    let wanted = format!("mad_model_info{{detector=\"{detector}\",version=\"{version}\"}} 1");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if try_metrics(port)
+            .await
+            .is_some_and(|body| body.contains(&wanted))
+        {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "exporter never served {version}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `check` until it holds; panics naming `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where

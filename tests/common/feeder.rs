@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mad::demo::VictoriaMetrics;
 use mad::source::unix_now as now;
-use mad::synth::{Profile, Synth};
+use mad::synth::{Incident, IncidentKind, Profile, Synth};
 
 /// Writes one point a second of every series of `synth` into VictoriaMetrics' import API
 /// (from `from` on), until dropped.
@@ -44,16 +44,35 @@ impl Drop for Feeder {
 
 /// A series with a five-minute rhythm (±30 %) and 2 % noise, the shape most tests feed.
 pub fn steady(metric: &str, instance: &str, base: f64) -> Profile {
+    rhythmic(metric, &[("instance", instance)], base, 300.0)
+}
+
+/// A series of `metric` at `base`, a `period_secs` rhythm (±30 %) and 2 % noise: what tests feed.
+pub fn rhythmic(metric: &str, labels: &[(&str, &str)], base: f64, period_secs: f64) -> Profile {
     Profile {
         metric: metric.into(),
-        labels: [("instance".to_string(), instance.to_string())].into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         base,
         daily: 0.0,
         weekend_dip: 0.0,
         fast: 0.3,
-        fast_period_secs: 300.0,
+        fast_period_secs: period_secs,
         trend_per_week: 0.0,
         noise: 0.02,
+    }
+}
+
+/// Series `series` times `1 + factor` for `secs` s from `start`: the incident e2e tests score.
+pub fn spike(series: usize, start: i64, secs: i64, factor: f64) -> Incident {
+    Incident {
+        series,
+        start,
+        end: start + secs - 1,
+        kind: IncidentKind::Spike { factor },
+        description: "spike".into(),
     }
 }
 
@@ -82,10 +101,48 @@ pub async fn with_history(
         .expect("start victoria-metrics");
     let start = now();
     let synth = make(start - secs);
+    import_history(&vm, &synth, start - secs, start).await;
+    (vm, synth, start)
+}
+
+/// Imports every second of `synth` from `from` to `until` at once: the history a test trains on.
+pub async fn import_history(vm: &VictoriaMetrics, synth: &Synth, from: i64, until: i64) {
     let mut history = String::new();
-    for ts in start - secs..=start {
+    for ts in from..=until {
         synth.exposition_at(ts, &mut history);
     }
     vm.import(history).await.expect("import history");
-    (vm, synth, start)
+}
+
+/// Waits for second `ts`, then imports `synth`'s points of it: live data, arriving in real time.
+pub async fn import_at(vm: &VictoriaMetrics, synth: &Synth, ts: i64) {
+    let wait = ts - now();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+    }
+    let mut line = String::new();
+    synth.exposition_at(ts, &mut line);
+    vm.import(line).await.expect("import live point");
+}
+
+/// [`import_at`] for every second from `from` to `until`, one after the other.
+pub async fn import_live(vm: &VictoriaMetrics, synth: &Synth, from: i64, until: i64) {
+    for ts in from..=until {
+        import_at(vm, synth, ts).await;
+    }
+}
+
+/// The `detectors:` block scoring the fed `app_requests_rate` (a point a second) as `name`.
+pub fn requests_detector(name: &str, window: usize, train_range: &str, staleness: &str) -> String {
+    format!(
+        "detectors:
+  - name: {name}
+    query: app_requests_rate
+    step: 1s
+    window: {window}
+    train_range: {train_range}
+    interval: 1s
+    staleness: {staleness}
+"
+    )
 }

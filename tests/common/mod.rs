@@ -6,12 +6,16 @@ pub mod exporter;
 pub mod feeder;
 pub mod pg;
 pub mod process;
+pub mod relay;
 pub mod serve;
+pub mod stack;
 pub mod telegram;
+pub mod victoria;
 
 use std::collections::BTreeMap;
 
 use mad::model::Forecaster;
+use mad::store::{ModelStore, VersionInfo};
 use mad_training::contract::{Feature, ModelMeta, CONTRACT_VERSION};
 use mad_training::{onnx, LstmParams};
 
@@ -45,6 +49,31 @@ pub fn params() -> LstmParams<f32> {
 
 pub fn model_bytes(meta: &ModelMeta) -> Vec<u8> {
     onnx::export(&params(), meta)
+}
+
+/// Asserts that `bytes`, listed as `version`, are whole and load: what a store owes after a crash.
+pub fn assert_loads(bytes: &[u8], version: &VersionInfo, detector: &str) {
+    assert_eq!(
+        bytes.len() as u64,
+        version.size_bytes,
+        "listed version {} is cut short",
+        version.version
+    );
+    Forecaster::load(bytes, &version.version, detector, None)
+        .unwrap_or_else(|e| panic!("listed version {} does not load: {e}", version.version));
+}
+
+/// Stores an untrained model of `detector` as its active version, for registry tests to follow.
+pub async fn put_untrained(
+    store: &dyn ModelStore,
+    detector: &str,
+    default_band: f64,
+) -> VersionInfo {
+    let meta = meta(detector, default_band);
+    store
+        .put(&model_bytes(&meta), &meta)
+        .await
+        .unwrap_or_else(|e| panic!("put a model of {detector}: {e}"))
 }
 
 pub fn forecaster(detector: &str, default_band: f64) -> Forecaster {

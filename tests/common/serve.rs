@@ -1,8 +1,12 @@
 //! `mad serve` in the test process, stopped on request.
 
+use std::path::Path;
+
 use mad::config::Config;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use super::pg::TestDb;
 
 pub struct Serving {
     stop: oneshot::Sender<()>,
@@ -16,6 +20,24 @@ pub fn start(config: Config) -> Serving {
         let _ = stopped.await;
     }));
     Serving { stop, task }
+}
+
+/// `mad serve` (and its port) with models in `db` and no datasource: what registry tests watch.
+pub fn from_db(db: &TestDb, reload_interval: &str) -> (Serving, u16) {
+    let port = mad::demo::free_port().expect("port");
+    let closed = mad::demo::free_port().expect("port");
+    let text = format!(
+        r#"
+datasource: {{ url: "http://127.0.0.1:{closed}", retries: 0, timeout: 1s }}
+store: {{ postgres: "{}" }}
+server: {{ listen: "127.0.0.1:{port}", reload_interval: {reload_interval} }}
+detectors:
+  - {{ name: cpu, query: up, step: 1m, window: 8, train_range: 1d }}
+"#,
+        db.url
+    );
+    let config = Config::parse(&text, Path::new("pg.yaml")).expect("config");
+    (start(config), port)
 }
 
 impl Serving {
