@@ -44,6 +44,8 @@ const NARROW_BLOCK_ROWS: usize = 2 * BLOCK_ROWS;
 /// Rows of `b` [`transposed_product`] runs through every block of rows before the next:
 /// 64 rows of 128 gates are 32 KB, which stay in L1 while they are read again.
 const TRANSPOSED_K_CHUNK: usize = 64;
+/// Columns [`add_column_sums`] keeps in registers: four AVX-512 registers, eight AVX2 ones.
+const COLUMN_SUM_BLOCK: usize = 64;
 
 /// Floating-point element type the LSTM runs in.
 pub trait Real:
@@ -404,7 +406,11 @@ fn step_product<T: Real, const KERNEL: usize>(
         kernel_cols = kernel_block::<T, KERNEL>(block_rows, a_rows, (k, 1), b, c_rows, (k, n));
     }
     generic_product(a_kernel, b, c_kernel, (k, n), kernel_cols);
-    generic_product(a_rest, b, c_rest, (k, n), 0);
+    // Rows short of a block, one at a time through the kernel's one-row tiles.
+    for (c_row, a_row) in c_rest.chunks_exact_mut(n).zip(a_rest.chunks_exact(k)) {
+        let first_col = kernel_block::<T, KERNEL>(1, a_row, (k, 1), b, c_row, (k, n));
+        generic_product(a_row, b, c_row, (k, n), first_col);
+    }
 }
 
 /// The columns from `first_col` of [`step_product`]'s rows `a_rows`: in blocks of
@@ -460,6 +466,7 @@ fn kernel_block<T: Real, const KERNEL: usize>(
         // SAFETY: `KERNEL` is set only by callers compiled for (and run on) its instructions.
         unsafe {
             return match rows {
+                1 => T::product_rows_kernel::<KERNEL, 1>(a, strides, b, c_rows, kn),
                 BLOCK_ROWS => {
                     T::product_rows_kernel::<KERNEL, BLOCK_ROWS>(a, strides, b, c_rows, kn)
                 }
@@ -504,22 +511,28 @@ fn transposed_product<T: Real, const KERNEL: usize>(
     if n == 0 || k == 0 {
         return;
     }
-    let (kernel_rows, mut kernel_cols) = (m - m % BLOCK_ROWS, 0);
+    let kernel_rows = m - m % BLOCK_ROWS;
+    let (mut kernel_cols, mut rest_cols) = (0, 0);
     // The kernel's columns, in chunks of `k` whose rows of `b` stay in L1 across all blocks of
-    // rows; each element still adds its products in order of `k`. Without a kernel,
-    // `kernel_block` does nothing and the generic code takes every row.
+    // rows (and the rows short of a block, one at a time); each element still adds its
+    // products in order of `k`. Without a kernel, `kernel_block` does nothing and the generic
+    // code takes every row.
     for first_k in (0..k).step_by(TRANSPOSED_K_CHUNK) {
         let chunk = TRANSPOSED_K_CHUNK.min(k - first_k);
         let (a, b) = (&a[first_k * m..], &b[first_k * n..]);
+        let kn = (chunk, n);
         for (block, c_rows) in c[..kernel_rows * n].chunks_mut(BLOCK_ROWS * n).enumerate() {
             let a = &a[block * BLOCK_ROWS..];
-            let kn = (chunk, n);
             kernel_cols = kernel_block::<T, KERNEL>(BLOCK_ROWS, a, (1, m), b, c_rows, kn);
+        }
+        for (row, c_row) in c[kernel_rows * n..].chunks_exact_mut(n).enumerate() {
+            let a = &a[kernel_rows + row..];
+            rest_cols = kernel_block::<T, KERNEL>(1, a, (1, m), b, c_row, kn);
         }
     }
     let (c_kernel, c_rest) = c.split_at_mut(kernel_rows * n);
     generic_transposed(a, b, c_kernel, (m, n), (0, kernel_cols));
-    generic_transposed(a, b, c_rest, (m, n), (kernel_rows, 0));
+    generic_transposed(a, b, c_rest, (m, n), (kernel_rows, rest_cols));
 }
 
 /// [`transposed_product`]'s rows from `first_row` that `c_rows` holds, from column
@@ -614,6 +627,37 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
         }
     }
     lanes.iter().fold(rest, |sum, &lane| sum + lane)
+}
+
+/// Adds to `sums` the column sums of the row-major `rows` (each `sums.len()` wide), every
+/// column in order of the rows, [`COLUMN_SUM_BLOCK`] columns at a time held in registers:
+/// summed in place, each row's additions waited on the previous row's stores.
+#[inline(always)]
+fn add_column_sums<T: Real>(rows: &[T], sums: &mut [T]) {
+    let n = sums.len();
+    if n == 0 {
+        return;
+    }
+    let mut first = 0;
+    let mut blocks = sums.chunks_exact_mut(COLUMN_SUM_BLOCK);
+    for block in &mut blocks {
+        let mut acc = [T::ZERO; COLUMN_SUM_BLOCK];
+        acc.copy_from_slice(block);
+        for row in rows.chunks_exact(n) {
+            let row = &row[first..first + COLUMN_SUM_BLOCK];
+            for (v, &d) in acc.iter_mut().zip(row) {
+                *v += d;
+            }
+        }
+        block.copy_from_slice(&acc);
+        first += COLUMN_SUM_BLOCK;
+    }
+    let rest = blocks.into_remainder();
+    for row in rows.chunks_exact(n) {
+        for (v, &d) in rest.iter_mut().zip(&row[first..]) {
+            *v += d;
+        }
+    }
 }
 
 /// Writes the transpose of the row-major `rows × cols` matrix `m` into `out`.
@@ -1360,12 +1404,8 @@ impl<T: Real> LayerTape<T> {
         transpose(&self.dweights[..f * g], f, g, dw);
         transpose(&self.dweights[f * g..], h, g, dr);
         let (before_rb, from_rb) = grads.data.split_at_mut(o.rb);
-        let wb_grad = &mut before_rb[o.wb..];
-        for drow in self.dgates.chunks_exact(g) {
-            for (v, &d) in wb_grad.iter_mut().zip(drow) {
-                *v += d;
-            }
-        }
+        let wb_grad = &mut before_rb[o.wb..o.wb + g];
+        add_column_sums(&self.dgates, wb_grad);
         from_rb[..g].copy_from_slice(wb_grad);
 
         if let Some(below) = to_below {
@@ -1833,9 +1873,9 @@ mod tests {
         }
     }
 
-    /// The kernels' tiles (AVX-512's 64, 32 and 16 columns wide, AVX2's 16 and 8), the generic
-    /// blocks after them and the loose rows and columns add up what the generic code does, bit
-    /// for bit.
+    /// The kernels' tiles (AVX-512's 128 (one row), 64, 32 and 16 columns wide, AVX2's 32 (one
+    /// row), 16 and 8), the generic blocks after them and the loose rows and columns add up what
+    /// the generic code does, bit for bit.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_kernel_products_add_what_the_generic_ones_do() {
@@ -1887,6 +1927,25 @@ mod tests {
                 transposed(&a, &b, &mut kernel, (m, k, n));
                 assert_eq!(kernel, generic, "{name} {m}x{k}x{n} transposed");
             }
+        }
+    }
+
+    #[test]
+    fn column_sums_add_each_column_in_the_order_of_the_rows() {
+        let mut rng = SmallRng::seed_from_u64(8);
+        // Whole blocks of columns, a block and a remainder, and a remainder alone.
+        for (rows, cols) in [(40, 128), (7, 70), (5, 3), (0, 64)] {
+            let matrix = random(rows * cols, &mut rng, 1.0);
+            let start = random(cols, &mut rng, 1.0);
+            let mut expected = start.clone();
+            for row in matrix.chunks_exact(cols) {
+                for (v, &x) in expected.iter_mut().zip(row) {
+                    *v += x;
+                }
+            }
+            let mut sums = start;
+            add_column_sums(&matrix, &mut sums);
+            assert_eq!(sums, expected, "{rows}x{cols}");
         }
     }
 

@@ -19,7 +19,7 @@ product_tiles! {
     feature: "avx2,fma",
     lanes: 8,
     accumulators: ACCUMULATORS,
-    tile_widths: [2, 1],
+    tile_widths: [4, 2, 1],
     zero: _mm256_setzero_ps,
     load: _mm256_loadu_ps,
     store: _mm256_storeu_ps,

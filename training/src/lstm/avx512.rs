@@ -18,12 +18,13 @@ use super::UnitStep;
 /// broadcast elements of `A`.
 const ACCUMULATORS: usize = 16;
 
-// 4 rows by 64 columns and 8 by 32 are both 16 accumulators.
+// 4 rows by 64 columns and 8 by 32 are both 16 accumulators; a row short of a block takes 128
+// columns in 8.
 product_tiles! {
     feature: "avx512f",
     lanes: 16,
     accumulators: ACCUMULATORS,
-    tile_widths: [4, 2, 1],
+    tile_widths: [8, 4, 2, 1],
     zero: _mm512_setzero_ps,
     load: _mm512_loadu_ps,
     store: _mm512_storeu_ps,
