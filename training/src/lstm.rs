@@ -1389,8 +1389,10 @@ impl<T: Real> LayerTape<T> {
                 let (df, dg) = rest.split_at_mut(h);
                 gate_gradients(row, cp, tc, above, dh, dc, di, d_o, df, dg);
             }
-            // dh_{t-1} = dgates_t · R
-            step_product::<T, KERNEL>(dgates_t, r, &mut self.dh, (batch, g, h), false);
+            // dh_{t-1} = dgates_t · R; none into the initial state, where training truncates.
+            if t > 0 {
+                step_product::<T, KERNEL>(dgates_t, r, &mut self.dh, (batch, g, h), false);
+            }
         }
 
         let o = grads.layer_offsets(layer);
