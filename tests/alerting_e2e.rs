@@ -71,6 +71,8 @@ struct Run {
     photos: Vec<common::telegram::Photo>,
     spike_to_firing: Duration,
     end_to_resolved: Duration,
+    /// From feeding the spike's first point to feeding the first point after it.
+    spike_fed_for: Duration,
 }
 
 /// Everything up, a spike fed live, until its resolution has arrived (and a little longer, to
@@ -228,6 +230,7 @@ async fn run(via_alertmanager: bool) -> Run {
         photos,
         spike_to_firing: firing_at.saturating_duration_since(spike_in),
         end_to_resolved: resolved_at.saturating_duration_since(end_in),
+        spike_fed_for: end_in.saturating_duration_since(spike_in),
     };
     check(&run, &logs(&vmalert, &alertmanager));
     drop(vmalert);
@@ -294,7 +297,12 @@ fn check(run: &Run, logs: &str) {
         "the resolution replies to the firing message"
     );
     assert!(run.spike_to_firing > Duration::ZERO);
-    assert!(run.end_to_resolved > Duration::ZERO);
+    assert!(
+        run.end_to_resolved > Duration::ZERO,
+        "RESOLVED before the spike's end was fed (the spike took {:.1} s to feed, {SPIKE_SECS} s \
+         nominal): {texts:#?}\n{logs}",
+        run.spike_fed_for.as_secs_f64()
+    );
     // The chart of the series under the firing message, drawn from what VictoriaMetrics scraped.
     assert_eq!(
         run.photos.len(),

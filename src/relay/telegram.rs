@@ -144,10 +144,16 @@ async fn send_chart(bot: &Bot, charts: &Charts, message: &Outgoing, reply_to: i3
     let Some(alert) = message.alerts.first() else {
         return;
     };
-    let png = charts
-        .around(alert, charts.window)
+    // Drawn off the async workers: CPU work on one holds up the tasks queued behind it (the
+    // intake, and in a process that also serves, the exporter's /metrics).
+    let png = match charts.around(alert, charts.window).await {
+        Ok(data) => tokio::task::spawn_blocking(move || {
+            crate::chart::render_png(&data, CHART_WIDTH, CHART_HEIGHT)
+        })
         .await
-        .and_then(|d| crate::chart::render_png(&d, CHART_WIDTH, CHART_HEIGHT));
+        .unwrap_or_else(|e| Err(format!("drawing the chart failed: {e}"))),
+        Err(e) => Err(e),
+    };
     match png {
         Ok(png) => {
             let photo = teloxide::types::InputFile::memory(png).file_name("anomaly.png");
