@@ -630,8 +630,8 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 }
 
 /// Adds to `sums` the column sums of the row-major `rows` (each `sums.len()` wide), every
-/// column in order of the rows, [`COLUMN_SUM_BLOCK`] columns at a time held in registers:
-/// summed in place, each row's additions waited on the previous row's stores.
+/// column in order of the rows, [`COLUMN_SUM_BLOCK`] columns at a time held in registers.
+/// Summed straight into `sums`, each row's additions had waited on the previous row's stores.
 #[inline(always)]
 fn add_column_sums<T: Real>(rows: &[T], sums: &mut [T]) {
     let n = sums.len();
