@@ -12,7 +12,7 @@ use std::arch::x86_64::{
     _mm512_storeu_ps, _mm512_sub_epi32, _mm512_sub_ps, _mm512_xor_si512,
 };
 
-use super::UnitStep;
+use super::real::UnitStep;
 
 /// A tile's accumulators: half of the 32 registers, leaving the rest for a row of `B` and the
 /// broadcast elements of `A`.
@@ -100,19 +100,19 @@ fn tanh(x: __m512) -> __m512 {
 #[inline]
 fn exp(x: __m512) -> __m512 {
     let x = _mm512_min_ps(
-        _mm512_max_ps(x, _mm512_set1_ps(super::EXP_LOWEST)),
-        _mm512_set1_ps(super::EXP_HIGHEST),
+        _mm512_max_ps(x, _mm512_set1_ps(super::real::EXP_LOWEST)),
+        _mm512_set1_ps(super::real::EXP_HIGHEST),
     );
-    let rounder = _mm512_set1_ps(super::EXP_ROUNDER);
+    let rounder = _mm512_set1_ps(super::real::EXP_ROUNDER);
     let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), rounder);
     let n = _mm512_sub_ps(shifted, rounder);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
-    let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
-    for &c in &super::EXP_POLY[1..] {
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::real::LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::real::LN2_LO), r);
+    let mut p = _mm512_set1_ps(super::real::EXP_POLY[0]);
+    for &c in &super::real::EXP_POLY[1..] {
         p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(c));
     }
-    let bias = _mm512_set1_epi32(super::EXP_ROUNDER.to_bits() as i32 - 127);
+    let bias = _mm512_set1_epi32(super::real::EXP_ROUNDER.to_bits() as i32 - 127);
     let exponent = _mm512_slli_epi32::<23>(_mm512_sub_epi32(_mm512_castps_si512(shifted), bias));
     _mm512_mul_ps(p, _mm512_castsi512_ps(exponent))
 }
