@@ -24,50 +24,43 @@
 //! With the best parameters, forecasts of the calibration part (again from a stream run from the
 //! series start) give residuals; a series' band is a high quantile of them times a margin, so that
 //! `anomaly_score > 1` is rare on normal data for every series alike.
+//!
+//! # Parts
+//! `prepare` puts each series (or group) on its grid, scaled and split, as the exporter will
+//! see it; `fit` trains on it, epoch by epoch, with early stopping and ensembles; `calibrate`
+//! turns the best model's held-out residuals into bands. This module checks the options and
+//! runs the three in order ([`train_with`]).
+//!
+//! [`MAX_INTERPOLATED_GAP`]: crate::contract::MAX_INTERPOLATED_GAP
+//! [`Scaler::fit`]: crate::contract::Scaler::fit
+//! [`joint_input_row`]: crate::contract::joint_input_row
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use rand::rngs::SmallRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::adam::Adam;
-use crate::contract::{
-    columns, joint_input_row, quantile_sorted, series_key, Feature, ModelMeta, Scaler,
-    SeriesCalibration, ValueRange, CONTRACT_VERSION, INPUT_LABEL, MAX_INTERPOLATED_GAP,
-};
-use crate::lstm::{Dropout, LstmParams, LstmTape};
+use crate::contract::{columns, Feature, ModelMeta, CONTRACT_VERSION};
+use crate::lstm::LstmParams;
 use crate::onnx;
-use crate::weekly::{WeeklyProfile, WeeklySeed};
 
-/// Smallest band (scaled units): a near-perfect forecast must not make every wiggle anomalous.
-pub const MIN_BAND: f64 = 0.05;
-/// Smallest band in robust standard deviations of the calibration residuals: for Gaussian
-/// noise, 5σ is exceeded about once in two million points.
-pub const MIN_BAND_SIGMAS: f64 = 5.0;
-/// Training pieces span at least this many windows.
-const PIECE_WINDOWS: usize = 8;
+mod calibrate;
+mod fit;
+mod prepare;
+
+pub use calibrate::{MIN_BAND, MIN_BAND_SIGMAS};
+pub use fit::{ensemble_size, ENSEMBLE_TARGET_BUDGET, MAX_ENSEMBLE};
+
+use calibrate::calibrate;
+use fit::{fit_ensemble, last_value_baseline, Fit, Workspace};
+use prepare::{prepare_stream, streams_of};
+
 /// Fewest forecasts a validation or calibration part must have for a series to be used.
 const MIN_HELD_OUT_TARGETS: usize = 16;
-const HUBER_DELTA: f64 = 1.0;
-/// Streams of a training batch run through the LSTM together, their gradients summed before the
-/// batch's one Adam step (the same update, up to rounding): at 32 the tape (gates, their
-/// gradients, states: ~3 MB) spills from a core's 1 MB L2; in groups of 8 it stays (a default
-/// model on 20,160 points: 0.51 → 0.46 s in interleaved benchmark runs).
-const SUB_BATCH_STREAMS: usize = 8;
-/// Evaluation walks streams in chunks of this many steps and this many streams at a time,
-/// which bounds the tape's memory on long histories and many series.
-const EVAL_CHUNK_STEPS: usize = 256;
-const EVAL_BATCH_STREAMS: usize = 256;
 /// Deepest stack trained: beyond this, a per-series forecaster only gets slower.
 pub const MAX_LAYERS: usize = 4;
 /// Dropout rates from here on leave too little signal to learn from.
 pub const MAX_DROPOUT: f64 = 0.9;
-/// A series whose timestamps would span more grid points than this is rejected.
-const MAX_GRID_POINTS: usize = 50_000_000;
 
 /// Raw history of one series.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,7 +79,8 @@ pub struct TrainOptions {
     pub hidden: usize,
     /// Stacked LSTM layers.
     pub layers: usize,
-    /// Dropout rate on each layer's output while training (0: none); see [`Dropout`].
+    /// Dropout rate on each layer's output while training (0: none); see
+    /// [`Dropout`](crate::lstm::Dropout).
     pub dropout: f64,
     pub window: usize,
     pub max_epochs: usize,
@@ -104,6 +98,8 @@ pub struct TrainOptions {
     /// For a multivariate detector: one model reads all inputs of a group (the series that
     /// differ only in [`INPUT_LABEL`]) and forecasts each of them. Off, every series is a
     /// stream of its own through one shared model.
+    ///
+    /// [`INPUT_LABEL`]: crate::contract::INPUT_LABEL
     pub joint: bool,
     /// Models trained from consecutive seeds and averaged ([`LstmParams::side_by_side`]);
     /// `None` chooses by the data ([`ensemble_size`]).
@@ -177,86 +173,6 @@ pub enum TrainError {
     Abandoned { epoch: usize },
 }
 
-/// One stream (long gaps stepped over), scaled, with its split points: a series on its own, or
-/// the inputs of one group side by side for a joint model (`width` of them).
-struct PreparedSeries {
-    /// Each input's series key, scaler and span of values (for the exporter's range novelty).
-    keys: Vec<String>,
-    scalers: Vec<Scaler>,
-    ranges: Vec<Option<ValueRange>>,
-    /// Scaled values `[len, width]`; an input absent at a joint row carries its last value.
-    scaled: Vec<f32>,
-    /// `[len, width]`: whether the input was there (an absent one is no forecast target).
-    present: Vec<bool>,
-    /// Model input rows `[len, columns]`.
-    inputs: Vec<f32>,
-    /// Points that follow a long gap (dropped from the arrays): fed, but not a forecast target,
-    /// as the exporter scores them.
-    after_gap: Vec<bool>,
-    /// Forecast targets with index in `..train_end` are training targets, in
-    /// `train_end..validation_end` validation targets, the rest calibration targets.
-    train_end: usize,
-    validation_end: usize,
-    /// Timestamp of the last training target (`None` without any).
-    fitted_until: Option<i64>,
-    /// Each input's weekly profile over the training part, where it describes the input.
-    weekly: Vec<Option<WeeklySeed>>,
-}
-
-impl PreparedSeries {
-    fn len(&self) -> usize {
-        self.after_gap.len()
-    }
-
-    fn width(&self) -> usize {
-        self.keys.len()
-    }
-
-    /// Number of points in `range` that are a forecast target of some input (they have a
-    /// predecessor and do not follow a long gap).
-    fn targets_in(&self, range: Range<usize>) -> usize {
-        (range.start.max(1)..range.end.min(self.len()))
-            .filter(|t| self.is_target(*t))
-            .count()
-    }
-
-    fn is_target(&self, t: usize) -> bool {
-        !self.after_gap.get(t).copied().unwrap_or(false)
-    }
-
-    /// Whether input `i`'s value at point `t` is a forecast target.
-    fn is_input_target(&self, t: usize, i: usize) -> bool {
-        self.is_target(t) && self.present[t * self.width() + i]
-    }
-
-    /// The stream from its start up to the last target in `targets`, if it has one there.
-    fn streams_for(&self, series: usize, targets: &Range<usize>, out: &mut Vec<Piece>) {
-        let end = self.len().min(targets.end);
-        if end > targets.start && end > 1 {
-            out.push(Piece {
-                series,
-                start: 0,
-                end,
-            });
-        }
-    }
-}
-
-/// Points `start..end` of one series, fed as one stream from zero state.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Piece {
-    series: usize,
-    start: usize,
-    end: usize,
-}
-
-impl Piece {
-    /// Forecast steps: every point but the last is an input whose successor is the target.
-    fn steps(&self) -> usize {
-        self.end - self.start - 1
-    }
-}
-
 fn validate_options(opts: &TrainOptions, step_secs: u64) -> Result<(), TrainError> {
     let fail = |msg: &str| Err(TrainError::InvalidOptions(msg.to_owned()));
     if step_secs == 0 {
@@ -298,487 +214,6 @@ fn validate_options(opts: &TrainOptions, step_secs: u64) -> Result<(), TrainErro
         return fail("features must include `value`");
     }
     Ok(())
-}
-
-/// Places the samples on the regular grid starting at `origin`, at or before the first sample.
-fn regularise_from(
-    series: &SeriesHistory,
-    origin: i64,
-    step_secs: u64,
-) -> Result<Vec<f64>, String> {
-    if series.timestamps.len() != series.values.len() {
-        return Err(format!(
-            "{} timestamps but {} values",
-            series.timestamps.len(),
-            series.values.len()
-        ));
-    }
-    let start = origin;
-    let step = step_secs as i64;
-    let mut grid: Vec<f64> = Vec::with_capacity(series.values.len());
-    let mut previous: Option<usize> = None;
-    for (&ts, &value) in series.timestamps.iter().zip(&series.values) {
-        let offset = ts.checked_sub(start).ok_or("timestamp overflow")?;
-        let index = (offset as f64 / step as f64).round();
-        if !(0.0..MAX_GRID_POINTS as f64).contains(&index) {
-            return Err(format!("timestamps span more than {MAX_GRID_POINTS} steps"));
-        }
-        let index = index as usize;
-        if previous.is_some_and(|p| index <= p) {
-            return Err(format!(
-                "timestamps must increase by at least step_secs ({step_secs} s); see {ts}"
-            ));
-        }
-        previous = Some(index);
-        grid.resize(index, f64::NAN);
-        grid.push(if value.is_finite() { value } else { f64::NAN });
-    }
-    Ok(grid)
-}
-
-/// Linearly fills runs of at most [`MAX_INTERPOLATED_GAP`] NaNs that have values on both sides.
-fn interpolate_short_gaps(values: &mut [f64]) {
-    let mut i = 0;
-    while i < values.len() {
-        if !values[i].is_nan() {
-            i += 1;
-            continue;
-        }
-        let gap_start = i;
-        while i < values.len() && values[i].is_nan() {
-            i += 1;
-        }
-        let gap_len = i - gap_start;
-        if gap_start == 0 || i == values.len() || gap_len > MAX_INTERPOLATED_GAP {
-            continue;
-        }
-        let (left, right) = (values[gap_start - 1], values[i]);
-        for k in 0..gap_len {
-            let frac = (k + 1) as f64 / (gap_len + 1) as f64;
-            values[gap_start + k] = left + (right - left) * frac;
-        }
-    }
-}
-
-/// The inputs of one group as one stream (`None`: the group lacks that input), on a common grid
-/// from the earliest sample: a point is a row where any input has a value.
-fn prepare_stream(
-    members: &[Option<&SeriesHistory>],
-    step_secs: u64,
-    opts: &TrainOptions,
-) -> Result<(PreparedSeries, i64), TrainError> {
-    let width = members.len();
-    let keys: Vec<String> = members
-        .iter()
-        .map(|m| m.map(|s| series_key(&s.labels)).unwrap_or_default())
-        .collect();
-    let origin = members
-        .iter()
-        .filter_map(|m| m.and_then(|s| s.timestamps.first().copied()))
-        .min()
-        .unwrap_or(0);
-    let mut grids = Vec::with_capacity(width);
-    for (member, key) in members.iter().zip(&keys) {
-        let mut grid = match member {
-            Some(series) => regularise_from(series, origin, step_secs).map_err(|reason| {
-                TrainError::InvalidSeries {
-                    key: key.clone(),
-                    reason,
-                }
-            })?,
-            None => Vec::new(),
-        };
-        interpolate_short_gaps(&mut grid);
-        grids.push(grid);
-    }
-    let grid_len = grids.iter().map(Vec::len).max().unwrap_or(0);
-    // What is still missing everywhere is a long gap: it is dropped and the stream goes on
-    // across it, as the exporter's scoring does; the point after it is fed but is not a target.
-    let mut timestamps = Vec::with_capacity(grid_len);
-    let mut after_gap = Vec::with_capacity(grid_len);
-    let mut raw = Vec::with_capacity(grid_len * width);
-    let mut gap = false;
-    for t in 0..grid_len {
-        let row = grids.iter().map(|g| g.get(t).copied().unwrap_or(f64::NAN));
-        if grids.iter().all(|g| g.get(t).is_none_or(|v| v.is_nan())) {
-            gap = !timestamps.is_empty();
-            continue;
-        }
-        raw.extend(row);
-        timestamps.push(origin + t as i64 * step_secs as i64);
-        after_gap.push(gap);
-        gap = false;
-    }
-    let len = timestamps.len();
-    let calibration = (len as f64 * opts.calibration_fraction).round() as usize;
-    let validation = (len as f64 * opts.validation_fraction).round() as usize;
-    let train_end = len.saturating_sub(calibration + validation);
-    let validation_end = len.saturating_sub(calibration);
-    let column = |i: usize, rows: Range<usize>| -> Vec<f64> {
-        rows.map(|t| raw[t * width + i])
-            .filter(|v| !v.is_nan())
-            .collect()
-    };
-    let scalers: Vec<Scaler> = (0..width)
-        .map(|i| Scaler::fit(&column(i, 0..train_end)))
-        .collect();
-    let ranges = (0..width)
-        .map(|i| ValueRange::of(&column(i, 0..len)))
-        .collect();
-    let present: Vec<bool> = raw.iter().map(|v| !v.is_nan()).collect();
-    // An absent input carries its last value (its centre before it has one).
-    let mut scaled = vec![0.0f32; len * width];
-    for t in 0..len {
-        for i in 0..width {
-            let v = raw[t * width + i];
-            scaled[t * width + i] = if v.is_nan() {
-                if t == 0 {
-                    0.0
-                } else {
-                    scaled[(t - 1) * width + i]
-                }
-            } else {
-                scalers[i].scale(v) as f32
-            };
-        }
-    }
-    let features = &opts.features;
-    let columns = columns(features, width);
-    let mut inputs = vec![0.0f32; len * columns];
-    for (t, row) in inputs.chunks_exact_mut(columns).enumerate() {
-        joint_input_row(
-            features,
-            timestamps[t],
-            &scaled[t * width..(t + 1) * width],
-            row,
-        );
-    }
-    let fitted_until = train_end
-        .checked_sub(1)
-        .and_then(|last| timestamps.get(last).copied());
-    let weekly = members
-        .iter()
-        .map(|member| weekly_profile((*member)?, fitted_until?, step_secs))
-        .collect();
-    Ok((
-        PreparedSeries {
-            keys,
-            scalers,
-            ranges,
-            scaled,
-            present,
-            inputs,
-            after_gap,
-            train_end,
-            validation_end,
-            fitted_until,
-            weekly,
-        },
-        origin,
-    ))
-}
-
-/// The weekly profile of a series' training part (up to `fitted_until`), where it describes
-/// the series. The exporter goes on learning from the points after it, scoring each against
-/// the profile of the points before, as it would have live; a profile that had taken in the
-/// validation and calibration parts would meet them again unsurprised (KPI `cpu4`'s F1 at the
-/// default threshold 0.341 → 0.283 that way, as the seasonal likelihood then started with no
-/// history). Learnt from the samples as observed, as the exporter learns: not the interpolated
-/// grid.
-fn weekly_profile(series: &SeriesHistory, fitted_until: i64, step_secs: u64) -> Option<WeeklySeed> {
-    let mut profile = WeeklyProfile::new(step_secs as i64);
-    for (ts, value) in series.timestamps.iter().zip(&series.values) {
-        if *ts <= fitted_until {
-            profile.learn(*ts, *value);
-        }
-    }
-    profile.seed()
-}
-
-fn huber(residual: f64) -> f64 {
-    let a = residual.abs();
-    if a <= HUBER_DELTA {
-        0.5 * a * a
-    } else {
-        HUBER_DELTA * (a - 0.5 * HUBER_DELTA)
-    }
-}
-
-/// Cuts every training stream into pieces of `piece_len..2*piece_len` points with a random
-/// first boundary, so chunk boundaries land elsewhere each epoch.
-fn training_pieces(
-    series: &[PreparedSeries],
-    piece_len: usize,
-    rng: &mut SmallRng,
-    out: &mut Vec<Piece>,
-) {
-    out.clear();
-    for (index, s) in series.iter().enumerate() {
-        let end = s.len().min(s.train_end);
-        if end < 2 {
-            continue;
-        }
-        let mut start = 0;
-        let mut boundary = start + piece_len + rng.gen_range(0..piece_len);
-        while boundary + piece_len <= end {
-            // Pieces overlap by one point so the boundary point is still a target.
-            out.push(Piece {
-                series: index,
-                start,
-                end: boundary + 1,
-            });
-            start = boundary;
-            boundary += piece_len;
-        }
-        out.push(Piece {
-            series: index,
-            start,
-            end,
-        });
-    }
-    out.shuffle(rng);
-}
-
-/// Buffers reused across chunks and epochs.
-struct Workspace {
-    /// Columns of a model input row, and forecasts per step.
-    features: usize,
-    outputs: usize,
-    tape: LstmTape<f32>,
-    grads: LstmParams<f32>,
-    x: Vec<f32>,
-    targets: Vec<f32>,
-    valid: Vec<bool>,
-    dyhat: Vec<f32>,
-    /// A batch's parameter gradients, summed over its groups of [`SUB_BATCH_STREAMS`].
-    summed: Vec<f32>,
-    h: Vec<f32>,
-    c: Vec<f32>,
-}
-
-impl Workspace {
-    fn new(features: usize, hidden: usize, layers: usize, outputs: usize) -> Self {
-        let grads = LstmParams::zeros_multi(features, hidden, layers, outputs);
-        Workspace {
-            features,
-            outputs,
-            tape: LstmTape::new(),
-            summed: vec![0.0; grads.as_slice().len()],
-            grads,
-            x: Vec::new(),
-            targets: Vec::new(),
-            valid: Vec::new(),
-            dyhat: Vec::new(),
-            h: Vec::new(),
-            c: Vec::new(),
-        }
-    }
-
-    fn reset_state(&mut self, len: usize) {
-        self.h.clear();
-        self.h.resize(len, 0.0);
-        self.c.clear();
-        self.c.resize(len, 0.0);
-    }
-
-    /// Fills inputs and targets for steps `first_step..first_step + seq` of `pieces`
-    /// (`[seq, batch]` order); steps past a piece's end are padding.
-    fn fill_chunk(
-        &mut self,
-        series: &[PreparedSeries],
-        pieces: &[Piece],
-        first_step: usize,
-        seq: usize,
-    ) {
-        let batch = pieces.len();
-        let (features, outputs) = (self.features, self.outputs);
-        self.x.clear();
-        self.x.resize(seq * batch * features, 0.0);
-        self.targets.clear();
-        self.targets.resize(seq * batch * outputs, 0.0);
-        self.valid.clear();
-        self.valid.resize(seq * batch * outputs, false);
-        for t in 0..seq {
-            let step = first_step + t;
-            for (j, piece) in pieces.iter().enumerate() {
-                if step >= piece.steps() {
-                    continue;
-                }
-                let s = &series[piece.series];
-                let point = piece.start + step;
-                let slot = t * batch + j;
-                self.x[slot * features..(slot + 1) * features]
-                    .copy_from_slice(&s.inputs[point * features..(point + 1) * features]);
-                let next = point + 1;
-                self.targets[slot * outputs..(slot + 1) * outputs]
-                    .copy_from_slice(&s.scaled[next * outputs..(next + 1) * outputs]);
-                for (i, valid) in self.valid[slot * outputs..(slot + 1) * outputs]
-                    .iter_mut()
-                    .enumerate()
-                {
-                    *valid = s.is_input_target(next, i);
-                }
-            }
-        }
-    }
-}
-
-/// One epoch of stateful truncated BPTT; returns the mean training loss.
-fn train_epoch(
-    params: &mut LstmParams<f32>,
-    adam: &mut Adam,
-    series: &[PreparedSeries],
-    pieces: &[Piece],
-    opts: &TrainOptions,
-    ws: &mut Workspace,
-    rng: &mut SmallRng,
-) -> Result<f64, crate::lstm::ShapeError> {
-    let state = params.hidden() * params.layers();
-    let mut loss_sum = 0.0;
-    let mut count_sum = 0usize;
-    for batch_pieces in pieces.chunks(opts.batch_streams) {
-        let max_steps = batch_pieces.iter().map(Piece::steps).max().unwrap_or(0);
-        let groups: Vec<&[Piece]> = batch_pieces.chunks(SUB_BATCH_STREAMS).collect();
-        let mut states: Vec<(Vec<f32>, Vec<f32>)> = groups
-            .iter()
-            .map(|group| {
-                (
-                    vec![0.0; group.len() * state],
-                    vec![0.0; group.len() * state],
-                )
-            })
-            .collect();
-        let mut first_step = 0;
-        while first_step < max_steps {
-            let seq = opts.window.min(max_steps - first_step);
-            // Each group's gradient of its summed loss; the batch's mean is taken once all
-            // are in (the gradient is linear in the loss), as one pass over the batch would.
-            ws.summed.fill(0.0);
-            let mut count = 0;
-            for (group, (h, c)) in groups.iter().zip(&mut states) {
-                ws.fill_chunk(series, group, first_step, seq);
-                let dropout = (opts.dropout > 0.0).then(|| Dropout {
-                    rate: opts.dropout,
-                    seed: rng.gen(),
-                });
-                ws.tape
-                    .forward_train(params, &ws.x, (seq, group.len()), h, c, dropout)?;
-                ws.dyhat.clear();
-                ws.dyhat.resize(ws.targets.len(), 0.0);
-                for (((dy, &y), &target), &valid) in ws
-                    .dyhat
-                    .iter_mut()
-                    .zip(ws.tape.yhat())
-                    .zip(&ws.targets)
-                    .zip(&ws.valid)
-                {
-                    if valid {
-                        let r = y as f64 - target as f64;
-                        loss_sum += huber(r);
-                        *dy = r.clamp(-HUBER_DELTA, HUBER_DELTA) as f32;
-                        count += 1;
-                    }
-                }
-                ws.tape.backward(params, &ws.dyhat, &mut ws.grads)?;
-                for (sum, &g) in ws.summed.iter_mut().zip(ws.grads.as_slice()) {
-                    *sum += g;
-                }
-                ws.tape.copy_final_state(h, c)?;
-            }
-            let scale = 1.0 / count.max(1) as f32;
-            for (g, &sum) in ws.grads.as_mut_slice().iter_mut().zip(&ws.summed) {
-                *g = sum * scale;
-            }
-            count_sum += count;
-            adam.step(params.as_mut_slice(), ws.grads.as_slice());
-            first_step += seq;
-        }
-    }
-    Ok(loss_sum / count_sum.max(1) as f64)
-}
-
-/// Runs `streams` from zero state, calling `on_forecast(series, target_index, input, yhat,
-/// target)` for every forecast of an input's value.
-fn run_streams(
-    params: &LstmParams<f32>,
-    series: &[PreparedSeries],
-    streams: &[Piece],
-    ws: &mut Workspace,
-    mut on_forecast: impl FnMut(usize, usize, usize, f32, f32),
-) -> Result<(), crate::lstm::ShapeError> {
-    let outputs = ws.outputs;
-    let state = params.hidden() * params.layers();
-    for group in streams.chunks(EVAL_BATCH_STREAMS) {
-        let batch = group.len();
-        let max_steps = group.iter().map(Piece::steps).max().unwrap_or(0);
-        ws.reset_state(batch * state);
-        let mut first_step = 0;
-        while first_step < max_steps {
-            let seq = EVAL_CHUNK_STEPS.min(max_steps - first_step);
-            ws.fill_chunk(series, group, first_step, seq);
-            ws.tape.forward(params, &ws.x, seq, batch, &ws.h, &ws.c)?;
-            for t in 0..seq {
-                for (j, piece) in group.iter().enumerate() {
-                    let target_index = piece.start + first_step + t + 1;
-                    for i in 0..outputs {
-                        let slot = (t * batch + j) * outputs + i;
-                        if ws.valid[slot] {
-                            on_forecast(
-                                piece.series,
-                                target_index,
-                                i,
-                                ws.tape.yhat()[slot],
-                                ws.targets[slot],
-                            );
-                        }
-                    }
-                }
-            }
-            ws.tape.copy_final_state(&mut ws.h, &mut ws.c)?;
-            first_step += seq;
-        }
-    }
-    Ok(())
-}
-
-fn validation_loss(
-    params: &LstmParams<f32>,
-    series: &[PreparedSeries],
-    streams: &[Piece],
-    ws: &mut Workspace,
-) -> Result<f64, crate::lstm::ShapeError> {
-    let mut sum = 0.0;
-    let mut count = 0usize;
-    run_streams(
-        params,
-        series,
-        streams,
-        ws,
-        |s, target_index, _, yhat, target| {
-            let part = &series[s];
-            if (part.train_end..part.validation_end).contains(&target_index) {
-                sum += huber(yhat as f64 - target as f64);
-                count += 1;
-            }
-        },
-    )?;
-    Ok(sum / count.max(1) as f64)
-}
-
-/// Loss of forecasting each validation point by its predecessor, for comparison.
-fn last_value_baseline(series: &[PreparedSeries]) -> f64 {
-    let mut sum = 0.0;
-    let mut count = 0usize;
-    for s in series {
-        let (lo, hi, w) = (s.train_end.max(1), s.validation_end.min(s.len()), s.width());
-        for t in lo..hi {
-            for i in (0..w).filter(|i| s.is_input_target(t, *i)) {
-                sum += huber(s.scaled[t * w + i] as f64 - s.scaled[(t - 1) * w + i] as f64);
-                count += 1;
-            }
-        }
-    }
-    sum / count.max(1) as f64
 }
 
 fn internal(err: crate::lstm::ShapeError) -> TrainError {
@@ -935,275 +370,19 @@ pub fn train_with(
     })
 }
 
-/// One model's training run: the parameters of its best validation epoch.
-struct Fit {
-    best: LstmParams<f32>,
-    best_val: f64,
-    best_epoch: usize,
-    epochs_run: usize,
-    last_train_loss: f64,
-}
-
-/// Training targets an automatic ensemble may cost in all: about the training part of issue
-/// 5's reference series (20,160 points, 70% of them trained on), so an ensemble costs no more
-/// than one model on two weeks at one minute.
-pub const ENSEMBLE_TARGET_BUDGET: usize = 14_000;
-
-/// The most members an automatic ensemble trains (NAB: 3 and 5 alike, docs/quality.md).
-pub const MAX_ENSEMBLE: usize = 3;
-
 /// The most members a config may ask for: the exporter runs a model that many times as wide.
 pub const MAX_ENSEMBLE_MEMBERS: usize = 8;
 
-/// How many models a detector's model averages: as `opts.ensemble` says, else as many as the
-/// [`ENSEMBLE_TARGET_BUDGET`] affords for `targets` training targets (values to forecast), up
-/// to [`MAX_ENSEMBLE`].
-///
-/// A model that learns from little data depends on its seed: NAB's standard score ranged from
-/// 69.5 to 73.4 over eight seeds, and from 72.9 to 73.5 with three members (docs/quality.md).
-/// With much data the seed hardly matters (SMD, ASD), and one model is cheaper.
-pub fn ensemble_size(opts: &TrainOptions, targets: usize) -> usize {
-    opts.ensemble
-        .unwrap_or_else(|| (ENSEMBLE_TARGET_BUDGET / targets.max(1)).clamp(1, MAX_ENSEMBLE))
-}
-
-/// The model an ensemble ships, and each member's best validation loss.
-struct Ensemble {
-    /// The members side by side; its validation loss is the average forecast's, its epochs
-    /// the first member's.
-    model: Fit,
-    member_val_losses: Vec<f64>,
-}
-
-/// Trains `members` models from consecutive seeds and merges them into one. The observer
-/// follows the first member only: a search prunes a trial by it alone.
-fn fit_ensemble(
-    model: (usize, usize),
-    (prepared, validation_streams): (&[PreparedSeries], &[Piece]),
-    opts: &TrainOptions,
-    members: usize,
-    progress: &mut dyn FnMut(&Progress) -> Control,
-) -> Result<Ensemble, TrainError> {
-    let first = fit(
-        model,
-        prepared,
-        validation_streams,
-        opts,
-        opts.seed,
-        progress,
-    )?;
-    let mut member_val_losses = vec![first.best_val];
-    if members <= 1 {
-        return Ok(Ensemble {
-            model: first,
-            member_val_losses,
-        });
-    }
-    let mut models = Vec::with_capacity(members);
-    models.push(first.best);
-    for member in 1..members {
-        let seed = opts.seed.wrapping_add(member as u64);
-        let mut quiet = |_: &Progress| Control::Continue;
-        let fitted = fit(model, prepared, validation_streams, opts, seed, &mut quiet)?;
-        member_val_losses.push(fitted.best_val);
-        models.push(fitted.best);
-    }
-    let merged = LstmParams::side_by_side(&models).map_err(internal)?;
-    let mut ws = Workspace::new(model.0, merged.hidden(), opts.layers, model.1);
-    let best_val =
-        validation_loss(&merged, prepared, validation_streams, &mut ws).map_err(internal)?;
-    Ok(Ensemble {
-        model: Fit {
-            best: merged,
-            best_val,
-            ..first
-        },
-        member_val_losses,
-    })
-}
-
-/// Trains one model from `seed` until its validation loss stops improving.
-fn fit(
-    (features, width): (usize, usize),
-    prepared: &[PreparedSeries],
-    validation_streams: &[Piece],
-    opts: &TrainOptions,
-    seed: u64,
-    progress: &mut dyn FnMut(&Progress) -> Control,
-) -> Result<Fit, TrainError> {
-    let mut params = LstmParams::<f32>::init_multi(features, opts.hidden, opts.layers, width, seed);
-    let mut adam = Adam::new(opts.learning_rate, params.as_slice().len());
-    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed_7a1e);
-    let mut ws = Workspace::new(features, opts.hidden, opts.layers, width);
-    let mut pieces = Vec::new();
-
-    let mut best = params.clone();
-    let mut best_val = f64::INFINITY;
-    let mut best_epoch = 0;
-    let mut epochs_run = 0;
-    let mut last_train_loss = f64::NAN;
-    for epoch in 1..=opts.max_epochs {
-        training_pieces(prepared, PIECE_WINDOWS * opts.window, &mut rng, &mut pieces);
-        let train_loss = train_epoch(
-            &mut params,
-            &mut adam,
-            prepared,
-            &pieces,
-            opts,
-            &mut ws,
-            &mut rng,
-        )
-        .map_err(internal)?;
-        let val_loss =
-            validation_loss(&params, prepared, validation_streams, &mut ws).map_err(internal)?;
-        if !train_loss.is_finite() || !val_loss.is_finite() {
-            return Err(TrainError::NonFiniteLoss { epoch });
-        }
-        epochs_run = epoch;
-        last_train_loss = train_loss;
-        if val_loss < best_val {
-            best_val = val_loss;
-            best_epoch = epoch;
-            best.clone_from(&params);
-        }
-        let control = progress(&Progress {
-            epoch,
-            max_epochs: opts.max_epochs,
-            train_loss,
-            val_loss,
-            best_epoch,
-        });
-        if control == Control::Abandon {
-            return Err(TrainError::Abandoned { epoch });
-        }
-        if epoch - best_epoch >= opts.patience {
-            break;
-        }
-    }
-
-    Ok(Fit {
-        best,
-        best_val,
-        best_epoch,
-        epochs_run,
-        last_train_loss,
-    })
-}
-
-/// The series of one stream, in input order (`None`: the group lacks that input).
-type Members<'a> = Vec<Option<&'a SeriesHistory>>;
-
-/// The streams to train on, each the members of one stream in input order, and a joint model's
-/// inputs (sorted; empty when every series is a stream of its own). Only a detector whose
-/// series all name an input is joint.
-fn streams_of(
-    series: &[SeriesHistory],
-    joint: bool,
-) -> Result<(Vec<String>, Vec<Members<'_>>), TrainError> {
-    if !joint || !series.iter().all(|s| s.labels.contains_key(INPUT_LABEL)) {
-        return Ok((Vec::new(), series.iter().map(|s| vec![Some(s)]).collect()));
-    }
-    let inputs: Vec<String> = series
-        .iter()
-        .filter_map(|s| s.labels.get(INPUT_LABEL).cloned())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut groups: BTreeMap<BTreeMap<String, String>, Members<'_>> = BTreeMap::new();
-    for s in series {
-        let mut group = s.labels.clone();
-        let input = group.remove(INPUT_LABEL).unwrap_or_default();
-        let column = inputs.binary_search(&input).unwrap_or_default();
-        let members = groups
-            .entry(group)
-            .or_insert_with(|| vec![None; inputs.len()]);
-        if members[column].replace(s).is_some() {
-            return Err(TrainError::InvalidSeries {
-                key: series_key(&s.labels),
-                reason: "two series for one input of one group".into(),
-            });
-        }
-    }
-    Ok((inputs, groups.into_values().collect()))
-}
-
-/// Per-series bands from calibration residuals, and their median for unseen series.
-fn calibrate(
-    params: &LstmParams<f32>,
-    series: &[PreparedSeries],
-    opts: &TrainOptions,
-    ws: &mut Workspace,
-) -> Result<(BTreeMap<String, SeriesCalibration>, f64), TrainError> {
-    let mut streams = Vec::new();
-    for (i, s) in series.iter().enumerate() {
-        s.streams_for(i, &(s.validation_end..s.len()), &mut streams);
-    }
-    let mut residuals: Vec<Vec<Vec<f64>>> =
-        series.iter().map(|s| vec![Vec::new(); s.width()]).collect();
-    run_streams(
-        params,
-        series,
-        &streams,
-        ws,
-        |s, target_index, input, yhat, target| {
-            if target_index >= series[s].validation_end {
-                residuals[s][input].push((yhat as f64 - target as f64).abs());
-            }
-        },
-    )
-    .map_err(internal)?;
-    let mut calibrations = BTreeMap::new();
-    let mut bands = Vec::with_capacity(series.len());
-    // A joint group's input absent from the calibration part gets the typical band below.
-    let mut unmeasured = Vec::new();
-    for (s, per_input) in series.iter().zip(residuals) {
-        for (i, mut r) in per_input.into_iter().enumerate() {
-            if s.keys[i].is_empty() {
-                continue;
-            }
-            let band = if r.is_empty() {
-                unmeasured.push(s.keys[i].clone());
-                f64::NAN
-            } else {
-                r.sort_by(f64::total_cmp);
-                // A high quantile of a few thousand residuals is itself noisy; a floor in robust
-                // standard deviations (1.4826 × median |r| estimates σ) keeps the band from being
-                // narrower than normal noise warrants when the calibration sample happens to be
-                // calm.
-                let robust_sigma = 1.4826 * quantile_sorted(&r, 0.5);
-                let band = (quantile_sorted(&r, opts.band_quantile) * opts.band_margin)
-                    .max(MIN_BAND_SIGMAS * robust_sigma)
-                    .max(MIN_BAND);
-                bands.push(band);
-                band
-            };
-            calibrations.insert(
-                s.keys[i].clone(),
-                SeriesCalibration {
-                    scaler: s.scalers[i],
-                    band,
-                    range: s.ranges[i],
-                    fitted_until: s.fitted_until,
-                    weekly: s.weekly[i].clone(),
-                },
-            );
-        }
-    }
-    bands.sort_by(f64::total_cmp);
-    let typical = quantile_sorted(&bands, 0.5);
-    for key in unmeasured {
-        if let Some(calibration) = calibrations.get_mut(&key) {
-            calibration.band = typical;
-        }
-    }
-    Ok((calibrations, typical))
-}
-
 #[cfg(test)]
 mod tests {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::prepare::{
+        interpolate_short_gaps, regularise_from, training_pieces, PreparedSeries,
+    };
     use super::*;
-    use crate::contract::input_row;
-    use rand::Rng;
+    use crate::contract::{input_row, series_key, INPUT_LABEL};
 
     /// Places the samples on the regular grid starting at the first timestamp (NaN where absent).
     fn regularise(series: &SeriesHistory, step_secs: u64) -> Result<(i64, Vec<f64>), String> {
