@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use plotters::chart::SeriesAnno;
 use plotters::coord::combinators::WithKeyPoints;
@@ -380,35 +380,17 @@ fn time_ticks(from: i64, to: i64) -> Vec<i64> {
 
 /// `HH:MM` of a Unix time in UTC, with `MM-DD ` before it when the chart spans days.
 fn time_label(ts: i64, with_date: bool) -> String {
-    let days = ts.div_euclid(86_400);
-    let secs = ts.rem_euclid(86_400);
-    let hm = format!("{:02}:{:02}", secs / 3600, secs % 3600 / 60);
-    if !with_date {
-        return hm;
-    }
-    let (_, month, day) = civil_date(days);
-    format!("{month:02}-{day:02} {hm}")
+    // humantime writes years 1970 to 9999 only (and fails the write beyond).
+    let secs = ts.clamp(0, LAST_RFC3339_SECOND) as u64;
+    let rfc3339 =
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
+    // `YYYY-MM-DDTHH:MM:SSZ`
+    let from = if with_date { 5 } else { 11 };
+    rfc3339.get(from..16).unwrap_or_default().replace('T', " ")
 }
 
-/// Proleptic Gregorian (year, month, day) of a count of days since 1970-01-01.
-fn civil_date(days: i64) -> (i64, i64, i64) {
-    // Shift to an era starting 0000-03-01 so leap days fall at the end of a year.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
+/// The last second of the year 9999.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
 
 /// At most `max` characters, with an ellipsis when cut.
 fn shorten(text: &str, max: usize) -> String {
@@ -1098,8 +1080,9 @@ mod tests {
             (0..7).map(|i| i * 43_200).collect::<Vec<_>>()
         );
         assert!(time_ticks(i64::MIN, i64::MAX).len() <= 16);
-        assert_eq!(civil_date(-1), (1969, 12, 31));
-        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(time_label(951_825_600, true), "02-29 12:00");
+        assert_eq!(time_label(i64::MAX, true), "12-31 23:59");
+        assert_eq!(time_label(-1, true), "01-01 00:00");
         assert_eq!(number_label(0.0), "0");
         assert_eq!(number_label(1.5), "1.5");
         assert_eq!(number_label(12_345.0), "12.3k");

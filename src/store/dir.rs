@@ -326,6 +326,8 @@ mod tests {
         assert_eq!(version_name(t(0)), "19700101T000000.000Z");
         assert_eq!(version_name(t(1_795_700_101_123)), "20261126T133501.123Z");
         assert!(version_name(t(1_000)) < version_name(t(1_001)));
+        // Beyond what RFC 3339 can write: the last name it can, not a panic.
+        assert_eq!(version_name(t(300_000_000_000_000)), "99991231T235959.000Z");
     }
 
     #[tokio::test]

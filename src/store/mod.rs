@@ -8,7 +8,7 @@ mod postgres;
 mod tls;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use mad_training::contract::ModelMeta;
@@ -86,35 +86,20 @@ pub trait ModelStore: Send + Sync {
     }
 }
 
-/// `20261126T115501.123Z`: UTC, sortable as text.
+/// `20261126T115501.123Z`: UTC, sortable as text (RFC 3339's basic format).
 pub(crate) fn version_name(now: SystemTime) -> String {
-    let ms = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms.rem_euclid(1000)
-    )
+    // humantime writes years 1970 to 9999 only (and fails the write beyond).
+    let now = now.clamp(
+        UNIX_EPOCH,
+        UNIX_EPOCH + Duration::from_secs(LAST_RFC3339_SECOND),
+    );
+    humantime::format_rfc3339_millis(now)
+        .to_string()
+        .replace(['-', ':'], "")
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
+/// The last second of the year 9999.
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
 
 /// Opens the store the config names: PostgreSQL when `store.postgres` is set (migrating it unless
 /// `store.migrate` is off), else the directory.
