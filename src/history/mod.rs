@@ -62,8 +62,8 @@ impl EpisodeTracker {
         }
     }
 
-    /// Feeds a multivariate detector's group scores (as [`crate::score::group::combine`] orders them: by
-    /// group, then time); the episodes name the inputs that drove their peak.
+    /// Feeds a multivariate detector's group scores (as [`crate::score::group::combine`] orders
+    /// them: by group, then time); the episodes name the inputs that drove their peak.
     pub fn observe_groups(&mut self, groups: &[GroupScore]) -> Vec<Episode> {
         let mut changed = Vec::new();
         for run in groups.chunk_by(|a, b| a.labels == b.labels) {

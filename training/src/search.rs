@@ -1,10 +1,9 @@
 //! Hyperparameter search, Optuna-style: TPE sampling (the `tpe` crate, by one of Optuna's
 //! authors) over window, hidden size, layers, learning rate, dropout and epochs, with a median
-//! pruner that gives
-//! up on a trial whose validation loss is worse than the median of earlier trials at the same
-//! epoch. The objective is the validation loss the trainer already computes; the first trial is
-//! the given options, so a search never ends worse than no search. Seeded: the same data and
-//! seed give the same trials.
+//! pruner that gives up on a trial whose validation loss is worse than the median of earlier
+//! trials at the same epoch. The objective is the validation loss the trainer already computes;
+//! the first trial is the given options, so a search never ends worse than no search. Seeded:
+//! the same data and seed give the same trials.
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The per-step products' register blocks, written with AVX2 and FMA intrinsics for CPUs
 //! without AVX-512: the [`super::tiles`] AVX-512 runs, in eight lanes, each `k` one load per 8
-//! columns of `B`, one broadcast per row of `A` and one fused multiply-add per accumulator. The same
-//! 4 × 16 blocks left to the compiler took an epoch 1.1× as long. (Blocks of 6 × 16, 12
+//! columns of `B`, one broadcast per row of `A` and one fused multiply-add per accumulator. The
+//! same 4 × 16 blocks left to the compiler took an epoch 1.1× as long. (Blocks of 6 × 16, 12
 //! accumulators, were no faster; 4 × 24 spilled one to the stack.) Every element still adds
 //! its `k` products in order, each rounded once, so results equal the generic code's bit for
 //! bit.
