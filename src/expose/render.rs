@@ -39,7 +39,7 @@ pub const FAMILIES: [Family; 6] = [
     },
     Family {
         name: "anomaly_contribution",
-        help: "A multivariate detector's per-input score; the group's anomaly_score is the highest of them.",
+        help: "A multivariate detector's per-input score; the group's anomaly_score is the mean of its three highest.",
         value: |s| s.score,
     },
     Family {
