@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod nab;
 pub mod range;
 pub mod replay;
+pub mod report;
 
 use std::path::{Path, PathBuf};
 
