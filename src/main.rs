@@ -432,38 +432,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
                 ..mad::score::Detection::default()
             };
+            let output = report::Output {
+                out: out.as_deref(),
+                plot: plot.as_deref(),
+            };
             match (nab, machines) {
-                (Some(nab), _) => report::nab(
-                    &nab,
-                    &only,
-                    out.as_deref(),
-                    settings,
-                    detection,
-                    plot.as_deref(),
-                )?,
-                (None, Some(dir)) => report::machines(
-                    &dir,
-                    &only,
-                    step,
-                    settings,
-                    detection,
-                    joint,
-                    report::Output {
-                        out: out.as_deref(),
-                        plot: plot.as_deref(),
-                    },
-                )?,
+                (Some(nab), _) => report::nab(&nab, &only, settings, detection, output)?,
+                (None, Some(dir)) => {
+                    report::machines(&dir, &only, step, settings, detection, joint, output)?
+                }
                 (None, None) if !csv.is_empty() => {
-                    let output = report::Output {
-                        out: out.as_deref(),
-                        plot: plot.as_deref(),
-                    };
                     report::csv(&csv, train_share, settings, detection, output)?
                 }
                 (None, None) => match (detector, config, from, to) {
                     (Some(name), Some(config), Some(from), Some(to)) => {
                         let range = (from, to, train_until.unwrap_or(from + (to - from) / 2));
-                        report::range(&config, &name, range, plot.as_deref()).await?
+                        report::range(&config, &name, range, output.plot).await?
                     }
                     _ => anyhow::bail!(
                         "give --nab DIR, --machines DIR, or --detector NAME with --config, --from \

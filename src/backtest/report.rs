@@ -101,7 +101,7 @@ pub struct Output<'a> {
     pub plot: Option<&'a Path>,
 }
 
-/// `mad backtest FILE.csv...`: labelled CSVs, each trained on its first `train_share`.
+/// `mad backtest --csv FILE...`: labelled CSVs, each trained on its first `train_share`.
 pub fn csv(
     files: &[PathBuf],
     train_share: f64,
@@ -282,11 +282,11 @@ pub fn machines(
 pub fn nab(
     nab: &Path,
     only: &[String],
-    out: Option<&Path>,
     settings: Settings<'_>,
     detection: Detection,
-    plot: Option<&Path>,
+    output: Output<'_>,
 ) -> anyhow::Result<()> {
+    let Output { out, plot } = output;
     let retrain = settings.retrain;
     let (training, library) = training(settings)?;
     let bar = indicatif::ProgressBar::new(0);
