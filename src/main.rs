@@ -267,14 +267,12 @@ fn parse_time(text: &str) -> Result<i64, String> {
 
 async fn models(action: ModelsAction) -> anyhow::Result<()> {
     let show = |v: &mad::store::VersionInfo| {
-        let trained =
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(v.trained_at.max(0) as u64);
         format!(
             "{} {:<24} {:<24} trained {} ({} bytes)",
             if v.active { "*" } else { " " },
             v.detector,
             v.version,
-            humantime::format_rfc3339_seconds(trained),
+            mad::timestamp::rfc3339(v.trained_at),
             v.size_bytes
         )
     };

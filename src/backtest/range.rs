@@ -153,12 +153,11 @@ fn summarize(recording: &Recording, replayed: &Replayed, learn: usize) -> Series
 /// One series' chart; its title says until when the model learned.
 fn chart(recording: &Recording, replayed: &Replayed, train_until: i64) -> ChartData {
     let points = chart_points(recording, replayed);
-    let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(train_until.max(0) as u64);
     ChartData {
         title: format!(
             "{} (trained until {})",
             recording.name,
-            humantime::format_rfc3339_seconds(until)
+            crate::timestamp::rfc3339(train_until)
         ),
         points,
         anomaly_from: i64::MIN,

@@ -34,7 +34,6 @@ pub async fn range(
         "series", "scored", "above 1", "episodes", "max score"
     );
     for s in &report.series {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.max_at.max(0) as u64);
         println!(
             "{:<60} {:>7} {:>9} {:>8} {:>9.2}  {}",
             s.series,
@@ -42,7 +41,7 @@ pub async fn range(
             s.anomalous,
             s.episodes,
             s.max_score,
-            humantime::format_rfc3339_seconds(at)
+            crate::timestamp::rfc3339(s.max_at)
         );
     }
     println!(

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
-use std::time::{Duration, UNIX_EPOCH};
 
 use plotters::chart::SeriesAnno;
 use plotters::coord::combinators::WithKeyPoints;
@@ -331,17 +330,13 @@ fn time_ticks(from: i64, to: i64) -> Vec<i64> {
 
 /// `HH:MM` of a Unix time in UTC, with `MM-DD ` before it when the chart spans days.
 fn time_label(ts: i64, with_date: bool) -> String {
-    // humantime writes years 1970 to 9999 only (and fails the write beyond).
-    let secs = ts.clamp(0, LAST_RFC3339_SECOND) as u64;
-    let rfc3339 =
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
     // `YYYY-MM-DDTHH:MM:SSZ`
     let from = if with_date { 5 } else { 11 };
-    rfc3339.get(from..16).unwrap_or_default().replace('T', " ")
+    crate::timestamp::rfc3339(ts)
+        .get(from..16)
+        .unwrap_or_default()
+        .replace('T', " ")
 }
-
-/// The last second of the year 9999.
-const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
 
 const VALUE_COLOR: RGBColor = RGBColor(33, 33, 33);
 const FORECAST_COLOR: RGBColor = RGBColor(30, 100, 200);

@@ -42,8 +42,7 @@ fn since(starts_at: i64) -> String {
     if starts_at <= 0 {
         return String::new();
     }
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(starts_at as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::timestamp::rfc3339(starts_at)
 }
 
 /// The default first line: what happened, and how many alerts the message carries.

@@ -8,7 +8,7 @@ mod postgres;
 mod tls;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use mad_training::contract::ModelMeta;
@@ -88,18 +88,8 @@ pub trait ModelStore: Send + Sync {
 
 /// `20261126T115501.123Z`: UTC, sortable as text (RFC 3339's basic format).
 pub(crate) fn version_name(now: SystemTime) -> String {
-    // humantime writes years 1970 to 9999 only (and fails the write beyond).
-    let now = now.clamp(
-        UNIX_EPOCH,
-        UNIX_EPOCH + Duration::from_secs(LAST_RFC3339_SECOND),
-    );
-    humantime::format_rfc3339_millis(now)
-        .to_string()
-        .replace(['-', ':'], "")
+    crate::timestamp::rfc3339_millis(now).replace(['-', ':'], "")
 }
-
-/// The last second of the year 9999.
-const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
 
 /// Opens the store the config names: PostgreSQL when `store.postgres` is set (migrating it unless
 /// `store.migrate` is off), else the directory.

@@ -4,7 +4,7 @@ mod due;
 mod flagged;
 
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -361,8 +361,8 @@ async fn train_detector(
         bail!(
             "the query returned {} series but none has {min_points} points (4 windows) between {} and {}",
             fetched.len(),
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(start.max(0) as u64)),
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(end.max(0) as u64)),
+            crate::timestamp::rfc3339(start),
+            crate::timestamp::rfc3339(end),
         );
     }
     let options = detector.train_options(&config.training);
