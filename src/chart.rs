@@ -42,13 +42,3 @@ pub struct ChartData {
     /// Labelled anomaly windows (a backtest's ground truth), shaded in another colour.
     pub labelled: Vec<(i64, i64)>,
 }
-
-/// At most `max` characters, with an ellipsis when cut.
-fn shorten(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_string();
-    }
-    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
-    out.push('…');
-    out
-}

@@ -24,7 +24,8 @@
 //! - [`backtest`]: detection quality on recorded, labelled data, through the same scorer as
 //!   `mad serve` (NAB's scorer, F1 without point-adjust, attribution).
 //! - [`chart`]: PNG charts of scored series (relay photos, backtest plots).
-//! - [`timestamp`]: times as RFC 3339 text, safe for any timestamp read from outside.
+//! - [`timestamp`] and [`text`]: times as RFC 3339 text, safe for any timestamp read from
+//!   outside, and outside text cut to fit a message or a caption.
 //! - [`synth`] and [`demo`]: synthetic metrics with known incidents, and the end-to-end demo
 //!   against a real VictoriaMetrics that the tests reuse.
 
@@ -48,5 +49,6 @@ pub mod shard;
 pub mod source;
 pub mod store;
 pub mod synth;
+pub mod text;
 pub mod timestamp;
 pub mod train;

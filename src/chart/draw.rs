@@ -10,7 +10,8 @@ use plotters::coord::combinators::WithKeyPoints;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::{shorten, ChartData, ChartPoint};
+use super::{ChartData, ChartPoint};
+use crate::text::ellipsize;
 
 const FONT_FAMILY: &str = "sans-serif";
 const FONT_CANDIDATES: [&str; 6] = [
@@ -383,7 +384,7 @@ fn draw_value_panel(
         .y_label_area_size(if text { LEFT_AREA } else { 8 });
     if text {
         let max_chars = (w as usize / 8).max(8);
-        builder.caption(shorten(title, max_chars), (FONT_FAMILY, 16));
+        builder.caption(ellipsize(title, max_chars), (FONT_FAMILY, 16));
     }
     let mut chart = builder
         .build_cartesian_2d(data.time_axis(text), data.value_y.0..data.value_y.1)

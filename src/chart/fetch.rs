@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{shorten, ChartData, ChartPoint};
+use super::{ChartData, ChartPoint};
 use crate::rules::promql_string;
+use crate::text::ellipsize;
 
 /// Alert labels that are not labels of MAD's series: vmalert's and the alert rule's own.
 /// Extra labels a detector's `alert.labels` adds are not known here: remove them from the
@@ -163,7 +164,7 @@ async fn query_range(
         let text = String::from_utf8_lossy(&body);
         return Err(format!(
             "{query}: HTTP {status}: {}",
-            shorten(text.trim(), 300)
+            ellipsize(text.trim(), 300)
         ));
     }
     parse_range(&body, query)

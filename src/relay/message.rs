@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
 use super::outbox::{AlertView, Kind, Outgoing};
+use crate::text::ellipsize;
 
 /// Telegram's limit is 4096 characters after entity parsing; the tags we add do not count, so
 /// staying under it in raw text is safe.
@@ -26,16 +27,6 @@ pub fn escape(text: &str) -> String {
         }
     }
     out
-}
-
-fn cut(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        text.to_string()
-    } else {
-        let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
-        cut.push('…');
-        cut
-    }
 }
 
 fn since(starts_at: i64) -> String {
@@ -163,14 +154,14 @@ impl Templates {
     ) -> Result<String, minijinja::Error> {
         let get = |map: &BTreeMap<String, String>, key: &str| {
             map.get(key)
-                .map(|v| cut(v, MAX_VALUE_CHARS))
+                .map(|v| ellipsize(v, MAX_VALUE_CHARS))
                 .unwrap_or_default()
         };
         let series: Vec<String> = alert
             .labels
             .iter()
             .filter(|(k, _)| !NOT_SERIES_LABELS.contains(&k.as_str()) && k.as_str() != "for")
-            .map(|(k, v)| format!("{k}={}", cut(v, MAX_VALUE_CHARS)))
+            .map(|(k, v)| format!("{k}={}", ellipsize(v, MAX_VALUE_CHARS)))
             .collect();
         let link = alert
             .annotations
@@ -182,12 +173,12 @@ impl Templates {
         let labels: BTreeMap<&String, String> = alert
             .labels
             .iter()
-            .map(|(k, v)| (k, cut(v, MAX_VALUE_CHARS)))
+            .map(|(k, v)| (k, ellipsize(v, MAX_VALUE_CHARS)))
             .collect();
         let annotations: BTreeMap<&String, String> = alert
             .annotations
             .iter()
-            .map(|(k, v)| (k, cut(v, MAX_VALUE_CHARS)))
+            .map(|(k, v)| (k, ellipsize(v, MAX_VALUE_CHARS)))
             .collect();
         self.env.get_template("alert")?.render(minijinja::context! {
             alertname => alert.labels.get("alertname").map_or("alert", String::as_str),

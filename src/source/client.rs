@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::{align_down, Labels, Series};
 use crate::config::{Datasource, Secret};
+use crate::text::ellipsize;
 
 /// Points per series per request. VictoriaMetrics refuses more than 30,000 and Prometheus more
 /// than 11,000, so stay below both.
@@ -16,7 +17,7 @@ pub const MAX_POINTS_PER_REQUEST: i64 = 10_000;
 /// First retry delay; doubled on every further attempt.
 const RETRY_BASE_DELAY: Duration = Duration::from_millis(200);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
-/// How much of an error body is quoted in messages.
+/// How much of an error body is quoted in messages, in characters, the ellipsis included.
 const MAX_QUOTED_BODY: usize = 300;
 
 #[derive(Debug, thiserror::Error)]
@@ -431,13 +432,10 @@ pub fn parse_query_range(status: u16, body: &[u8]) -> Result<Vec<Series>, String
 fn quote(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
-    if text.chars().count() > MAX_QUOTED_BODY {
-        let cut: String = text.chars().take(MAX_QUOTED_BODY).collect();
-        format!("{cut}…")
-    } else if text.is_empty() {
+    if text.is_empty() {
         "(empty body)".to_string()
     } else {
-        text.to_string()
+        ellipsize(text, MAX_QUOTED_BODY)
     }
 }
 
@@ -516,7 +514,7 @@ mod tests {
     fn long_error_bodies_are_cut() {
         let body = vec![b'x'; 10_000];
         match parse_response(StatusCode::INTERNAL_SERVER_ERROR, &body) {
-            Err(Failure::Http(m)) => assert!(m.chars().count() <= MAX_QUOTED_BODY + 1),
+            Err(Failure::Http(m)) => assert!(m.chars().count() <= MAX_QUOTED_BODY),
             other => panic!("unexpected {other:?}"),
         }
     }
