@@ -724,5 +724,40 @@ detectors:
         with_relay(", intake_basic_auth: { username: vm, password: pw }")
             .require_intake_auth(|_| None)
             .expect("basic auth");
+
+        // An empty token in the file neither lets anybody in nor hides the environment's.
+        let mut blank = with_relay(", intake_token: \"\"");
+        assert!(blank.require_intake_auth(|_| None).is_err());
+        blank
+            .require_intake_auth(|_| Some("env-t0k3n".into()))
+            .expect("the environment's token");
+        assert_eq!(
+            blank.intake_token.as_ref().map(Secret::expose),
+            Some("env-t0k3n")
+        );
+    }
+
+    #[test]
+    fn a_password_in_the_datasource_url_is_never_printed() {
+        let with_url = |url: &str| GOOD.replace("http://127.0.0.1:8428", url);
+        let c = parse(&with_url("http://mad:s3cret@vm:8428")).unwrap_or_else(|e| panic!("{e}"));
+        let shown = c.datasource.url.redacted();
+        assert!(
+            !shown.contains("s3cret") && shown.contains("vm:8428"),
+            "{shown}"
+        );
+        // A `#` in the password breaks the parse; the error names the URL without it.
+        let e = error(&with_url("\"http://mad:s3c#ret@vm:8428\""));
+        assert!(e.contains("datasource.url") && !e.contains("s3c"), "{e}");
+    }
+
+    #[test]
+    fn the_bot_token_is_trimmed_so_a_trailing_newline_does_not_break_every_call() {
+        let text = format!(
+            "{GOOD}relay: {{ intake_token: t, telegram: {{ default_chat: 1, token: \"123:abc\\n\" }} }}\n"
+        );
+        let relay = parse(&text).unwrap_or_else(|e| panic!("{e}")).relay;
+        let token = relay.expect("relay").telegram.token().expect("token");
+        assert_eq!(token.expose(), "123:abc");
     }
 }

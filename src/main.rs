@@ -254,7 +254,11 @@ enum ModelsAction {
 
 fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(secs) = text.parse::<i64>() {
-        return Ok(secs);
+        return if (0..=mad::timestamp::MAX_UNIX_SECS).contains(&secs) {
+            Ok(secs)
+        } else {
+            Err("Unix seconds between 1970 and 9999 expected".into())
+        };
     }
     humantime::parse_rfc3339_weak(text)
         .map_err(|e| format!("expected RFC 3339 or Unix seconds: {e}"))
@@ -515,7 +519,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Models { action } => models(action).await?,
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            println!("config OK: datasource {}", config.datasource.url.0);
+            println!("config OK: datasource {}", config.datasource.url.redacted());
             for d in &config.detectors {
                 println!(
                     "  detector {}: step {}, window {}, train_range {}, interval {}: {}",

@@ -154,12 +154,12 @@ async fn query_range(
         .timeout(QUERY_TIMEOUT)
         .send()
         .await
-        .map_err(|e| format!("{query}: {e}"))?;
+        .map_err(|e| format!("{query}: {}", e.without_url()))?;
     let status = response.status();
     let body = response
         .bytes()
         .await
-        .map_err(|e| format!("{query}: {e}"))?;
+        .map_err(|e| format!("{query}: {}", e.without_url()))?;
     if !status.is_success() {
         let text = String::from_utf8_lossy(&body);
         return Err(format!(

@@ -54,6 +54,12 @@ impl Relay {
         &mut self,
         var: impl Fn(&str) -> Option<String>,
     ) -> Result<(), String> {
+        // A blank token in the file is no credential, and must not hide the environment's.
+        self.intake_token = self
+            .intake_token
+            .take()
+            .filter(|t| !t.expose().trim().is_empty())
+            .map(|t| Secret::new(t.expose().trim()));
         if self.intake_token.is_none() {
             self.intake_token = var(RELAY_INTAKE_TOKEN_ENV)
                 .filter(|t| !t.trim().is_empty())
@@ -118,8 +124,10 @@ pub const TELEGRAM_TOKEN_ENV: &str = "MAD_TELEGRAM_TOKEN";
 impl Telegram {
     /// The bot token from the config, its file, or the environment, in that order.
     pub fn token(&self) -> Result<Secret, String> {
+        // Trimmed wherever it comes from: a trailing newline from `echo` or a file would be
+        // sent percent-encoded in the URL path and fail every call.
         if let Some(t) = &self.token {
-            return Ok(t.clone());
+            return Ok(Secret::new(t.expose().trim()));
         }
         if let Some(path) = &self.token_file {
             return std::fs::read_to_string(path)
@@ -132,7 +140,7 @@ impl Telegram {
                 });
         }
         std::env::var(TELEGRAM_TOKEN_ENV)
-            .map(Secret::new)
+            .map(|t| Secret::new(t.trim()))
             .map_err(|_| {
                 format!(
                     "no bot token: set relay.telegram.token, token_file or {TELEGRAM_TOKEN_ENV}"

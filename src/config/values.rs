@@ -118,14 +118,38 @@ pub struct HttpUrl(pub url::Url);
 impl<'de> Deserialize<'de> for HttpUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
+        let shown = without_userinfo(text.trim());
         let url = url::Url::parse(text.trim())
-            .map_err(|e| serde::de::Error::custom(format!("invalid URL {text:?}: {e}")))?;
+            .map_err(|e| serde::de::Error::custom(format!("invalid URL {shown:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(serde::de::Error::custom(format!(
-                "invalid URL {text:?}: expected http://host[:port][/path]"
+                "invalid URL {shown:?}: expected http://host[:port][/path]"
             )));
         }
         Ok(HttpUrl(url))
+    }
+}
+
+impl HttpUrl {
+    /// The URL as it may be printed: a password in it replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut url = self.0.clone();
+        if url.password().is_some() {
+            // Only fails for URLs that cannot have credentials, which this one has.
+            let _ = url.set_password(Some("***"));
+        }
+        url.to_string()
+    }
+}
+
+/// URL text as it may go into an error when it does not parse: whatever stands between the
+/// scheme and the last `@` (user and password, which may hold the `#` or `/` that broke the
+/// parse) replaced by `***`.
+fn without_userinfo(text: &str) -> String {
+    let start = text.find("://").map_or(0, |i| i + 3);
+    match text[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..start], &text[start + at..]),
+        None => text.to_string(),
     }
 }
 

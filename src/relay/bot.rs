@@ -164,8 +164,11 @@ async fn get_updates(bot: &Bot, offset: u64) -> Result<Updates, String> {
         .timeout(Duration::from_secs(u64::from(LONG_POLL_SECS)) + POLL_SLACK)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
-    let body = response.bytes().await.map_err(|e| e.to_string())?;
+        .map_err(|e| e.without_url().to_string())?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
     parse_updates(&body)
 }
 

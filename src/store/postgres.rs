@@ -70,6 +70,20 @@ impl PgStore {
                 target: "(store.postgres)".into(),
                 message: format!("invalid PostgreSQL URL: {e}"),
             })?;
+        // The URL parser ends the credentials at the first `@`: the rest of a password with an
+        // unescaped `@` would become the host and be printed in every error.
+        if config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(h) if h.contains('@')))
+        {
+            return Err(StoreError::Database {
+                target: "(store.postgres)".into(),
+                message: "invalid PostgreSQL URL: an `@` in the user or password must be \
+                          written %40"
+                    .into(),
+            });
+        }
         let target = describe(&config);
         let tls = super::tls::connector(ca_file).map_err(|message| StoreError::Database {
             target: target.clone(),
@@ -438,5 +452,23 @@ impl ModelStore for PgStore {
         let receiver = self.changes.subscribe();
         self.ensure_listening();
         Some(receiver)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unescaped_at_in_the_password_is_refused_without_showing_it() {
+        let url = Secret::new("postgres://mad:p4ss@w0rd@127.0.0.1:5432/mad");
+        let Err(e) = PgStore::connect(&url).await else {
+            panic!("the URL should be refused")
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("%40") && !e.contains("w0rd") && !e.contains("p4ss"),
+            "{e}"
+        );
     }
 }
