@@ -5,8 +5,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The last second of the year 9999.
-const LAST_SECOND: u64 = 253_402_300_799;
+/// The last second of the year 9999 (Unix seconds): the latest time anything from outside is
+/// taken to mean.
+pub const MAX_UNIX_SECS: i64 = 253_402_300_799;
+const LAST_SECOND: u64 = MAX_UNIX_SECS as u64;
 
 /// Unix seconds to `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(unix_secs: i64) -> String {

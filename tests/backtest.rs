@@ -124,6 +124,31 @@ fn a_missing_corpus_is_a_clear_error() {
     );
 }
 
+#[test]
+fn a_machine_whose_train_and_test_widths_differ_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    asd_slice(dir.path());
+    // One column fewer in every training row.
+    let train = dir.path().join("train/omi-1.txt");
+    let narrower: Vec<String> = std::fs::read_to_string(&train)
+        .expect("train")
+        .lines()
+        .map(|l| l.rsplit_once(',').map_or(l, |(head, _)| head).to_string())
+        .collect();
+    std::fs::write(&train, narrower.join("\n")).expect("write");
+    let e = mad::backtest::machines::run_machine(
+        dir.path(),
+        "omi-1",
+        300,
+        &Training::default(),
+        Detection::default(),
+        None,
+        Default::default(),
+    )
+    .expect_err("refused");
+    assert!(e.contains("18 columns") && e.contains("19"), "{e}");
+}
+
 /// `training.search` in the config a backtest reads searches each model's hyperparameters, as
 /// `mad train` would: the backtest measures what the search is worth.
 #[test]

@@ -157,6 +157,30 @@ fn check_prints_the_detectors_of_a_valid_config() {
 }
 
 #[test]
+fn a_time_outside_1970_to_9999_is_refused_before_anything_is_fetched() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = write(tmp.path(), "mad.yaml", VALID);
+    let config = file.to_str().expect("utf-8 path");
+    for from in ["--from=-9223372036854775808", "--from=253402300800"] {
+        let output = run(&[
+            "backtest",
+            "--config",
+            config,
+            "--detector",
+            "cpu",
+            from,
+            "--to",
+            "100",
+            "--train-until",
+            "50",
+        ]);
+        assert!(!output.status.success());
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("between 1970 and 9999"), "{stderr}");
+    }
+}
+
+#[test]
 fn check_names_file_line_and_field_of_a_bad_duration() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bad = VALID.replace("step: 1m", "step: 1 fortnight");

@@ -67,6 +67,25 @@ fn unusable_calibration_and_unknown_contract_versions_are_rejected() {
 }
 
 #[test]
+fn metadata_with_impossible_times_or_sizes_is_rejected() {
+    type Edit = fn(&mut mad_training::contract::ModelMeta);
+    let cases: [(&str, Edit); 4] = [
+        ("trained_at", |m| m.trained_at = i64::MAX),
+        ("the start not after the end", |m| {
+            m.train_start = m.train_end + 1
+        }),
+        ("step_secs", |m| m.step_secs = u64::MAX),
+        ("beyond what this exporter loads", |m| m.window = usize::MAX),
+    ];
+    for (reason, edit) in cases {
+        let mut meta = common::meta("cpu", 1.0);
+        edit(&mut meta);
+        let e = rejection(&common::model_bytes(&meta), "cpu");
+        assert!(e.contains(reason), "{reason}: {e}");
+    }
+}
+
+#[test]
 fn a_weekly_profile_of_the_wrong_shape_is_rejected() {
     use mad_training::contract::{Scaler, SeriesCalibration};
     use mad_training::weekly::{Strength, WeeklySeed};

@@ -33,7 +33,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Rows a listing returns when `limit` is not given.
 pub const DEFAULT_LIMIT: i64 = 100;
 /// Latest timestamp accepted anywhere (9999-12-31T23:59:59Z), in Unix seconds.
-pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
+pub const MAX_TIMESTAMP: i64 = crate::timestamp::MAX_UNIX_SECS;
 const PREFIX: &str = "/api/v1";
 
 /// The management API, with the PostgreSQL store behind it.

@@ -139,6 +139,11 @@ pub fn run_machine(
     }
     let interpretation = read_interpretation(&dir.join("interpretation_label").join(&file))?;
     let metrics = test.first().map_or(0, Vec::len);
+    if let Some(width) = train.first().map(Vec::len).filter(|&w| w != metrics) {
+        return Err(format!(
+            "{name}: train/ has {width} columns but test/ has {metrics}"
+        ));
+    }
     let past = &train[train.len().saturating_sub(TRAIN_ROWS)..];
     let rows: Vec<&Vec<f64>> = past.iter().chain(&test).collect();
     let recordings: Vec<Recording> = (0..metrics)

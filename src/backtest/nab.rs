@@ -134,6 +134,12 @@ impl ScoredFile {
         if let Some(bad) = scores.iter().find(|s| !(0.0..=1.0).contains(*s)) {
             return Err(format!("{name}: score {bad} is outside [0, 1]"));
         }
+        if let Some(row) = timestamps.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "{name}: row {} is not later than the row before it",
+                row + 2
+            ));
+        }
         let row_of = |ts: i64| {
             timestamps
                 .binary_search(&ts)
@@ -143,6 +149,11 @@ impl ScoredFile {
         let mut places = vec![Place::Outside; timestamps.len()];
         for (w, (start, end)) in windows.iter().enumerate() {
             let (l, r) = (row_of(*start)?, row_of(*end)?);
+            if l > r {
+                return Err(format!(
+                    "{name}: window {start}..{end} µs ends before it starts"
+                ));
+            }
             for place in &mut places[l..=r] {
                 *place = Place::Window(w);
             }
@@ -356,6 +367,14 @@ mod tests {
     fn file(scores: Vec<f64>, windows: &[(i64, i64)]) -> ScoredFile {
         let ts: Vec<i64> = (0..scores.len() as i64).collect();
         ScoredFile::new("f.csv", &ts, scores, windows).expect("valid file")
+    }
+
+    #[test]
+    fn unordered_rows_and_backwards_windows_are_errors() {
+        let e = ScoredFile::new("f.csv", &[0, 2, 1], vec![0.0; 3], &[]).err();
+        assert!(e.is_some_and(|e| e.contains("row 3")));
+        let e = ScoredFile::new("f.csv", &[0, 1, 2], vec![0.0; 3], &[(2, 1)]).err();
+        assert!(e.is_some_and(|e| e.contains("ends before it starts")));
     }
 
     #[test]

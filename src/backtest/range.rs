@@ -9,6 +9,9 @@ use crate::source::{align_down, Client};
 
 use super::replay::{chart_points, replay_many, Recording, Replayed, Retrain, Training};
 
+/// Points per series a replay holds in memory at most (19 years at one minute).
+pub const MAX_RANGE_POINTS: i64 = 10_000_000;
+
 /// What the detector did on one series after `train_until`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeriesReport {
@@ -55,6 +58,10 @@ pub async fn run_range(
     anyhow::ensure!(
         from < train_until && train_until < to,
         "--train-until must lie inside the range (after --from, before --to)"
+    );
+    anyhow::ensure!(
+        (to - from) / step < MAX_RANGE_POINTS,
+        "the range holds more than {MAX_RANGE_POINTS} points at step {step}s: shorten it"
     );
     let client = Client::new(&config.datasource)?;
     let fetched = client

@@ -13,6 +13,8 @@ use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use super::runtime;
+use crate::config::MAX_DURATION;
+use crate::timestamp::MAX_UNIX_SECS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -183,6 +185,12 @@ impl Forecaster {
     }
 }
 
+/// Far beyond what `mad train` writes; low enough that a crafted model file cannot make the
+/// smoke test allocate without bound or the scorer's sizes overflow.
+const MAX_HIDDEN: usize = 1 << 16;
+const MAX_LAYERS: usize = 64;
+const MAX_WINDOW: usize = 1 << 20;
+
 fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
     if meta.contract_version != CONTRACT_VERSION {
         return Err(format!(
@@ -200,6 +208,28 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
         || meta.window == 0
     {
         return Err("features, hidden, layers, step_secs and window must all be non-zero".into());
+    }
+    if meta.hidden > MAX_HIDDEN || meta.layers > MAX_LAYERS || meta.window > MAX_WINDOW {
+        return Err(format!(
+            "hidden {}, layers {} or window {} is beyond what this exporter loads \
+             ({MAX_HIDDEN}, {MAX_LAYERS}, {MAX_WINDOW})",
+            meta.hidden, meta.layers, meta.window
+        ));
+    }
+    if meta.step_secs > MAX_DURATION.as_secs() {
+        return Err(format!("step_secs {} is beyond 100 years", meta.step_secs));
+    }
+    let times = 0..=MAX_UNIX_SECS;
+    if ![meta.train_start, meta.train_end, meta.trained_at]
+        .iter()
+        .all(|t| times.contains(t))
+        || meta.train_start > meta.train_end
+    {
+        return Err(format!(
+            "train_start {}, train_end {} and trained_at {} must be Unix seconds up to year \
+             9999, the start not after the end",
+            meta.train_start, meta.train_end, meta.trained_at
+        ));
     }
     if !meta.features.contains(&Feature::Value) {
         return Err("features must include \"value\"".into());

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::{align_down, Labels, Series};
 use crate::config::{Datasource, Secret};
 use crate::text::ellipsize;
+use crate::timestamp::MAX_UNIX_SECS;
 
 /// Points per series per request. VictoriaMetrics refuses more than 30,000 and Prometheus more
 /// than 11,000, so stay below both.
@@ -404,8 +405,11 @@ fn parse_response(status: StatusCode, body: &[u8]) -> Result<Vec<Series>, Failur
     for raw in data.result {
         let mut points = Vec::with_capacity(raw.values.len());
         for (ts, text) in raw.values {
-            if !ts.is_finite() {
-                return Err(Failure::Malformed(format!("non-finite timestamp {ts}")));
+            // Later sums and differences of timestamps stay far from overflowing.
+            if !(0.0..=MAX_UNIX_SECS as f64).contains(&ts) {
+                return Err(Failure::Malformed(format!(
+                    "timestamp {ts} is not Unix seconds between 1970 and 9999"
+                )));
             }
             let value: f64 = text.trim().parse().map_err(|_| {
                 Failure::Malformed(format!("sample value {text:?} is not a number"))
@@ -500,6 +504,8 @@ mod tests {
             br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1,"abc"]]}]}}"#,
             br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[["x","1"]]}]}}"#,
             br#"{"status":"weird","data":{"resultType":"matrix","result":[]}}"#,
+            br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[1e300,"1"]]}]}}"#,
+            br#"{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},"values":[[-60,"1"]]}]}}"#,
             &[0xff, 0xfe, 0x00],
         ];
         for body in cases {

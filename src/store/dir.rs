@@ -155,7 +155,17 @@ impl DirStore {
             if path.extension().and_then(|e| e.to_str()) != Some(META_EXT) {
                 continue;
             }
+            // The version names its files: one that is not this file's own name could point
+            // loading and pruning outside the store (`../x`, `/etc/x`).
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
             match self.read_sidecar(&path) {
+                Ok(sidecar) if sidecar.version != stem => tracing::warn!(
+                    path = %path.display(),
+                    "model metadata names another version than its file; ignored"
+                ),
                 Ok(sidecar)
                     if dir
                         .join(format!("{}.{MODEL_EXT}", sidecar.version))
@@ -361,6 +371,41 @@ mod tests {
         }
         expected.sort();
         assert_eq!(files, expected);
+    }
+
+    #[tokio::test]
+    async fn metadata_naming_a_version_outside_the_store_is_ignored() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = DirStore::new(tmp.path().join("models"));
+        let v1 = store.put(b"one", &meta("cpu")).await.expect("put");
+        // A sidecar whose version walks out of the store, next to a file it would delete.
+        std::fs::write(tmp.path().join("victim.onnx"), b"keep").expect("write");
+        std::fs::write(tmp.path().join("victim.json"), b"keep").expect("write");
+        let sidecar =
+            std::fs::read_to_string(tmp.path().join(format!("models/cpu/{}.json", v1.version)))
+                .expect("read")
+                .replace(&v1.version, "../../victim");
+        std::fs::write(
+            tmp.path().join("models/cpu/29990101T000000.000Z.json"),
+            sidecar,
+        )
+        .expect("write");
+        let listed = store.list("cpu").await.expect("list");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            store
+                .load_active("cpu")
+                .await
+                .expect("load")
+                .expect("some")
+                .onnx,
+            b"one"
+        );
+        store.put(b"two", &meta("cpu")).await.expect("put");
+        store.prune("cpu", 1).await.expect("prune");
+        assert!(
+            tmp.path().join("victim.onnx").is_file() && tmp.path().join("victim.json").is_file()
+        );
     }
 
     #[tokio::test]

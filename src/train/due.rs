@@ -46,18 +46,19 @@ pub fn reason(
     let first = history.iter().filter_map(|h| h.timestamps.first()).min();
     let last = history.iter().filter_map(|h| h.timestamps.last()).max();
     let span = match (first, last) {
-        (Some(first), Some(last)) => last - first,
+        (Some(first), Some(last)) => last.saturating_sub(*first),
         _ => 0,
     };
-    let learnt = meta.train_end - meta.train_start;
-    if span >= 2 * learnt.max(1) {
+    // Saturating: the metadata comes from a file.
+    let learnt = meta.train_end.saturating_sub(meta.train_start);
+    if span >= learnt.max(1).saturating_mul(2) {
         return Some(format!(
             "the history has doubled: {} now, the model learnt {}",
             duration(span),
             duration(learnt)
         ));
     }
-    let age = now - meta.trained_at;
+    let age = now.saturating_sub(meta.trained_at);
     if age >= wanted.max_age_secs {
         return Some(format!("the model is {} old", duration(age)));
     }
