@@ -537,7 +537,7 @@ async fn run_cycle(
             series = oversized,
             max_labels = MAX_LABELS,
             max_bytes = MAX_LABEL_SET_BYTES,
-            "series whose label set is too large are not scored"
+            "series whose label set is too large or holds a NUL character are not scored"
         );
         t.errors
             .with_label_values(&[name, "label_limit"])

@@ -109,12 +109,23 @@ fn convert(raw: RawAlert, now: i64) -> Result<Alert, String> {
         _ => ends_at.is_none_or(|end| end > now),
     };
     Ok(Alert {
-        labels: raw.labels,
-        annotations: raw.annotations,
+        labels: without_nul(raw.labels),
+        annotations: without_nul(raw.annotations),
         starts_at,
         firing,
-        generator_url: raw.generator_url.unwrap_or_default(),
+        generator_url: raw
+            .generator_url
+            .unwrap_or_default()
+            .replace('\0', "\u{FFFD}"),
     })
+}
+
+/// PostgreSQL refuses NUL in text and JSON, so an alert carrying one could never be queued:
+/// it is replaced, the same way every time, so firing and resolved still match.
+fn without_nul(map: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter()
+        .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), v.replace('\0', "\u{FFFD}")))
+        .collect()
 }
 
 #[cfg(test)]
@@ -134,6 +145,15 @@ mod tests {
         assert_eq!(alerts[0].name(), "MadAnomaly");
         assert_eq!(alerts[0].starts_at, NOW - 800);
         assert_eq!(alerts[0].labels.len(), 3);
+    }
+
+    #[test]
+    fn nul_characters_are_replaced_so_the_alert_can_be_stored() {
+        let body = br#"[{"labels":{"alertname":"A","instance":"a\u0000b"},
+            "annotations":{"summary":"x\u0000"},"startsAt":"2023-11-14T22:00:00Z"}]"#;
+        let alerts = parse(body, 1_700_000_000).expect("parses");
+        assert_eq!(alerts[0].labels["instance"], "a\u{FFFD}b");
+        assert_eq!(alerts[0].annotations["summary"], "x\u{FFFD}");
     }
 
     #[test]

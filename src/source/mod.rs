@@ -64,10 +64,15 @@ pub const MAX_LABELS: usize = 64;
 /// Most bytes of label names and values together, per series.
 pub const MAX_LABEL_SET_BYTES: usize = 8 * 1024;
 
-/// Whether a label set is within [`MAX_LABELS`] and [`MAX_LABEL_SET_BYTES`].
+/// Whether a label set is within [`MAX_LABELS`] and [`MAX_LABEL_SET_BYTES`], and free of NUL
+/// characters, which PostgreSQL refuses in text and JSON: an anomaly of such a series could
+/// never be recorded, and would hold up every one after it.
 pub fn label_set_fits(labels: &Labels) -> bool {
     labels.len() <= MAX_LABELS
         && labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= MAX_LABEL_SET_BYTES
+        && !labels
+            .iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0'))
 }
 
 /// Removes the series whose label set does not fit and says how many there were.
@@ -108,13 +113,15 @@ mod tests {
         let long: Labels = [("blob".to_string(), "x".repeat(MAX_LABEL_SET_BYTES))].into();
         let edge: Labels = [("b".to_string(), "x".repeat(MAX_LABEL_SET_BYTES - 1))].into();
         let normal: Labels = [("instance".to_string(), "a".to_string())].into();
+        let nul: Labels = [("instance".to_string(), "a\0b".to_string())].into();
         let mut fetched = vec![
             series(many),
             series(normal.clone()),
             series(long),
             series(edge.clone()),
+            series(nul),
         ];
-        assert_eq!(drop_oversized(&mut fetched), 2);
+        assert_eq!(drop_oversized(&mut fetched), 3);
         let kept: Vec<&Labels> = fetched.iter().map(|s| &s.labels).collect();
         assert_eq!(kept, [&normal, &edge]);
     }

@@ -320,7 +320,7 @@ async fn train_detector(
         .await?;
     let oversized = drop_oversized(&mut fetched);
     if oversized > 0 {
-        tracing::warn!(detector = %detector.name, series = oversized, max_labels = MAX_LABELS, max_bytes = MAX_LABEL_SET_BYTES, "series whose label set is too large are left out");
+        tracing::warn!(detector = %detector.name, series = oversized, max_labels = MAX_LABELS, max_bytes = MAX_LABEL_SET_BYTES, "series whose label set is too large or holds a NUL character are left out");
     }
     let min_points = detector.window.0 * 4;
     let mut excluded = 0;
