@@ -10,6 +10,7 @@ use super::replay::{chart_points, replay, Recording, Replayed, Retrain, Training
 use crate::chart::ChartData;
 use crate::score::Detection;
 use crate::source::Labels;
+use crate::timestamp::MAX_UNIX_SECS;
 
 /// A labelled recording.
 #[derive(Debug, Clone)]
@@ -30,7 +31,13 @@ pub fn read_labelled_csv(path: &Path) -> Result<Labelled, String> {
             return Err(fail(&format!("row {}: expected timestamp,value", i + 2)));
         };
         let ts = match ts.trim().parse::<i64>() {
-            Ok(seconds) => seconds,
+            Ok(seconds) if (0..=MAX_UNIX_SECS).contains(&seconds) => seconds,
+            Ok(seconds) => {
+                return Err(fail(&format!(
+                    "row {}: {seconds} is not Unix seconds between 1970 and 9999",
+                    i + 2
+                )))
+            }
             Err(_) => parse_timestamp(ts).map_err(|e| fail(&e))? / 1_000_000,
         };
         timestamps.push(ts);
@@ -135,5 +142,25 @@ pub fn chart(labelled: &Labelled, report: &LabelledReport) -> ChartData {
             .into_iter()
             .map(|(a, b)| (ts[from + a], ts[from + b - 1]))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unordered_or_impossible_timestamps_are_errors_that_name_the_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let read = |text: &str| {
+            let path = dir.path().join("kpi.csv");
+            std::fs::write(&path, text).expect("write");
+            read_labelled_csv(&path).err().unwrap_or_default()
+        };
+        let e = read("timestamp,value,label\n60,1,0\n-9223372036854775808,2,0\n");
+        assert!(e.contains("row 3") && e.contains("1970 and 9999"), "{e}");
+        let e = read("timestamp,value,label\n120,1,0\n60,2,0\n");
+        assert!(e.contains("timestamps must increase"), "{e}");
+        assert!(read("timestamp,value,label\n60,1,0\n120,2,1\n").is_empty());
     }
 }

@@ -134,12 +134,6 @@ impl ScoredFile {
         if let Some(bad) = scores.iter().find(|s| !(0.0..=1.0).contains(*s)) {
             return Err(format!("{name}: score {bad} is outside [0, 1]"));
         }
-        if let Some(row) = timestamps.windows(2).position(|w| w[0] >= w[1]) {
-            return Err(format!(
-                "{name}: row {} is not later than the row before it",
-                row + 2
-            ));
-        }
         let row_of = |ts: i64| {
             timestamps
                 .binary_search(&ts)
@@ -149,6 +143,8 @@ impl ScoredFile {
         let mut places = vec![Place::Outside; timestamps.len()];
         for (w, (start, end)) in windows.iter().enumerate() {
             let (l, r) = (row_of(*start)?, row_of(*end)?);
+            // NAB's own files are not always in order (`machine_temperature` steps back once),
+            // so a window's edges, found by binary search as NAB's scorer finds them, can cross.
             if l > r {
                 return Err(format!(
                     "{name}: window {start}..{end} µs ends before it starts"
@@ -370,9 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn unordered_rows_and_backwards_windows_are_errors() {
-        let e = ScoredFile::new("f.csv", &[0, 2, 1], vec![0.0; 3], &[]).err();
-        assert!(e.is_some_and(|e| e.contains("row 3")));
+    fn a_window_that_ends_before_it_starts_is_an_error() {
         let e = ScoredFile::new("f.csv", &[0, 1, 2], vec![0.0; 3], &[(2, 1)]).err();
         assert!(e.is_some_and(|e| e.contains("ends before it starts")));
     }
