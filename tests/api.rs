@@ -516,6 +516,56 @@ async fn a_multivariate_episode_lists_the_inputs_that_drove_it() {
     db.drop().await;
 }
 
+/// An episode PostgreSQL refuses (a NUL in a label, which text and JSONB cannot hold) is
+/// dropped alone; the episodes around it are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_episode_the_database_refuses_does_not_hold_up_the_others() {
+    let db = TestDb::new().await;
+    let store = std::sync::Arc::new(db.store().await);
+    store.migrate().await.expect("migrate");
+    let recorder = mad::history::Recorder::start(store);
+    let episode = |instance: &str, started_at: i64| {
+        let labels: mad::source::Labels = [("instance".to_string(), instance.to_string())].into();
+        mad::history::Episode {
+            detector: "cpu".into(),
+            series: mad_training::contract::series_key(&labels),
+            labels,
+            started_at,
+            ended_at: Some(started_at + 60),
+            peak_score: 2.0,
+            drivers: Vec::new(),
+        }
+    };
+    for e in [
+        episode("a", 1_000),
+        episode("b\0", 1_060),
+        episode("c", 1_120),
+    ] {
+        assert!(recorder.record(e));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorder.written() + recorder.dropped() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "episodes neither written nor dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((recorder.written(), recorder.dropped()), (2, 1));
+    let api = Harness::with_db(&db, &closed_datasource(), "").await;
+    let (status, v) = api.get("/api/v1/anomalies?detector=cpu").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let instances: Vec<&str> = v["anomalies"]
+        .as_array()
+        .expect("anomalies")
+        .iter()
+        .filter_map(|a| a["labels"]["instance"].as_str())
+        .collect();
+    assert_eq!(instances, ["c", "a"], "{v}");
+    api.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomalies_are_filtered_and_paginated_newest_first() {
     let db = TestDb::new().await;

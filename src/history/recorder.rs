@@ -2,7 +2,9 @@
 //!
 //! Scoring hands episodes over with a non-blocking send; a background task writes them in
 //! batches. While the database is unreachable they wait in a bounded buffer and are written,
-//! in order, once it is back; only when the buffer is full are the oldest dropped (and counted).
+//! in order, once it is back; only when the buffer is full are the oldest dropped (and counted),
+//! and an episode the database refuses as data (which no retry would change) is dropped alone
+//! instead of holding up every one after it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -98,37 +100,86 @@ async fn write_loop(store: Arc<PgStore>, mut rx: mpsc::Receiver<Episode>, counte
             buffer.push_back(e);
         }
         let batch: Vec<Episode> = buffer.iter().take(BATCH).cloned().collect();
-        match write(&store, &batch).await {
+        let written = match write(&store, &batch).await {
             Ok(()) => {
-                buffer.drain(..batch.len());
-                counters.pending.fetch_sub(batch.len(), Ordering::Relaxed);
                 counters
                     .written
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                Ok(batch.len())
+            }
+            // One refused row spoils its batch: the rows go one by one, and only those the
+            // database refuses are dropped.
+            Err(WriteError::Refused(_)) => write_singly(&store, &batch, &counters).await,
+            Err(WriteError::Unavailable(e)) => Err((0, e)),
+        };
+        let handled = match written {
+            Ok(handled) => {
                 if failing {
-                    tracing::info!(written = batch.len(), "anomaly history writes resumed");
+                    tracing::info!(written = handled, "anomaly history writes resumed");
                 }
                 failing = false;
                 delay = RETRY_MIN;
+                handled
             }
-            Err(e) => {
+            Err((handled, e)) => {
                 if !failing {
                     tracing::warn!(error = %e, buffered = buffer.len(), "cannot write anomaly history; buffering");
                 }
                 failing = true;
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RETRY_MAX);
+                handled
             }
+        };
+        buffer.drain(..handled);
+        counters.pending.fetch_sub(handled, Ordering::Relaxed);
+        if failing {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
         }
     }
 }
 
-async fn write(store: &PgStore, batch: &[Episode]) -> Result<(), crate::store::StoreError> {
-    let fail = |e: tokio_postgres::Error| crate::store::StoreError::Database {
-        target: "anomaly_episodes".into(),
-        message: e.to_string(),
+/// Writes `batch` one episode at a time, dropping those the database refuses. How many were
+/// handled (written or dropped), and the error that stopped it early.
+async fn write_singly(
+    store: &PgStore,
+    batch: &[Episode],
+    counters: &Counters,
+) -> Result<usize, (usize, crate::store::StoreError)> {
+    for (handled, episode) in batch.iter().enumerate() {
+        match write(store, std::slice::from_ref(episode)).await {
+            Ok(()) => {
+                counters.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(WriteError::Refused(reason)) => {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(detector = %episode.detector, error = %reason, "the database refuses this anomaly episode: dropped");
+            }
+            Err(WriteError::Unavailable(e)) => return Err((handled, e)),
+        }
+    }
+    Ok(batch.len())
+}
+
+/// Why episodes were not written.
+enum WriteError {
+    /// A data exception (SQLSTATE class 22): the same rows can never be written.
+    Refused(String),
+    /// The database is away or failing: the rows wait and are tried again.
+    Unavailable(crate::store::StoreError),
+}
+
+async fn write(store: &PgStore, batch: &[Episode]) -> Result<(), WriteError> {
+    let fail = |e: tokio_postgres::Error| {
+        if e.code().is_some_and(|c| c.code().starts_with("22")) {
+            WriteError::Refused(e.to_string())
+        } else {
+            WriteError::Unavailable(crate::store::StoreError::Database {
+                target: "anomaly_episodes".into(),
+                message: e.to_string(),
+            })
+        }
     };
-    let mut client = store.client().await?;
+    let mut client = store.client().await.map_err(WriteError::Unavailable)?;
     let tx = client.transaction().await.map_err(fail)?;
     let statement = tx.prepare(UPSERT).await.map_err(fail)?;
     for e in batch {
