@@ -741,7 +741,7 @@ detectors:
     fn a_password_in_the_datasource_url_is_never_printed() {
         let with_url = |url: &str| GOOD.replace("http://127.0.0.1:8428", url);
         let c = parse(&with_url("http://mad:s3cret@vm:8428")).unwrap_or_else(|e| panic!("{e}"));
-        let shown = c.datasource.url.redacted();
+        let shown = c.datasource.url.without_credentials().to_string();
         assert!(
             !shown.contains("s3cret") && shown.contains("vm:8428"),
             "{shown}"

@@ -254,7 +254,7 @@ enum ModelsAction {
 
 fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(secs) = text.parse::<i64>() {
-        return if (0..=mad::timestamp::MAX_UNIX_SECS).contains(&secs) {
+        return if mad::timestamp::in_range(secs) {
             Ok(secs)
         } else {
             Err("Unix seconds between 1970 and 9999 expected".into())
@@ -519,7 +519,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Models { action } => models(action).await?,
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            println!("config OK: datasource {}", config.datasource.url.redacted());
+            println!(
+                "config OK: datasource {}",
+                config.datasource.url.without_credentials()
+            );
             for d in &config.detectors {
                 println!(
                     "  detector {}: step {}, window {}, train_range {}, interval {}: {}",

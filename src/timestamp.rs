@@ -10,6 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MAX_UNIX_SECS: i64 = 253_402_300_799;
 const LAST_SECOND: u64 = MAX_UNIX_SECS as u64;
 
+/// Whether `unix_secs` is a time from 1970 to 9999: what a timestamp read from outside must be
+/// before sums and differences of it are taken.
+pub fn in_range(unix_secs: i64) -> bool {
+    (0..=MAX_UNIX_SECS).contains(&unix_secs)
+}
+
 /// Unix seconds to `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(unix_secs: i64) -> String {
     let secs = u64::try_from(unix_secs).unwrap_or(0).min(LAST_SECOND);
@@ -28,6 +34,8 @@ mod tests {
 
     #[test]
     fn times_beyond_what_rfc3339_writes_print_as_its_edges() {
+        assert!(in_range(0) && in_range(MAX_UNIX_SECS));
+        assert!(!in_range(-1) && !in_range(MAX_UNIX_SECS + 1));
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_700_101), "2026-11-26T13:35:01Z");
         assert_eq!(rfc3339(-1), "1970-01-01T00:00:00Z");

@@ -28,7 +28,7 @@ pub(super) async fn list(api: &Api, params: &Params) -> Reply {
 
 pub(super) fn validate(new: &NewWindow) -> Result<(), ApiError> {
     for (field, ts) in [("starts_at", new.starts_at), ("ends_at", new.ends_at)] {
-        if !(0..=MAX_TIMESTAMP).contains(&ts) {
+        if !crate::timestamp::in_range(ts) {
             return Err(ApiError::bad_request(format!(
                 "{field}: must be Unix seconds between 0 and {MAX_TIMESTAMP}, got {ts}"
             )));

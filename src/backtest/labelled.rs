@@ -10,7 +10,6 @@ use super::replay::{chart_points, replay, Recording, Replayed, Retrain, Training
 use crate::chart::ChartData;
 use crate::score::Detection;
 use crate::source::Labels;
-use crate::timestamp::MAX_UNIX_SECS;
 
 /// A labelled recording.
 #[derive(Debug, Clone)]
@@ -31,7 +30,7 @@ pub fn read_labelled_csv(path: &Path) -> Result<Labelled, String> {
             return Err(fail(&format!("row {}: expected timestamp,value", i + 2)));
         };
         let ts = match ts.trim().parse::<i64>() {
-            Ok(seconds) if (0..=MAX_UNIX_SECS).contains(&seconds) => seconds,
+            Ok(seconds) if crate::timestamp::in_range(seconds) => seconds,
             Ok(seconds) => {
                 return Err(fail(&format!(
                     "row {}: {seconds} is not Unix seconds between 1970 and 9999",

@@ -131,14 +131,14 @@ impl<'de> Deserialize<'de> for HttpUrl {
 }
 
 impl HttpUrl {
-    /// The URL as it may be printed: a password in it replaced by `***`.
-    pub fn redacted(&self) -> String {
+    /// The URL without user and password: what requests are sent to (the credentials go as
+    /// basic auth) and what messages may show.
+    pub fn without_credentials(&self) -> url::Url {
         let mut url = self.0.clone();
-        if url.password().is_some() {
-            // Only fails for URLs that cannot have credentials, which this one has.
-            let _ = url.set_password(Some("***"));
-        }
-        url.to_string()
+        // These fail only for URLs that cannot carry credentials, which then have none.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url
     }
 }
 

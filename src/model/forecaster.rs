@@ -14,7 +14,6 @@ use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use super::runtime;
 use crate::config::MAX_DURATION;
-use crate::timestamp::MAX_UNIX_SECS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -219,10 +218,9 @@ fn check_meta(meta: &ModelMeta, expected_detector: &str) -> Result<(), String> {
     if meta.step_secs > MAX_DURATION.as_secs() {
         return Err(format!("step_secs {} is beyond 100 years", meta.step_secs));
     }
-    let times = 0..=MAX_UNIX_SECS;
     if ![meta.train_start, meta.train_end, meta.trained_at]
-        .iter()
-        .all(|t| times.contains(t))
+        .into_iter()
+        .all(crate::timestamp::in_range)
         || meta.train_start > meta.train_end
     {
         return Err(format!(

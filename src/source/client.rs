@@ -124,16 +124,15 @@ impl Client {
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
-        let mut base = ds.url.0.clone();
+        let given = &ds.url.0;
         // Credentials in the URL become basic auth; they must never reach a message.
-        let url_auth = (!base.username().is_empty()).then(|| {
+        let url_auth = (!given.username().is_empty()).then(|| {
             (
-                base.username().to_string(),
-                Secret::new(base.password().unwrap_or_default()),
+                given.username().to_string(),
+                Secret::new(given.password().unwrap_or_default()),
             )
         });
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
+        let base = ds.url.without_credentials();
         let basic = ds
             .basic_auth
             .as_ref()
