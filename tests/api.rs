@@ -151,10 +151,17 @@ async fn writes_need_the_token_and_reads_too_unless_public() {
         .expect("json");
     for token in [None, Some("wrong-token"), Some("t0ken-for-test")] {
         for (method, body) in [(Method::GET, None), (Method::POST, Some(window.clone()))] {
+            let with_body = body.is_some();
             let (status, headers, v) = api
                 .call_raw(method.clone(), "/api/v1/maintenance-windows", token, body)
                 .await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {token:?}: {v}");
+            // The body was never read: the client must not reuse this connection.
+            assert_eq!(
+                headers.get("connection").is_some_and(|h| h == "close"),
+                with_body,
+                "{method}: {headers:?}"
+            );
             assert!(
                 headers
                     .get("www-authenticate")
@@ -824,7 +831,7 @@ async fn malformed_requests_get_json_errors_and_the_server_survives() {
         "{{\"starts_at\": 1, \"ends_at\": 2, \"reason\": \"{}\"}}",
         "x".repeat(100 * 1024)
     );
-    let (status, _, v) = api
+    let (status, headers, v) = api
         .call_raw(
             Method::POST,
             "/api/v1/maintenance-windows",
@@ -833,6 +840,10 @@ async fn malformed_requests_get_json_errors_and_the_server_survives() {
         )
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(
+        headers.get("connection").and_then(|h| h.to_str().ok()),
+        Some("close")
+    );
     assert!(
         error_of(&v).contains(&mad::api::MAX_BODY_BYTES.to_string()),
         "{v}"

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -110,7 +110,19 @@ pub async fn serve_http<P: Probes>(
                     async move {
                         let response = match api {
                             Some(api) if req.uri().path().starts_with("/api/") => {
-                                api.handle(req).await.map(Either::Left)
+                                let had_body = !req.body().is_end_stream();
+                                let mut response = api.handle(req).await;
+                                let refused = response.status().is_client_error()
+                                    || response.status().is_server_error();
+                                if had_body && refused {
+                                    // A refusal may leave the body unread (too large, no token),
+                                    // and hyper then drops the connection; saying so stops a
+                                    // client from reusing it and getting a broken reply.
+                                    response
+                                        .headers_mut()
+                                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                                }
+                                response.map(Either::Left)
                             }
                             _ => route(&*probes, &req),
                         };
