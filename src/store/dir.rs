@@ -311,6 +311,16 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::UNIX_EPOCH;
 
+    /// The bytes of the model `cpu` serves.
+    async fn active_onnx(store: &DirStore) -> Vec<u8> {
+        store
+            .load_active("cpu")
+            .await
+            .expect("load")
+            .expect("some")
+            .onnx
+    }
+
     fn meta(detector: &str) -> ModelMeta {
         ModelMeta {
             contract_version: 1,
@@ -392,15 +402,7 @@ mod tests {
         .expect("write");
         let listed = store.list("cpu").await.expect("list");
         assert_eq!(listed.len(), 1, "{listed:?}");
-        assert_eq!(
-            store
-                .load_active("cpu")
-                .await
-                .expect("load")
-                .expect("some")
-                .onnx,
-            b"one"
-        );
+        assert_eq!(active_onnx(&store).await, b"one");
         store.put(b"two", &meta("cpu")).await.expect("put");
         store.prune("cpu", 1).await.expect("prune");
         assert!(
@@ -416,29 +418,13 @@ mod tests {
         let v2 = store.put(b"two", &meta("cpu")).await.expect("put");
         let back = store.rollback("cpu").await.expect("rollback");
         assert_eq!(back.version, v1.version);
-        assert_eq!(
-            store
-                .load_active("cpu")
-                .await
-                .expect("load")
-                .expect("some")
-                .onnx,
-            b"one"
-        );
+        assert_eq!(active_onnx(&store).await, b"one");
         assert!(
             store.rollback("cpu").await.is_err(),
             "nothing older than v1"
         );
         store.activate("cpu", &v2.version).await.expect("activate");
-        assert_eq!(
-            store
-                .load_active("cpu")
-                .await
-                .expect("load")
-                .expect("some")
-                .onnx,
-            b"two"
-        );
+        assert_eq!(active_onnx(&store).await, b"two");
         assert!(store.activate("cpu", "nope").await.is_err());
         // Pruning never removes the active version, even when it is the oldest.
         store.activate("cpu", &v1.version).await.expect("activate");
