@@ -109,22 +109,23 @@ fn convert(raw: RawAlert, now: i64) -> Result<Alert, String> {
         _ => ends_at.is_none_or(|end| end > now),
     };
     Ok(Alert {
-        labels: without_nul(raw.labels),
-        annotations: without_nul(raw.annotations),
+        labels: map_without_nul(raw.labels),
+        annotations: map_without_nul(raw.annotations),
         starts_at,
         firing,
-        generator_url: raw
-            .generator_url
-            .unwrap_or_default()
-            .replace('\0', "\u{FFFD}"),
+        generator_url: without_nul(&raw.generator_url.unwrap_or_default()),
     })
 }
 
 /// PostgreSQL refuses NUL in text and JSON, so an alert carrying one could never be queued:
 /// it is replaced, the same way every time, so firing and resolved still match.
-fn without_nul(map: BTreeMap<String, String>) -> BTreeMap<String, String> {
+fn without_nul(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+fn map_without_nul(map: BTreeMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter()
-        .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), v.replace('\0', "\u{FFFD}")))
+        .map(|(k, v)| (without_nul(&k), without_nul(&v)))
         .collect()
 }
 
