@@ -7,7 +7,8 @@
 //! `|y - yhat| / band` (`band` the series' calibrated half-width) becomes its `anomaly_score` as
 //! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous. Under the
 //! likelihood, the deviations from the previous value and from the series' weekly profile
-//! ([`season`]) have likelihoods of their own, and the highest of them is the score. A value
+//! ([`season`]) have likelihoods of their own, and the highest of them is the score (the naive
+//! one's at most [`NAIVE_CAP`] times the model's). A value
 //! beyond the range the series has shown scores at least its [`novelty::novelty`], whatever the
 //! scoring.
 
@@ -41,6 +42,21 @@ pub const MAX_BATCH: usize = 4096;
 
 /// A score above this is anomalous: what the alerts fire on, and what a retrain leaves out.
 pub const ANOMALOUS_ABOVE: f64 = 1.0;
+
+/// How far past the model's own score the naive forecast's may go: a jump from the last value
+/// counts only as far as the model, too, was surprised by it. A swing the model foresaw (the
+/// usual jumps of a noisy series) is no news, while a change it did not (a level the frozen
+/// model never saw) still scores up to this many times the model's score. Caps of 3 to 8 cut
+/// NAB's false positives by about a fifth and lose no window; 2 loses windows
+/// (docs/quality.md).
+pub const NAIVE_CAP: f64 = 4.0;
+
+/// A point's `anomaly_score` from its scorers' verdicts: the most surprised one counts, the
+/// naive forecast's capped at [`NAIVE_CAP`] times the model's.
+fn combined(model: f64, naive: Option<f64>, seasonal: Option<f64>, novel: f64) -> f64 {
+    let naive = naive.map_or(0.0, |naive| naive.min(NAIVE_CAP * model));
+    model.max(naive).max(seasonal.unwrap_or(0.0)).max(novel)
+}
 
 /// One scored point, in the series' own units.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -431,8 +447,8 @@ impl DetectorScorer {
     /// half-widths: the naive one "as the previous point", or the [`Season`]'s. Each is scored
     /// through its own likelihood next to the model's: a forecaster that learnt from a short,
     /// frozen history can follow a change into a pattern it never saw, while a jump from the
-    /// last value shows it at once (NAB, ASD: docs/quality.md), and a day unlike its weekday shows
-    /// against the same hours of earlier weeks.
+    /// last value shows it at once (NAB, ASD: docs/quality.md; as far as [`NAIVE_CAP`] lets it),
+    /// and a day unlike its weekday shows against the same hours of earlier weeks.
     fn deviation_from(&self, calibrated_half_width: f64, y: f64, expected: f64) -> f64 {
         let half = self.detection.half_width(expected, calibrated_half_width);
         self.detection.score(y, expected, half)
@@ -534,10 +550,7 @@ impl DetectorScorer {
                     let novel = state.range.map_or(0.0, |range| {
                         novelty(range, p.raw, score.yhat, &self.detection)
                     });
-                    score.score = normalized
-                        .max(naive.unwrap_or(0.0))
-                        .max(seasonal.unwrap_or(0.0))
-                        .max(novel);
+                    score.score = combined(normalized, naive, seasonal, novel);
                     scores.push(score);
                 }
             }
@@ -559,5 +572,28 @@ impl DetectorScorer {
             state.latest = Some(*latest);
         }
         scores
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_surprised_scorer_counts() {
+        assert_eq!(combined(0.5, Some(0.2), Some(1.5), 0.0), 1.5);
+        assert_eq!(combined(0.5, None, None, 3.0), 3.0);
+        assert_eq!(combined(1.2, Some(0.1), None, 0.4), 1.2);
+    }
+
+    #[test]
+    fn the_naive_forecast_counts_only_as_far_as_the_model_was_surprised() {
+        // The model was somewhat surprised: the jump from the last value raises the score.
+        assert_eq!(combined(0.3, Some(1.1), None, 0.0), 1.1);
+        assert_eq!(combined(0.3, Some(9.0), None, 0.0), NAIVE_CAP * 0.3);
+        // The model foresaw it: a jump it expected is no news.
+        assert_eq!(combined(0.0, Some(9.0), None, 0.0), 0.0);
+        // The cap is the naive forecast's alone: the weekly profile and novelty are not held.
+        assert_eq!(combined(0.0, Some(9.0), Some(2.0), 5.0), 5.0);
     }
 }
