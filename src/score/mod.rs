@@ -8,9 +8,8 @@
 //! the detector's `detection.scoring` says ([`Scoring`]); above 1 is anomalous. Under the
 //! likelihood, the deviations from the previous value and from the series' weekly profile
 //! ([`season`]) have likelihoods of their own, and the highest of them is the score (the naive
-//! one's at most [`NAIVE_CAP`] times the model's). A value
-//! beyond the range the series has shown scores at least its [`novelty::novelty`], whatever the
-//! scoring.
+//! one's at most [`NAIVE_CAP`] times the model's). A value beyond the range the series has
+//! shown scores at least its [`novelty::novelty`], whatever the scoring.
 
 pub mod detection;
 pub mod dynamic;
