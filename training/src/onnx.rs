@@ -283,6 +283,84 @@ pub fn embedded_meta(onnx: &[u8]) -> Result<ModelMeta, String> {
     serde_json::from_str(entry).map_err(|e| format!("metadata {META_KEY:?} is not valid: {e}"))
 }
 
+/// The weights of a model [`export`] wrote, read back without ONNX Runtime: what a retrain
+/// continues from. Anything else (another producer's graph, a truncated file, tensors whose
+/// shapes do not fit together) is an error, never a model with made-up weights.
+pub fn read_params(onnx: &[u8]) -> Result<LstmParams<f32>, String> {
+    let model = ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
+    let graph = model.graph.ok_or("the model has no graph")?;
+    let tensor = |name: &str| -> Result<(Vec<usize>, Vec<f32>), String> {
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name.as_deref() == Some(name))
+            .ok_or_else(|| format!("no {name:?} tensor: not a model MAD wrote"))?;
+        let dims = t
+            .dims
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| format!("{name:?} has a negative dimension")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw = t.raw_data.as_deref().unwrap_or_default();
+        let expected = dims.iter().try_fold(4usize, |n, &d| n.checked_mul(d));
+        if t.data_type != Some(DATA_TYPE_FLOAT) || expected != Some(raw.len()) {
+            return Err(format!("{name:?} is not float data of its shape {dims:?}"));
+        }
+        let values = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok((dims, values))
+    };
+    let (w_dims, _) = tensor("lstm_W")?;
+    let (head_dims, head_w) = tensor("head_W")?;
+    let (features, hidden, outputs) = match (w_dims.as_slice(), head_dims.as_slice()) {
+        ([1, gates, f], [h, o]) if *gates == 4 * h => (*f, *h, *o),
+        _ => {
+            return Err(format!(
+                "tensor shapes {w_dims:?} and {head_dims:?} do not fit"
+            ))
+        }
+    };
+    let layers = (1..)
+        .take_while(|l| {
+            graph
+                .initializer
+                .iter()
+                .any(|t| t.name.as_deref() == Some(&format!("lstm{l}_W")))
+        })
+        .count()
+        + 1;
+    let mut data = Vec::new();
+    for layer in 0..layers {
+        let prefix = if layer == 0 {
+            "lstm".to_owned()
+        } else {
+            format!("lstm{layer}")
+        };
+        for part in ["W", "R", "B"] {
+            data.extend(tensor(&format!("{prefix}_{part}"))?.1);
+        }
+    }
+    // Stored `[H, outputs]` for MatMul; the parameters hold `[outputs, H]`.
+    data.extend(
+        (0..outputs)
+            .flat_map(|o| (0..hidden).map(move |k| (o, k)))
+            .map(|(o, k)| head_w[k * outputs + o]),
+    );
+    data.extend(tensor("head_B")?.1);
+    let mut params = LstmParams::zeros_multi(features, hidden, layers, outputs);
+    if params.as_slice().len() != data.len() {
+        return Err(format!(
+            "{} weights where a {layers}-layer LSTM of {hidden} units over {features} features \
+             has {}",
+            data.len(),
+            params.as_slice().len()
+        ));
+    }
+    params.as_mut_slice().copy_from_slice(&data);
+    Ok(params)
+}
+
 /// Serialises `params` and `meta` as an ONNX model following the model contract: inputs
 /// `x [seq, batch, F]`, `h0`/`c0 [layers, batch, H]`; outputs `yhat [seq, batch]` (a joint
 /// model's `[seq, batch, outputs]`), `h`/`c [layers, batch, H]`. Each layer is one standard
@@ -578,5 +656,46 @@ mod tests {
         assert_eq!(decoded, meta(h));
         assert_eq!(embedded_meta(&bytes), Ok(meta(h)));
         assert!(embedded_meta(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn read_params_gives_back_the_exported_weights() {
+        for (layers, outputs) in [(1, 1), (2, 1), (1, 3), (3, 2)] {
+            let params = LstmParams::<f32>::init_multi(5, 6, layers, outputs, 7);
+            let bytes = export(&params, &meta(6));
+            assert_eq!(
+                read_params(&bytes),
+                Ok(params),
+                "{layers} layers, {outputs} outputs"
+            );
+        }
+    }
+
+    #[test]
+    fn read_params_refuses_what_it_cannot_read_whole() {
+        let bytes = export(&LstmParams::<f32>::init(5, 6, 7), &meta(6));
+        assert!(read_params(&bytes[..bytes.len() / 2]).is_err());
+        assert!(read_params(b"not a model").is_err());
+        let mut model = ModelProto::decode(bytes.as_slice()).expect("valid protobuf");
+        let graph = model.graph.as_mut().expect("graph");
+        let head = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name.as_deref() == Some("head_B"))
+            .expect("head_B");
+        head.raw_data.as_mut().expect("raw").pop();
+        let error = read_params(&model.encode_to_vec()).expect_err("a short tensor");
+        assert!(error.contains("head_B"), "{error}");
+        graph_without(&mut model, "lstm_R");
+        let error = read_params(&model.encode_to_vec()).expect_err("a missing tensor");
+        assert!(error.contains("lstm_R"), "{error}");
+    }
+
+    fn graph_without(model: &mut ModelProto, name: &str) {
+        if let Some(graph) = model.graph.as_mut() {
+            graph
+                .initializer
+                .retain(|t| t.name.as_deref() != Some(name));
+        }
     }
 }
