@@ -26,5 +26,6 @@ pub mod weekly;
 pub use contract::*;
 pub use lstm::{Dropout, LstmOutput, LstmParams, LstmTape, Real, ShapeError};
 pub use trainer::{
-    train, train_with, Control, Progress, SeriesHistory, TrainError, TrainOptions, TrainedModel,
+    train, train_continuing, train_with, Continuation, Control, Progress, SeriesHistory,
+    TrainError, TrainOptions, TrainedModel, CONTINUE_LEARNING_RATE,
 };

@@ -6,7 +6,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::prepare::{training_pieces, Piece, PreparedSeries};
-use super::{internal, Control, Progress, TrainError, TrainOptions};
+use super::{internal, Control, Progress, TrainError, TrainOptions, CONTINUE_LEARNING_RATE};
 use crate::adam::Adam;
 use crate::lstm::{Dropout, LstmParams, LstmTape};
 
@@ -315,16 +315,15 @@ pub(super) struct Ensemble {
 pub(super) fn fit_ensemble(
     model: (usize, usize),
     (prepared, validation_streams): (&[PreparedSeries], &[Piece]),
-    opts: &TrainOptions,
+    (opts, start): (&TrainOptions, Option<&LstmParams<f32>>),
     members: usize,
     progress: &mut dyn FnMut(&Progress) -> Control,
 ) -> Result<Ensemble, TrainError> {
     let first = fit(
         model,
-        prepared,
-        validation_streams,
+        (prepared, validation_streams),
         opts,
-        opts.seed,
+        Start::new(start, opts.seed),
         progress,
     )?;
     let mut member_val_losses = vec![first.best_val];
@@ -339,7 +338,13 @@ pub(super) fn fit_ensemble(
     for member in 1..members {
         let seed = opts.seed.wrapping_add(member as u64);
         let mut quiet = |_: &Progress| Control::Continue;
-        let fitted = fit(model, prepared, validation_streams, opts, seed, &mut quiet)?;
+        let fitted = fit(
+            model,
+            (prepared, validation_streams),
+            opts,
+            Start::new(None, seed),
+            &mut quiet,
+        )?;
         member_val_losses.push(fitted.best_val);
         models.push(fitted.best);
     }
@@ -357,19 +362,39 @@ pub(super) fn fit_ensemble(
     })
 }
 
-/// Trains one model from `seed` until its validation loss stops improving.
+/// Where a model's fit starts: weights drawn from a seed, or a stored model's.
+#[derive(Clone, Copy)]
+struct Start<'a> {
+    continued: Option<&'a LstmParams<f32>>,
+    /// Draws the initial weights, and the order of the pieces in each epoch.
+    seed: u64,
+}
+
+impl<'a> Start<'a> {
+    fn new(continued: Option<&'a LstmParams<f32>>, seed: u64) -> Start<'a> {
+        Start { continued, seed }
+    }
+}
+
+/// Trains one model from `start` until its validation loss stops improving.
 fn fit(
     (features, width): (usize, usize),
-    prepared: &[PreparedSeries],
-    validation_streams: &[Piece],
+    (prepared, validation_streams): (&[PreparedSeries], &[Piece]),
     opts: &TrainOptions,
-    seed: u64,
+    start: Start<'_>,
     progress: &mut dyn FnMut(&Progress) -> Control,
 ) -> Result<Fit, TrainError> {
-    let mut params = LstmParams::<f32>::init_multi(features, opts.hidden, opts.layers, width, seed);
-    let mut adam = Adam::new(opts.learning_rate, params.as_slice().len());
+    let seed = start.seed;
+    let (mut params, learning_rate) = match start.continued {
+        Some(params) => (params.clone(), CONTINUE_LEARNING_RATE),
+        None => (
+            LstmParams::<f32>::init_multi(features, opts.hidden, opts.layers, width, seed),
+            opts.learning_rate,
+        ),
+    };
+    let mut adam = Adam::new(learning_rate, params.as_slice().len());
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed_7a1e);
-    let mut ws = Workspace::new(features, opts.hidden, opts.layers, width);
+    let mut ws = Workspace::new(features, params.hidden(), opts.layers, width);
     let mut pieces = Vec::new();
 
     let mut best = params.clone();

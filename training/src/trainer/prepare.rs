@@ -165,6 +165,7 @@ pub(super) fn prepare_stream(
     members: &[Option<&SeriesHistory>],
     step_secs: u64,
     opts: &TrainOptions,
+    kept_scalers: Option<&BTreeMap<String, Scaler>>,
 ) -> Result<(PreparedSeries, i64), TrainError> {
     let width = members.len();
     let keys: Vec<String> = members
@@ -218,8 +219,14 @@ pub(super) fn prepare_stream(
             .filter(|v| !v.is_nan())
             .collect()
     };
+    // A continued model keeps the scalers it learnt with; a series new to it gets its own.
     let scalers: Vec<Scaler> = (0..width)
-        .map(|i| Scaler::fit(&column(i, 0..train_end)))
+        .map(|i| {
+            kept_scalers
+                .and_then(|kept| kept.get(&keys[i]))
+                .copied()
+                .unwrap_or_else(|| Scaler::fit(&column(i, 0..train_end)))
+        })
         .collect();
     let ranges = (0..width)
         .map(|i| ValueRange::of(&column(i, 0..len)))
