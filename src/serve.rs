@@ -392,7 +392,7 @@ async fn detector_loop(
                 // "" means "anything may have changed" (missed notices after a reconnect).
                 if changed.is_empty() || changed == name {
                     if let Some(model) = reload(&exporter, &name, scorer.as_ref(), &mut rejected).await {
-                        scorer = Some(scorer_for(&detector, model));
+                        scorer = Some(scorer_for(&detector, model, scorer.take()));
                     }
                 }
                 continue;
@@ -402,7 +402,7 @@ async fn detector_loop(
         if Instant::now() >= next_reload {
             next_reload = Instant::now() + reload_every;
             if let Some(model) = reload(&exporter, &name, scorer.as_ref(), &mut rejected).await {
-                scorer = Some(scorer_for(&detector, model));
+                scorer = Some(scorer_for(&detector, model, scorer.take()));
             }
         }
         if let Some(scorer) = scorer.as_mut() {
@@ -501,10 +501,23 @@ async fn reload(
     }
 }
 
-/// A fresh scorer for `detector` with the model it will run.
-fn scorer_for(detector: &Detector, model: Arc<Forecaster>) -> DetectorScorer {
-    DetectorScorer::new(model, detector.staleness().as_secs() as i64)
-        .with_detection(detector.detection)
+/// A scorer for `detector` with the model it will run. Where that model continues the one
+/// `previous` ran (`mad train --if-due`), its series go on with their states
+/// ([`DetectorScorer::go_on_from`]) instead of warming up again.
+fn scorer_for(
+    detector: &Detector,
+    model: Arc<Forecaster>,
+    previous: Option<DetectorScorer>,
+) -> DetectorScorer {
+    let mut scorer = DetectorScorer::new(model, detector.staleness().as_secs() as i64)
+        .with_detection(detector.detection);
+    if let Some(previous) = previous {
+        let went_on = scorer.go_on_from(previous);
+        if went_on > 0 {
+            tracing::info!(detector = %detector.name, series = went_on, "series go on with the continued model");
+        }
+    }
+    scorer
 }
 
 async fn run_cycle(

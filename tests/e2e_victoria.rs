@@ -242,6 +242,25 @@ async fn scores_reach_victoriametrics_and_spikes_score_above_one() {
         other => panic!("a model that was not due was retrained: {other:?}"),
     }
 
+    // Once it is due (here: older than half a tiny `model_max_age`), the scheduled run goes on
+    // from the active model instead of starting afresh, so the exporter keeps its series'
+    // states.
+    let mut aged = test_config(&vm.url, tmp.path(), port, 5);
+    aged.alerting.model_max_age.0 = Duration::from_secs(2);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let continued =
+        mad::train::run_scheduled(&aged, &[], Some(live_end), mad::train::Schedule::IfDue)
+            .await
+            .expect("scheduled run of a due model");
+    match &continued[..] {
+        [mad::train::Outcome::Trained(t)] => assert_eq!(
+            t.continued.as_deref(),
+            Some(over_spike[0].version.version.as_str()),
+            "{t}"
+        ),
+        other => panic!("a due model was not retrained: {other:?}"),
+    }
+
     // The datasource goes away: scores vanish instead of going stale, errors are counted.
     vm.stop().await;
     eventually(

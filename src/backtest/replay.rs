@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mad_training::search::Budget;
-use mad_training::{SeriesHistory, TrainError, TrainOptions, TrainedModel};
+use mad_training::{Continuation, SeriesHistory, TrainError, TrainOptions, TrainedModel};
 
 use crate::chart::ChartPoint;
 use crate::model::Forecaster;
@@ -40,14 +40,31 @@ impl From<TrainOptions> for Training {
 
 impl Training {
     /// One model for `series`, with `options` in place of [`Self::options`] (a short past's
-    /// window is shortened), and the search trials it took: searched when a budget is set (its
-    /// first trial is `options`).
+    /// window is shortened), and the search trials it took: continued from `from` where it
+    /// fits, as `mad train` continues the active model; otherwise searched when a budget is set
+    /// (its first trial is `options`).
     fn train(
         &self,
         step: i64,
         series: &[SeriesHistory],
         options: &TrainOptions,
+        from: Option<&Continuation>,
     ) -> Result<(TrainedModel, usize), TrainError> {
+        if let (Some(from), None) = (from, self.search) {
+            match mad_training::train_continuing(
+                DETECTOR,
+                step as u64,
+                series,
+                options,
+                from,
+                &mut |_| {},
+            ) {
+                Err(TrainError::CannotContinue(why)) => {
+                    tracing::debug!(why, "trained afresh");
+                }
+                result => return result.map(|model| (model, 0)),
+            }
+        }
         match self.search {
             Some(budget) => mad_training::search::search(
                 DETECTOR,
@@ -202,6 +219,9 @@ pub fn replay_many(
     // Per series and slot: scored above the edge. A retrain leaves these points out, as
     // `mad train` leaves out what the exporter flagged.
     let mut flagged: Vec<Vec<bool>> = grids.iter().map(|g| vec![false; g.points.len()]).collect();
+    // The last model's ONNX: a retrain continues it.
+    let mut last_model: Option<Vec<u8>> = None;
+    let previous = &mut last_model;
     let mut fit = |upto: usize,
                    options: &mut TrainOptions,
                    flagged: &[Vec<bool>]|
@@ -223,9 +243,14 @@ pub fn replay_many(
             })
             .collect();
         let started = Instant::now();
+        let from = previous
+            .as_deref()
+            .map(Continuation::of_model)
+            .transpose()
+            .map_err(|e| format!("{name}: the model before: {e}"))?;
         // A short past gets a shorter window rather than no model, as a new metric would.
         let (model, searched) = loop {
-            match training.train(step, &histories, options) {
+            match training.train(step, &histories, options, from.as_ref()) {
                 Err(TrainError::TooLittleData { .. }) if options.window / 2 >= MIN_WINDOW => {
                     options.window /= 2;
                 }
@@ -242,6 +267,7 @@ pub fn replay_many(
             .and_then(|v| v.as_u64())
             .unwrap_or_default() as usize;
         trials += searched;
+        *previous = Some(model.onnx.clone());
         let forecaster = Forecaster::load(&model.onnx, "replay", DETECTOR, onnxruntime)
             .map_err(|e| format!("{name}: {e}"))?;
         // Never stale: the recording's clock, not the wall clock, drives the cycles.
@@ -259,9 +285,11 @@ pub fn replay_many(
         // Only what has been seen: the points before this one.
         let mut from = (i + 1).saturating_sub(POINTS_PER_CYCLE);
         if i == next_retrain {
-            scorer = fit(i, &mut options, &flagged)?;
+            let old = std::mem::replace(&mut scorer, fit(i, &mut options, &flagged)?);
+            scorer.go_on_from(old);
             next_retrain = next_retrain.saturating_mul(2);
-            // A fresh scorer warms up on the recent past, as the exporter's lookback does.
+            // A series that starts afresh warms up on the recent past, as the exporter's
+            // lookback does; one that goes on skips what it has seen.
             from = (i + 1).saturating_sub(scorer.warmup_points() + 1);
         }
         let live: Vec<usize> = (0..grids.len())

@@ -295,6 +295,39 @@ impl DetectorScorer {
         }
     }
 
+    /// Takes over `old`'s series states where this scorer's model continues `old`'s
+    /// (`mad_training::train_continuing`): the same shape, and for each series the same
+    /// scaler. Such a series goes on as if the model had not changed — its LSTM state, error
+    /// histories (and the band they are measured in), range and weekly profile — instead of
+    /// warming up again, whose fresh likelihoods fire on ordinary swings. Any other series, and
+    /// a joint model's groups, start afresh. Returns how many series went on.
+    pub fn go_on_from(&mut self, old: DetectorScorer) -> usize {
+        let (new, previous) = (&self.model.meta, &old.model.meta);
+        let continued = new.training.get("continued") == Some(&serde_json::Value::Bool(true));
+        let same_shape = (new.hidden, new.layers, &new.features, &new.inputs)
+            == (
+                previous.hidden,
+                previous.layers,
+                &previous.features,
+                &previous.inputs,
+            );
+        if !(continued && same_shape && new.inputs.is_empty()) {
+            return 0;
+        }
+        let mut went_on = 0;
+        for (labels, state) in old.series {
+            let same_scaler = new
+                .series
+                .get(&series_key(&labels))
+                .is_some_and(|cal| cal.scaler == state.scaler);
+            if same_scaler && state.unfitted.is_none() {
+                self.series.insert(labels, state);
+                went_on += 1;
+            }
+        }
+        went_on
+    }
+
     /// Forgets every series' scores (not its state): used when the datasource fails, so stale
     /// values are not served as fresh.
     pub fn clear_latest(&mut self) {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use mad_training::{ModelMeta, Progress, SeriesHistory};
+use mad_training::{Continuation, ModelMeta, Progress, SeriesHistory, TrainError};
 
 use crate::config::{Config, Detector};
 use crate::registry::{exclude_windows, merged_detectors, MaintenanceWindow, Registry};
@@ -33,6 +33,8 @@ pub struct Trained {
     pub seconds: f64,
     /// A joint model's inputs, in column order; empty for a model that reads each series alone.
     pub joint_inputs: Vec<String>,
+    /// The version this model went on from (`--if-due` continues the active model).
+    pub continued: Option<String>,
 }
 
 impl std::fmt::Display for Trained {
@@ -51,6 +53,9 @@ impl std::fmt::Display for Trained {
                 ", {} points scored anomalous left out",
                 self.flagged_excluded
             )?;
+        }
+        if let Some(from) = &self.continued {
+            write!(f, ", continued from version {from}")?;
         }
         write!(f, "; stored version {}", self.version.version)?;
         if !self.joint_inputs.is_empty() {
@@ -117,6 +122,13 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// The model `--if-due` may replace, and continue when it is due.
+struct Active {
+    version: String,
+    meta: ModelMeta,
+    onnx: Vec<u8>,
+}
+
 /// What `mad train` works with: the datasource, the model store and, with PostgreSQL, the
 /// registry (database detectors, maintenance windows, the retraining queue).
 struct Trainer<'a> {
@@ -156,7 +168,7 @@ impl<'a> Trainer<'a> {
         let step = detector.step.0.as_secs().max(1) as i64;
         let current = match schedule {
             Schedule::Always => None,
-            Schedule::IfDue => self.active_meta(&detector.name.0).await?,
+            Schedule::IfDue => self.active_model(&detector.name.0).await?,
         };
         let start = end - detector.train_range.0.as_secs() as i64;
         let windows = match &self.registry {
@@ -176,14 +188,18 @@ impl<'a> Trainer<'a> {
         .with_context(|| format!("detector {} (step {step}s)", detector.name))
     }
 
-    /// The active model's version and metadata; none when there is no model or its metadata
-    /// cannot be read (then it is retrained).
-    async fn active_meta(&self, detector: &str) -> anyhow::Result<Option<(String, ModelMeta)>> {
+    /// The active model; none when there is no model or its metadata cannot be read (then it
+    /// is retrained afresh).
+    async fn active_model(&self, detector: &str) -> anyhow::Result<Option<Active>> {
         let Some(stored) = self.store.load_active(detector).await? else {
             return Ok(None);
         };
         match mad_training::onnx::embedded_meta(&stored.onnx) {
-            Ok(meta) => Ok(Some((stored.info.version, meta))),
+            Ok(meta) => Ok(Some(Active {
+                version: stored.info.version,
+                meta,
+                onnx: stored.onnx,
+            })),
             Err(e) => {
                 tracing::warn!(detector, version = %stored.info.version, error = %e, "the active model's metadata cannot be read: retraining");
                 Ok(None)
@@ -309,7 +325,7 @@ async fn train_detector(
     detector: &Detector,
     end: i64,
     windows: &[MaintenanceWindow],
-    current: Option<&(String, ModelMeta)>,
+    current: Option<&Active>,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     let step = detector.step.0.as_secs().max(1) as i64;
@@ -366,7 +382,7 @@ async fn train_detector(
         );
     }
     let options = detector.train_options(&config.training);
-    if let Some((version, meta)) = current {
+    if let Some(Active { version, meta, .. }) = current {
         let wanted = due::Wanted {
             window: options.window,
             step_secs: step as u64,
@@ -400,6 +416,18 @@ async fn train_detector(
     let series = history.len();
     let progress_bar = bar.clone();
     let budget = detector.search_budget(&config.training);
+    // A due model goes on from the active one, so the exporter keeps its series' states instead
+    // of warming up again (SMD's retrains: best F1 0.342 → 0.403; docs/quality.md). Not when a
+    // search is to choose the shape, nor across a change of step.
+    let continued_from = current.filter(|a| budget.is_none() && a.meta.step_secs == step as u64);
+    let from = continued_from.and_then(|active| match Continuation::of_model(&active.onnx) {
+        Ok(from) => Some(from),
+        Err(e) => {
+            tracing::warn!(detector = %detector.name, version = %active.version, error = %e, "the active model's weights cannot be read: training afresh");
+            None
+        }
+    });
+    let mut continued = from.as_ref().and(continued_from).map(|a| a.version.clone());
     if let Some(budget) = budget {
         bar.set_length(budget.trials as u64);
         bar.set_style(
@@ -407,7 +435,7 @@ async fn train_detector(
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
     }
-    let model = tokio::task::spawn_blocking(move || match budget {
+    let (model, went_on) = tokio::task::spawn_blocking(move || match budget {
         Some(budget) => {
             let mut on_trial = |t: &mad_training::search::Trial| {
                 progress_bar.inc(1);
@@ -428,7 +456,7 @@ async fn train_detector(
                 budget,
                 &mut on_trial,
             )
-            .map(|searched| searched.model)
+            .map(|searched| (searched.model, false))
         }
         None => {
             let mut on_epoch = |p: &Progress| {
@@ -438,11 +466,30 @@ async fn train_detector(
                     p.train_loss, p.val_loss, p.best_epoch
                 ));
             };
+            if let Some(from) = &from {
+                match mad_training::train_continuing(
+                    &name,
+                    step as u64,
+                    &history,
+                    &options,
+                    from,
+                    &mut on_epoch,
+                ) {
+                    Err(TrainError::CannotContinue(why)) => {
+                        tracing::info!(detector = %name, why, "training afresh");
+                    }
+                    result => return result.map(|model| (model, true)),
+                }
+            }
             mad_training::train(&name, step as u64, &history, &options, &mut on_epoch)
+                .map(|model| (model, false))
         }
     })
     .await
     .context("training task failed")??;
+    if !went_on {
+        continued = None;
+    }
     bar.finish_and_clear();
     let version = store.put(&model.onnx, &model.meta).await?;
     store
@@ -467,6 +514,7 @@ async fn train_detector(
         flagged_excluded,
         seconds: started.elapsed().as_secs_f64(),
         joint_inputs: model.meta.inputs.clone(),
+        continued,
     }))
 }
 
@@ -505,6 +553,7 @@ mod tests {
             flagged_excluded,
             seconds: 0.5,
             joint_inputs: Vec::new(),
+            continued: None,
         };
         assert_eq!(
             trained(3, 0).to_string(),
@@ -519,6 +568,15 @@ mod tests {
         assert_eq!(
             trained(1, 0).to_string(),
             "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs; stored version v7"
+        );
+        let continued = Trained {
+            continued: Some("v6".into()),
+            ..trained(1, 0)
+        };
+        assert_eq!(
+            continued.to_string(),
+            "cpu: trained on 2 series (900 points) in 0.5s, 12 epochs, continued from version \
+             v6; stored version v7"
         );
     }
 }
