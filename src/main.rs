@@ -67,8 +67,8 @@ enum Command {
         rules_dir: Option<PathBuf>,
         /// Retrain a detector that has a model only when it is due: its history has doubled
         /// since, a series is new to it, its window or step changed, or it is half
-        /// `alerting.model_max_age` old (what a scheduled run wants: every retrain restarts the
-        /// exporter's scoring of the detector).
+        /// `alerting.model_max_age` old (what a scheduled run wants). A due model is continued
+        /// from the active one, so the exporter keeps its series' states.
         #[arg(long, conflicts_with = "watch")]
         if_due: bool,
     },

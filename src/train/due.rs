@@ -1,10 +1,11 @@
 //! Whether a scheduled run retrains a detector that already has a model (`mad train --if-due`).
 //!
-//! A new model restarts the exporter's scorer: its likelihoods start again from a warm-up's worth
-//! of history, and on one-minute data a daily retrain keeps the day-long scale from ever joining.
-//! Replayed on SMD, retraining every day cost best F1 0.395 → 0.219, while on NAB retraining
-//! each time a file's history had doubled raised the standard score 73.5 → 75.2 (docs/quality.md,
-//! Detection quality). So a scheduled run retrains a model only when it has something to learn.
+//! A model trained afresh restarts the exporter's scorer: its likelihoods start again from a
+//! warm-up's worth of history, and on one-minute data a daily retrain keeps the day-long scale
+//! from ever joining (replayed on SMD, retraining every day cost best F1 0.395 → 0.219). A due
+//! model is continued instead (`mad_training::train_continuing`), so the exporter keeps its
+//! series' states, but a model learns nothing from a history that has hardly grown. So a
+//! scheduled run retrains a model only when it has something to learn (docs/quality.md).
 
 use mad_training::search::SEARCH_META_KEY;
 use mad_training::{series_key, ModelMeta, SeriesHistory};
