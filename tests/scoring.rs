@@ -776,7 +776,8 @@ fn version_for_a(version: &str, scaler: Scaler, continued: bool) -> Arc<mad::mod
         calibration(scaler.center, scaler.scale, 1.0),
     );
     if continued {
-        meta.training.insert("continued".into(), true.into());
+        meta.training
+            .insert(mad_training::CONTINUED_META_KEY.into(), true.into());
     }
     let bytes = common::model_bytes(&meta);
     Arc::new(mad::model::Forecaster::load(&bytes, version, "d", None).expect("test model loads"))

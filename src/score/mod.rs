@@ -303,7 +303,8 @@ impl DetectorScorer {
     /// a joint model's groups, start afresh. Returns how many series went on.
     pub fn go_on_from(&mut self, old: DetectorScorer) -> usize {
         let (new, previous) = (&self.model.meta, &old.model.meta);
-        let continued = new.training.get("continued") == Some(&serde_json::Value::Bool(true));
+        let continued = new.training.get(mad_training::CONTINUED_META_KEY)
+            == Some(&serde_json::Value::Bool(true));
         let same_shape = (new.hidden, new.layers, &new.features, &new.inputs)
             == (
                 previous.hidden,

@@ -427,7 +427,6 @@ async fn train_detector(
             None
         }
     });
-    let mut continued = from.as_ref().and(continued_from).map(|a| a.version.clone());
     if let Some(budget) = budget {
         bar.set_length(budget.trials as u64);
         bar.set_style(
@@ -487,9 +486,9 @@ async fn train_detector(
     })
     .await
     .context("training task failed")??;
-    if !went_on {
-        continued = None;
-    }
+    let continued = continued_from
+        .filter(|_| went_on)
+        .map(|active| active.version.clone());
     bar.finish_and_clear();
     let version = store.put(&model.onnx, &model.meta).await?;
     store

@@ -286,6 +286,10 @@ impl Continuation {
     }
 }
 
+/// The `training` metadata entry that says a model went on from another ([`train_continuing`]):
+/// what lets the exporter keep its series' states.
+pub const CONTINUED_META_KEY: &str = "continued";
+
 /// Adam's learning rate when a model is continued: it starts near a minimum, and the default
 /// rate's steps would throw much of it away. 3e-3, 1e-3 and 3e-4 were measured on SMD's
 /// retrains (best F1 0.408, 0.403, 0.400) and NAB's (73.7, 74.0, 74.2; docs/quality.md).
@@ -427,7 +431,7 @@ fn train_from(
     put("options", serde_json::to_value(opts).unwrap_or_default());
     put("epochs_run", epochs_run.into());
     put("ensemble", members.into());
-    put("continued", from.is_some().into());
+    put(CONTINUED_META_KEY, from.is_some().into());
     put("member_val_losses", ensemble.member_val_losses.into());
     put("best_epoch", best_epoch.into());
     put("best_val_loss", best_val.into());
@@ -1021,8 +1025,8 @@ mod tests {
         let (fresh, fresh_first) = first_val_loss(&longer, &opts, None);
         assert_eq!(continued.meta.series[&key(&longer)].scaler, old_scaler);
         assert_ne!(fresh.meta.series[&key(&longer)].scaler, old_scaler);
-        assert_eq!(continued.meta.training["continued"], true);
-        assert_eq!(fresh.meta.training["continued"], false);
+        assert_eq!(continued.meta.training[CONTINUED_META_KEY], true);
+        assert_eq!(fresh.meta.training[CONTINUED_META_KEY], false);
         // The old model already forecasts the rhythm: its first epoch is well ahead of a
         // freshly drawn model's.
         assert!(
