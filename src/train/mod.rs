@@ -417,7 +417,7 @@ async fn train_detector(
     let progress_bar = bar.clone();
     let budget = detector.search_budget(&config.training);
     // A due model goes on from the active one, so the exporter keeps its series' states instead
-    // of warming up again (SMD's retrains: best F1 0.342 → 0.403; docs/quality.md). Not when a
+    // of warming up again (SMD's retrains: best F1 0.342 → 0.415; docs/quality.md). Not when a
     // search is to choose the shape, nor across a change of step.
     let continued_from = current.filter(|a| budget.is_none() && a.meta.step_secs == step as u64);
     let from = continued_from.and_then(|active| match Continuation::of_model(&active.onnx) {

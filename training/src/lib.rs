@@ -28,4 +28,5 @@ pub use lstm::{Dropout, LstmOutput, LstmParams, LstmTape, Real, ShapeError};
 pub use trainer::{
     train, train_continuing, train_with, Continuation, Control, Progress, SeriesHistory,
     TrainError, TrainOptions, TrainedModel, CONTINUED_META_KEY, CONTINUE_LEARNING_RATE,
+    CONTINUE_MAX_EPOCHS,
 };

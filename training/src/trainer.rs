@@ -292,12 +292,19 @@ pub const CONTINUED_META_KEY: &str = "continued";
 
 /// Adam's learning rate when a model is continued: it starts near a minimum, and the default
 /// rate's steps would throw much of it away. 3e-3, 1e-3 and 3e-4 were measured on SMD's
-/// retrains (best F1 0.408, 0.403, 0.400) and NAB's (73.7, 74.0, 74.2; docs/quality.md).
+/// retrains run to their early stop (best F1 0.408, 0.403, 0.400) and NAB's (73.7, 74.0, 74.2;
+/// docs/quality.md).
 pub const CONTINUE_LEARNING_RATE: f64 = 1e-3;
 
+/// Epochs a continued model trains at most: it starts near a minimum, and running to its early
+/// stop over the whole history took SMD's retrains 35 s per model for best F1 0.403 / 0.331,
+/// while 5, 10 and 12 epochs gave 0.413 / 0.334, 0.415 / 0.333 and 0.413 / 0.333 in 9–14 s
+/// (NAB 73.6, 73.7, 73.9 against 74.0; docs/quality.md).
+pub const CONTINUE_MAX_EPOCHS: usize = 10;
+
 /// As [`train`], going on from `from`'s weights and scalers over the whole history: one model
-/// (a continued ensemble stays the one wide model it was merged into), no hyperparameter
-/// search. Its errors stay distributed like the old model's, so the exporter may keep its
+/// (a continued ensemble stays the one wide model it was merged into), at most
+/// [`CONTINUE_MAX_EPOCHS`], no hyperparameter search. Its errors stay distributed like the old model's, so the exporter may keep its
 /// series' states (error histories, LSTM state) instead of restarting them.
 pub fn train_continuing(
     detector: &str,

@@ -6,7 +6,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::prepare::{training_pieces, Piece, PreparedSeries};
-use super::{internal, Control, Progress, TrainError, TrainOptions, CONTINUE_LEARNING_RATE};
+use super::{
+    internal, Control, Progress, TrainError, TrainOptions, CONTINUE_LEARNING_RATE,
+    CONTINUE_MAX_EPOCHS,
+};
 use crate::adam::Adam;
 use crate::lstm::{Dropout, LstmParams, LstmTape};
 
@@ -402,7 +405,11 @@ fn fit(
     let mut best_epoch = 0;
     let mut epochs_run = 0;
     let mut last_train_loss = f64::NAN;
-    for epoch in 1..=opts.max_epochs {
+    let max_epochs = match start.continued {
+        Some(_) => opts.max_epochs.min(CONTINUE_MAX_EPOCHS),
+        None => opts.max_epochs,
+    };
+    for epoch in 1..=max_epochs {
         training_pieces(prepared, PIECE_WINDOWS * opts.window, &mut rng, &mut pieces);
         let train_loss = train_epoch(
             &mut params,
