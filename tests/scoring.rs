@@ -59,14 +59,26 @@ fn calibration(center: f64, scale: f64, band: f64) -> SeriesCalibration {
 
 /// An untrained model with a calibration for series "a".
 fn calibrated_for_a(calibration: SeriesCalibration) -> Arc<mad::model::Forecaster> {
+    version_for_a("v1", calibration, false)
+}
+
+/// The same as `version`, marked as continuing the one before when `continued`.
+fn version_for_a(
+    version: &str,
+    calibration: SeriesCalibration,
+    continued: bool,
+) -> Arc<mad::model::Forecaster> {
     let mut meta = common::meta("d", 1.0);
     meta.series.insert(
         mad_training::contract::series_key(&labels("a")),
         calibration,
     );
-    let model = mad::model::Forecaster::load(&common::model_bytes(&meta), "v1", "d", None)
-        .expect("test model loads");
-    Arc::new(model)
+    if continued {
+        meta.training
+            .insert(mad_training::CONTINUED_META_KEY.into(), true.into());
+    }
+    let bytes = common::model_bytes(&meta);
+    Arc::new(mad::model::Forecaster::load(&bytes, version, "d", None).expect("test model loads"))
 }
 
 fn now_after(i: usize) -> i64 {
@@ -768,19 +780,9 @@ fn a_profile_shipped_with_the_model_is_compared_with_from_a_restart_on() {
     assert!(unseeded < 1.0, "without it: {unseeded}");
 }
 
-/// A model for series "a" as `version`, marked as continuing the one before when `continued`.
-fn version_for_a(version: &str, scaler: Scaler, continued: bool) -> Arc<mad::model::Forecaster> {
-    let mut meta = common::meta("d", 1.0);
-    meta.series.insert(
-        mad_training::contract::series_key(&labels("a")),
-        calibration(scaler.center, scaler.scale, 1.0),
-    );
-    if continued {
-        meta.training
-            .insert(mad_training::CONTINUED_META_KEY.into(), true.into());
-    }
-    let bytes = common::model_bytes(&meta);
-    Arc::new(mad::model::Forecaster::load(&bytes, version, "d", None).expect("test model loads"))
+/// Series "a" calibrated with `scaler` and a band of 1.
+fn scaled_by(scaler: Scaler) -> SeriesCalibration {
+    calibration(scaler.center, scaler.scale, 1.0)
 }
 
 #[test]
@@ -812,35 +814,38 @@ fn a_continued_model_goes_on_with_its_series_states() {
             .get(&("a".to_string(), T0 + 60 * STEP))
             .map(|s| s.score)
     };
-    let mut unchanged = band_scorer(version_for_a("v1", scaler, false), i64::MAX / 4);
+    let mut unchanged = band_scorer(version_for_a("v1", scaled_by(scaler), false), i64::MAX / 4);
     fed(&mut unchanged);
     let expected = next(&mut unchanged).expect("the old model scores the next point");
 
     // The new version continues v1 (same weights here) with the same scaler: the series goes
     // on where it was, scoring the next point from a three-point fetch as v1 would have.
-    let mut old = band_scorer(version_for_a("v1", scaler, false), i64::MAX / 4);
+    let mut old = band_scorer(version_for_a("v1", scaled_by(scaler), false), i64::MAX / 4);
     fed(&mut old);
-    let mut continued = band_scorer(version_for_a("v2", scaler, true), i64::MAX / 4);
+    let mut continued = band_scorer(version_for_a("v2", scaled_by(scaler), true), i64::MAX / 4);
     assert_eq!(continued.go_on_from(old), 1);
     assert_eq!(next(&mut continued), Some(expected));
 
     // A model trained afresh, or one whose scaler moved, starts the series over: three points
     // are no warm-up, so nothing is scored yet.
     for (model, what) in [
-        (version_for_a("v3", scaler, false), "trained afresh"),
+        (
+            version_for_a("v3", scaled_by(scaler), false),
+            "trained afresh",
+        ),
         (
             version_for_a(
                 "v4",
-                Scaler {
+                scaled_by(Scaler {
                     center: 51.0,
                     ..scaler
-                },
+                }),
                 true,
             ),
             "another scaler",
         ),
     ] {
-        let mut old = band_scorer(version_for_a("v1", scaler, false), i64::MAX / 4);
+        let mut old = band_scorer(version_for_a("v1", scaled_by(scaler), false), i64::MAX / 4);
         fed(&mut old);
         let mut new = band_scorer(model, i64::MAX / 4);
         assert_eq!(new.go_on_from(old), 0, "{what}");

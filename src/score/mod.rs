@@ -305,14 +305,10 @@ impl DetectorScorer {
         let (new, previous) = (&self.model.meta, &old.model.meta);
         let continued = new.training.get(mad_training::CONTINUED_META_KEY)
             == Some(&serde_json::Value::Bool(true));
-        let same_shape = (new.hidden, new.layers, &new.features, &new.inputs)
-            == (
-                previous.hidden,
-                previous.layers,
-                &previous.features,
-                &previous.inputs,
-            );
-        if !(continued && same_shape && new.inputs.is_empty()) {
+        let same_shape = (new.hidden, new.layers, &new.features)
+            == (previous.hidden, previous.layers, &previous.features);
+        let per_series = new.inputs.is_empty() && previous.inputs.is_empty();
+        if !(continued && same_shape && per_series) {
             return 0;
         }
         let mut went_on = 0;

@@ -406,10 +406,9 @@ fn train_from(
         .iter()
         .map(|p| p.targets_in(0..p.train_end) * p.width())
         .sum();
-    let start = match from {
-        Some(c) => Some(continued_params(c, opts, features, width)?),
-        None => None,
-    };
+    let start = from
+        .map(|c| continued_params(c, opts, features, width))
+        .transpose()?;
     let members = if start.is_some() {
         1
     } else {

@@ -326,7 +326,10 @@ pub(super) fn fit_ensemble(
         model,
         (prepared, validation_streams),
         opts,
-        Start::new(start, opts.seed),
+        Start {
+            continued: start,
+            seed: opts.seed,
+        },
         progress,
     )?;
     let mut member_val_losses = vec![first.best_val];
@@ -345,7 +348,10 @@ pub(super) fn fit_ensemble(
             model,
             (prepared, validation_streams),
             opts,
-            Start::new(None, seed),
+            Start {
+                continued: None,
+                seed,
+            },
             &mut quiet,
         )?;
         member_val_losses.push(fitted.best_val);
@@ -371,12 +377,6 @@ struct Start<'a> {
     continued: Option<&'a LstmParams<f32>>,
     /// Draws the initial weights, and the order of the pieces in each epoch.
     seed: u64,
-}
-
-impl<'a> Start<'a> {
-    fn new(continued: Option<&'a LstmParams<f32>>, seed: u64) -> Start<'a> {
-        Start { continued, seed }
-    }
 }
 
 /// Trains one model from `start` until its validation loss stops improving.
